@@ -1,0 +1,1 @@
+"""Stage one: datasets, projection, the MaskCLIP teacher, and the cache-writing pipeline."""

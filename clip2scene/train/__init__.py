@@ -1,0 +1,1 @@
+"""Stage two: the spconv student, losses, training and evaluation, reading only the cache."""
