@@ -1,0 +1,308 @@
+"""The `clip2scene` command line: make-sample, precompute, train, evaluate, cache info, demo.
+
+Only this module prints. Library errors (clip2scene.errors) become one line on stderr and exit
+code 2, with no traceback. Run `clip2scene --help` or `clip2scene COMMAND --help`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from clip2scene import __version__
+from clip2scene.errors import Clip2SceneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="CLIP2Scene: distil a cached CLIP teacher into a 3D sparse network.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect caches.")
+app.add_typer(cache_app, name="cache")
+log = logging.getLogger("clip2scene")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    """Call library code; turn user-facing errors into one line and exit code 2."""
+    from clip2scene.precompute.maskclip import WeightsNotFoundError
+
+    try:
+        return fn(*args, **kwargs)
+    except (Clip2SceneError, WeightsNotFoundError, FileExistsError) as e:
+        _fail(str(e))
+
+
+def _parse_size(value: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        _fail(f"--image-size {value!r}: expected HxW, e.g. 224x416")
+    if h <= 0 or w <= 0:
+        _fail(f"--image-size {value!r}: sizes must be positive")
+    return h, w
+
+
+def _parse_channels(value: Optional[str]):
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        _fail(f"--channels {value!r}: expected 9 comma-separated integers")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details (INFO)."),
+          version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+# ---------------------------------------------------------------------------------- make-sample
+@app.command("make-sample")
+def make_sample_cmd(
+    out: Path = typer.Option(..., help="Folder to write the synthetic nuScenes dataroot into (must not exist)."),
+    scenes: int = typer.Option(2, help="Number of scenes (<= 10: v1.0-mini names, else v1.0-trainval)."),
+    keyframes: int = typer.Option(4, help="Keyframes per scene."),
+    sweeps: int = typer.Option(3, help="Lidar sweeps stored before each keyframe."),
+    width: int = typer.Option(400, help="Camera image width (nuScenes is 1600)."),
+    height: int = typer.Option(225, help="Camera image height (nuScenes is 900)."),
+    seed: int = typer.Option(0, help="Random seed; the output is deterministic given it."),
+) -> None:
+    """Write a small synthetic dataset in the exact nuScenes on-disk format."""
+    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+
+    cfg = SampleConfig(scenes=scenes, keyframes=keyframes, sweeps=sweeps, image_width=width,
+                       image_height=height, seed=seed)
+    root = _run(make_sample, out, cfg)
+    typer.echo(f"wrote synthetic nuScenes sample: {root} ({scenes} scenes x {keyframes} keyframes)")
+
+
+# ---------------------------------------------------------------------------------- precompute
+def _teacher_config(clip_model: str, clip_weights: str, image_size: str):
+    from clip2scene.precompute.maskclip import TeacherConfig
+
+    return TeacherConfig(model=clip_model, weights=clip_weights, image_size=_parse_size(image_size))
+
+
+def _print_precompute(meta: dict) -> None:
+    t = meta["teacher"]
+    typer.echo(f"cache: {meta.get('path', '')}")
+    typer.echo(f"  scans {meta['num_scans']}, points {meta['num_points']}, camera-visible points {meta['num_pairs']}")
+    typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']}")
+    typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
+    if t["weights_sha256"] == "random":
+        typer.echo("  WARNING: the teacher is randomly initialised (no CLIP weights): pseudo-labels are meaningless.")
+
+
+@app.command()
+def precompute(
+    dataroot: Path = typer.Option(..., help="Dataset root folder."),
+    out: Path = typer.Option(..., help="Cache folder to create (Zarr v3)."),
+    dataset: str = typer.Option("nuscenes", help="Dataset format."),
+    version: str = typer.Option("v1.0-trainval", help="nuScenes version folder (v1.0-mini, v1.0-trainval)."),
+    split: Optional[str] = typer.Option(None, help="Only this split (train/val); default all."),
+    sweeps: int = typer.Option(1, help="Lidar frames per scan: keyframe + K-1 previous sweeps (1..10)."),
+    class_set: str = typer.Option("nuscenes", help="Prompt class set."),
+    clip_model: str = typer.Option("ViT-B-16", help="open_clip model name."),
+    clip_weights: str = typer.Option("openai", help="open_clip tag, checkpoint file, local-dir:DIR, or none (random)."),
+    image_size: str = typer.Option("224x416", help="Teacher input size HxW."),
+    device: str = typer.Option("cpu", help="Teacher device (cpu, cuda)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing cache."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N keyframes."),
+) -> None:
+    """Stage one: run MaskCLIP once per keyframe and write the per-point cache."""
+    from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
+
+    cfg = PrecomputeConfig(dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
+                           sweeps=sweeps, class_set=class_set,
+                           teacher=_teacher_config(clip_model, clip_weights, image_size),
+                           device=device, overwrite=overwrite, limit=limit)
+    meta = _run(run_precompute, cfg)
+    meta["path"] = str(out)
+    _print_precompute(meta)
+
+
+# ---------------------------------------------------------------------------------- train
+def _train_config(cache, out, split, epochs, batch_size, lr, tau, voxel_size, device, workers, seed,
+                  channels, resume, augment):
+    from clip2scene.train.model import ModelConfig
+    from clip2scene.train.trainer import TrainConfig
+
+    model = ModelConfig()
+    chans = _parse_channels(channels)
+    if chans is not None:
+        try:
+            model = replace(model, channels=chans)
+        except ValueError as e:
+            _fail(f"--channels {channels!r}: {e}")
+    return TrainConfig(cache=str(cache), out=str(out), split=split, epochs=epochs, batch_size=batch_size,
+                       lr=lr, tau=tau, voxel_size=voxel_size, device=device, workers=workers, seed=seed,
+                       resume=str(resume) if resume else None, augment=augment, model=model)
+
+
+def _print_train(s: dict) -> None:
+    typer.echo(f"run: {s['run']}  ({s['arch']}, {s['parameters'] / 1e6:.2f}M parameters, {s['device']})")
+    typer.echo(f"  {s['train_scans']} scans x {s['epochs']} epochs = {s['steps']} steps in {s['seconds']:.1f} s "
+               f"({s['scans_per_second']:.2f} scans/s)")
+    typer.echo("  mean SCR loss per epoch: " + " ".join(f"{v:.4f}" for v in s["epoch_losses"]))
+    typer.echo(f"  checkpoint: {s['checkpoint']}")
+
+
+@app.command()
+def train(
+    cache: Path = typer.Option(..., help="Cache written by precompute."),
+    out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, config.json)."),
+    split: str = typer.Option("train", help="Cached split to train on."),
+    epochs: int = typer.Option(20, help="Epochs."),
+    batch_size: int = typer.Option(4, help="Scans per step."),
+    lr: float = typer.Option(0.1, help="SGD learning rate (cosine schedule)."),
+    tau: float = typer.Option(0.5, help="SCR temperature."),
+    voxel_size: float = typer.Option(0.1, help="Voxel size in metres."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    workers: int = typer.Option(0, help="DataLoader workers."),
+    seed: int = typer.Option(0, help="Random seed."),
+    channels: Optional[str] = typer.Option(None, help="9 comma-separated MinkUNet widths."),
+    resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from."),
+    augment: bool = typer.Option(True, help="Random z-rotation and flips."),
+) -> None:
+    """Stage two: train the sparse 3D student from the cache alone."""
+    from clip2scene.train.trainer import train as run_train
+
+    cfg = _train_config(cache, out, split, epochs, batch_size, lr, tau, voxel_size, device, workers, seed,
+                        channels, resume, augment)
+    _print_train(_run(run_train, cfg))
+
+
+# ---------------------------------------------------------------------------------- evaluate
+def _fmt(v) -> str:
+    return "   n/a" if v is None else f"{100 * v:6.2f}"
+
+
+def _print_eval(r: dict) -> None:
+    typer.echo(f"{'class':<22}{'student IoU':>12}{'teacher IoU*':>14}")
+    for name in r["class_names"]:
+        typer.echo(f"{name:<22}{_fmt(r['per_class_iou'][name]):>12}{_fmt(r['teacher_per_class_iou_visible'][name]):>14}")
+    typer.echo(f"{'mIoU':<22}{_fmt(r['miou']):>12}{_fmt(r['teacher_miou_visible']):>14}")
+    typer.echo(f"({r['split']}: {r['scans']} scans, {r['points']} points; *teacher pseudo-labels on camera-visible "
+               f"points only; n/a = class absent from truth and prediction)")
+    typer.echo(f"results: {r['json']}")
+    if r.get("teacher_weights") == "random":
+        typer.echo("WARNING: the teacher was randomly initialised (no CLIP weights): these numbers are not meaningful.")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="checkpoint.pt from train."),
+    cache: Path = typer.Option(..., help="Cache with ground-truth labels."),
+    split: str = typer.Option("val", help="Cached split to evaluate."),
+    out: Optional[Path] = typer.Option(None, help="JSON result path (default next to the checkpoint)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Annotation-free mIoU (devkit protocol) of a checkpoint on a cached split."""
+    from clip2scene.train.evaluate import EvalConfig, evaluate as run_eval
+
+    cfg = EvalConfig(checkpoint=str(checkpoint), cache=str(cache), split=split,
+                     out=str(out) if out else None, device=device)
+    _print_eval(_run(run_eval, cfg))
+
+
+# ---------------------------------------------------------------------------------- cache info
+@cache_app.command("info")
+def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
+               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Print a cache's metadata, counts and bytes per point."""
+    from clip2scene.storage import open_cache
+
+    info = _run(lambda: open_cache(path).info())
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    m, t = info["meta"], info["meta"]["teacher"]
+    typer.echo(f"cache {info['path']}  (schema {m['schema_version']}, clip2scene {m['tool_version']}, {m['status']})")
+    typer.echo(f"  built {m['created']} by {m.get('created_by', '?')}")
+    d = m["dataset"]
+    typer.echo(f"  dataset {d['name']} {d['version']} from {d['dataroot']}")
+    typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
+    typer.echo(f"          image {t['image_size']}, dim {t['embed_dim']}, templates {t['templates_sha256'][:12]}")
+    typer.echo(f"  classes ({len(m['class_names'])}): {', '.join(m['class_names'])}")
+    typer.echo(f"  scans {m['num_scans']} ({', '.join(f'{k}={v}' for k, v in info['splits'].items())}), "
+               f"sweeps per scan {m['sweeps']}")
+    typer.echo(f"  points {m['num_points']}, camera-visible {m['num_pairs']} "
+               f"({100 * m['num_pairs'] / max(m['num_points'], 1):.1f}%), labels: {'yes' if m['has_labels'] else 'no'}")
+    typer.echo(f"  stored {info['stored_bytes'] / 2**20:.2f} MiB = {info['bytes_per_point']:.1f} B/point, "
+               f"{info['bytes_per_visible_point']:.1f} B/visible point")
+    for a in info["arrays"]:
+        typer.echo(f"    {a['name']:<22}{str(a['shape']):<18}{a['dtype']:<9}{a['stored_bytes'] / 2**20:9.2f} MiB")
+
+
+# ---------------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo"), help="Folder for the sample, cache and run (replaced)."),
+    clip_weights: Optional[str] = typer.Option(None, help="CLIP weights (default: openai if present locally, else random)."),
+    epochs: int = typer.Option(8, help="Training epochs."),
+) -> None:
+    """Whole pipeline on a built-in synthetic sample: sample -> precompute -> train -> evaluate."""
+    from clip2scene.precompute.maskclip import WeightsNotFoundError
+    from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
+    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.storage import open_cache
+    from clip2scene.train.evaluate import EvalConfig, evaluate as run_eval
+    from clip2scene.train.trainer import train as run_train
+
+    t0 = time.perf_counter()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    typer.echo("[1/4] make-sample: synthetic nuScenes, 2 scenes x 4 keyframes, 6 cameras")
+    root = _run(make_sample, workdir / "sample", SampleConfig())
+    weights = clip_weights or "openai"
+    cfg = PrecomputeConfig(dataroot=root, out=workdir / "cache.zarr", version="v1.0-mini",
+                           teacher=_teacher_config("ViT-B-16", weights, "224x416"))
+    typer.echo(f"[2/4] precompute: MaskCLIP ViT-B-16 (weights {weights}) over 48 images -> {cfg.out}")
+    try:
+        meta = run_precompute(cfg)
+    except WeightsNotFoundError as e:
+        if clip_weights is not None:
+            _fail(str(e))
+        typer.echo(f"  no CLIP weights here ({e})")
+        typer.echo("  -> falling back to a RANDOMLY INITIALISED ViT-B-16: the pipeline runs for real, "
+                   "but the pseudo-labels and the mIoU below are meaningless.")
+        cfg = replace(cfg, teacher=_teacher_config("ViT-B-16", "none", "224x416"))
+        meta = _run(run_precompute, cfg)
+    except Clip2SceneError as e:
+        _fail(str(e))
+    meta["path"] = str(cfg.out)
+    _print_precompute(meta)
+    info = open_cache(cfg.out).info()
+    typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per visible point)")
+    typer.echo(f"[3/4] train: MinkUNet (spconv) from the cache, {epochs} epochs")
+    tcfg = _train_config(cfg.out, workdir / "run", "train", epochs, 2, 0.05, 0.5, 0.1, "cpu", 0, 0,
+                         "16,16,32,64,128,128,64,48,48", None, True)
+    _print_train(_run(run_train, tcfg))
+    typer.echo("[4/4] evaluate: annotation-free mIoU on the val scene (devkit protocol)")
+    result = _run(run_eval, EvalConfig(checkpoint=str(workdir / "run" / "checkpoint.pt"), cache=str(cfg.out), split="val"))
+    _print_eval(result)
+    typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs under {workdir}/")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

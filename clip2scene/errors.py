@@ -1,0 +1,21 @@
+"""Errors the CLI turns into one clear line and a non-zero exit (no traceback).
+
+Library code raises these with a message that names the offending file or value; anything
+else escaping to the CLI is a bug and keeps its traceback.
+"""
+
+
+class Clip2SceneError(Exception):
+    """Base class: a user-facing problem with input, configuration or a cache."""
+
+
+class DataError(Clip2SceneError):
+    """A dataset file or table is missing or malformed (the message names the file)."""
+
+
+class CacheError(Clip2SceneError):
+    """A cache is missing, incomplete, of another schema, or incompatible with a checkpoint."""
+
+
+class ConfigError(Clip2SceneError):
+    """An option has a value we cannot use (the message names the option and value)."""

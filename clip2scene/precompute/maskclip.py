@@ -1,0 +1,789 @@
+"""The MaskCLIP teacher: dense, training-free CLIP features from an open_clip ViT (method.md §2).
+
+MaskCLIP turns CLIP's image encoder into a dense one without any training: all transformer
+blocks but the last run as usual; in the last block the query-key attention is skipped and each
+token keeps only its own value projection (``x + out_proj(v(ln_1(x)))``, then the block's MLP),
+followed by ``ln_post`` and the visual projection. Every patch token thus becomes a feature in
+CLIP's joint image-text space and can be compared with class text embeddings (cosine
+similarity) to give per-pixel pseudo-labels.
+
+Usage::
+
+    from clip2scene.classes import NUSCENES_CLASSES
+    from clip2scene.precompute.maskclip import TeacherConfig, load_teacher
+
+    cfg = TeacherConfig()                              # ViT-B-16, OpenAI weights, 224 x 416
+    teacher = load_teacher(cfg, NUSCENES_CLASSES, device="cuda")
+    images = F.interpolate(rgb01, size=cfg.image_size, mode="bilinear")   # caller resizes
+    feats = teacher.dense_features(images)             # (B, 512, 14, 26), unit norm along dim 1
+    logits = teacher.logits(feats.movedim(1, -1))      # (B, 14, 26, 16) cosine similarities
+    teacher.fingerprint                                # what to store next to cached outputs
+
+Weights never come from the network. ``TeacherConfig.weights`` is one of
+
+* an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...): looked up only in the
+  local caches open_clip itself would fill, i.e. the Hugging Face hub cache
+  (``$HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``) and, for OpenAI tags, open_clip's URL
+  cache ``~/.cache/clip/<name>.pt`` (e.g. ``~/.cache/clip/ViT-B-16.pt``);
+* a local checkpoint file (``.bin``/``.pt``/``.pth``/``.safetensors``; an open_clip state dict or
+  an OpenAI JIT archive) loaded into the architecture named by ``TeacherConfig.model``;
+* ``"local-dir:DIR"``: a Hugging Face style folder with ``open_clip_config.json`` and weights;
+* ``"none"``: seeded random initialisation, for tests and smoke runs only (pseudo-labels are
+  meaningless; a WARNING says so).
+
+A missing file raises `WeightsNotFoundError` naming every place that was looked at. The model is
+built with the activation its weights were trained with (QuickGELU for OpenAI weights).
+
+For tests, `register_tiny_model` adds a tiny ViT config (``"clip2scene-tiny"``) to open_clip's
+model registry; `load_teacher` registers it on demand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import logging
+import os
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip2scene.precompute.prompts import TEMPLATES, prompt_name, templates_sha256
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "TINY_MODEL_NAME",
+    "MaskCLIP",
+    "TeacherConfig",
+    "WeightsNotFoundError",
+    "encode_text",
+    "file_sha256",
+    "load_teacher",
+    "register_tiny_model",
+    "resize_positional_embedding",
+]
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+TINY_MODEL_NAME = "clip2scene-tiny"
+_TINY_MODEL_CONFIG: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+_LOCAL_DIR_PREFIX = "local-dir:"
+_HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"
+_HF_WEIGHTS_NAME = "open_clip_pytorch_model.bin"
+_CLIP_WEIGHTS_HINT = "--clip-weights /path/to/open_clip_pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Which CLIP to use as the teacher and at which input resolution.
+
+    Attributes:
+        model: open_clip model name with a native ViT image tower (``"ViT-B-16"``, ``"ViT-L-14"``,
+            ``"clip2scene-tiny"``, ...).
+        weights: open_clip pretrained tag, local checkpoint file, ``"local-dir:DIR"`` or ``"none"``
+            (see the module docstring).
+        image_size: (H, W) the caller resizes images to before `MaskCLIP.dense_features`; both
+            must be multiples of the patch size.
+        seed: torch seed for ``weights="none"``.
+    """
+
+    model: str = "ViT-B-16"
+    weights: str = "openai"
+    image_size: tuple[int, int] = (224, 416)
+    seed: int = 0
+
+
+class WeightsNotFoundError(RuntimeError):
+    """CLIP weights are not available locally; the message says which file to put where."""
+
+
+# --------------------------------------------------------------------------------------------
+# open_clip model registry helpers
+# --------------------------------------------------------------------------------------------
+
+
+def register_tiny_model(name: str = TINY_MODEL_NAME) -> str:
+    """Add a tiny ViT CLIP config to open_clip's model registry (idempotent); return its name.
+
+    The tiny model: joint dim 64; vision ViT width 64, 2 layers, 2 heads, patch 16, 64 x 64
+    pretrained grid (4 x 4 patches); text width 64, 2 layers, 2 heads, context 77, CLIP's BPE
+    vocabulary (49408). Meant for tests: builds and runs in milliseconds on a CPU.
+    """
+    import open_clip.factory as oc_factory
+
+    oc_factory._MODEL_CONFIGS[name] = json.loads(json.dumps(_TINY_MODEL_CONFIG))
+    return name
+
+
+def _model_config(model_name: str) -> dict[str, Any]:
+    """open_clip config dict of a registered model name; ValueError with close matches if unknown."""
+    import open_clip
+
+    if model_name == TINY_MODEL_NAME:
+        register_tiny_model()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5)
+        hint = f"; did you mean one of {close}?" if close else "; see open_clip.list_models()"
+        raise ValueError(f"unknown open_clip model {model_name!r}{hint}")
+    return cfg
+
+
+def _check_dense_capable(model_name: str, model_cfg: dict[str, Any]) -> None:
+    """Fail early for architectures the MaskCLIP ViT dense path does not support."""
+    vision_cfg = model_cfg.get("vision_cfg", {})
+    if vision_cfg.get("timm_model_name"):
+        raise NotImplementedError(
+            f"model {model_name!r} uses a timm image tower ({vision_cfg['timm_model_name']}); the "
+            "MaskCLIP dense path supports open_clip's native VisionTransformer only"
+        )
+    if isinstance(vision_cfg.get("layers"), (list, tuple)):
+        raise NotImplementedError(
+            f"model {model_name!r} has a ResNet image tower; only the ViT MaskCLIP path is implemented"
+        )
+    if vision_cfg.get("attentional_pool"):
+        raise NotImplementedError(f"model {model_name!r} uses an attentional pooler; not supported")
+    custom_keys = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+    if vision_cfg.get("block_type") == "custom" or any(vision_cfg.get(k) for k in custom_keys):
+        raise NotImplementedError(
+            f"model {model_name!r} uses open_clip's custom attention blocks; only the standard "
+            "ResidualAttentionBlock (nn.MultiheadAttention) is supported"
+        )
+
+
+def _check_tokenizer_offline(model_name: str, model_cfg: dict[str, Any]) -> None:
+    """Refuse tokenizers that open_clip would fetch from the Hugging Face hub."""
+    hf_tok = model_cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+    if hf_tok or "siglip" in model_name.lower():
+        raise NotImplementedError(
+            f"model {model_name!r} needs the Hugging Face tokenizer {hf_tok or '(SigLIP)'} which would be "
+            "fetched from the hub; only models using open_clip's bundled CLIP BPE tokenizer are supported "
+            "offline"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_open_clip_random_init() -> Iterator[None]:
+    """Drop open_clip's root-logger 'initialized randomly' warning while we load weights ourselves."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    f = _Drop()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
+# --------------------------------------------------------------------------------------------
+# weight resolution and loading (never touches the network)
+# --------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in ``chunk_size`` chunks (streaming, constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hf_hub_cache_dir() -> str:
+    """The Hugging Face hub cache dir, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _clip_url_cache_dir() -> str:
+    """open_clip's cache for URL downloads (OpenAI JIT archives)."""
+    return os.path.expanduser("~/.cache/clip")
+
+
+def _hf_cached_file(repo_id: str, filename: str, cache_dir: str) -> str | None:
+    """Path of ``filename`` of ``repo_id`` in the local HF cache, or None; no network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub is an open_clip dependency
+        return None
+    found = try_to_load_from_cache(repo_id=repo_id, filename=filename, cache_dir=cache_dir)
+    if isinstance(found, str) and os.path.isfile(found):
+        return found
+    return None
+
+
+def _resolve_pretrained_tag(model_name: str, tag: str, pcfg: dict[str, Any]) -> str:
+    """Local file for an open_clip pretrained tag, looked up where open_clip would cache it.
+
+    Order: the HF hub cache (``open_clip_model.safetensors`` then the ``.bin`` of the tag's repo),
+    then ``~/.cache/clip/<basename of the tag's URL>``. Raises `WeightsNotFoundError` listing every
+    looked-at path.
+    """
+    looked: list[str] = []
+    if pcfg.get("file"):
+        if os.path.isfile(pcfg["file"]):
+            return pcfg["file"]
+        looked.append(os.path.abspath(pcfg["file"]))
+    hf_hub = pcfg.get("hf_hub", "")
+    repo_id = ""
+    if hf_hub:
+        repo_id, filename = os.path.split(hf_hub)
+        candidates = [filename] if filename else [_HF_SAFE_WEIGHTS_NAME, _HF_WEIGHTS_NAME]
+        if filename.endswith((".bin", ".pth")):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        cache_dir = _hf_hub_cache_dir()
+        for fn in candidates:
+            found = _hf_cached_file(repo_id, fn, cache_dir)
+            if found:
+                return found
+        repo_dir = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+        looked.append(os.path.join(repo_dir, "snapshots", "<revision>", candidates[-1]))
+    url = pcfg.get("url", "")
+    if url:
+        path = os.path.join(_clip_url_cache_dir(), os.path.basename(url))
+        if os.path.isfile(path):
+            return path
+        looked.append(path)
+    where = " or ".join(looked) if looked else "(no download location known for this tag)"
+    alt = (
+        f"download {_HF_WEIGHTS_NAME} from https://huggingface.co/{repo_id} on a machine with network "
+        f"and pass {_CLIP_WEIGHTS_HINT}"
+        if repo_id
+        else f"pass {_CLIP_WEIGHTS_HINT}"
+    )
+    raise WeightsNotFoundError(
+        f"CLIP weights for model {model_name!r} pretrained={tag!r} not found locally (downloads are never "
+        f"attempted): looked for {where}; put the file at that path, or {alt}"
+    )
+
+
+def _expected_sha256_prefix(pcfg: dict[str, Any], path: str) -> str:
+    """sha256 prefix open_clip encodes in OpenAI URLs, when ``path`` came from the URL cache."""
+    url = pcfg.get("url", "")
+    if url and "openaipublic" in url and os.path.basename(path) == os.path.basename(url):
+        if os.path.dirname(os.path.abspath(path)) == os.path.abspath(_clip_url_cache_dir()):
+            return url.split("/")[-2]
+    return ""
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """True for a TorchScript (``torch.jit.save``) zip archive such as OpenAI's ``ViT-B-16.pt``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or "/code/__torch__" in n for n in zf.namelist())
+
+
+def _sibling_quick_gelu(path: str) -> bool | None:
+    """quick_gelu of an ``open_clip_config.json`` next to the checkpoint (HF snapshot layout)."""
+    cfg_path = Path(path).parent / "open_clip_config.json"
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return bool(cfg.get("model_cfg", cfg).get("quick_gelu", False))
+
+
+def _quick_gelu_for_file(model_name: str, model_cfg: dict[str, Any], path: str, is_jit: bool) -> bool:
+    """Activation a local checkpoint needs (weights do not record it).
+
+    The model config's own flag wins (e.g. ``"ViT-B-16-quickgelu"``); an OpenAI JIT archive means
+    QuickGELU; an ``open_clip_config.json`` beside the file decides next; otherwise the file is
+    assumed to hold the architecture's OpenAI weights (the paper's teacher) when open_clip's
+    ``openai`` tag for it uses QuickGELU.
+    """
+    import open_clip
+
+    if model_cfg.get("quick_gelu", False):
+        return True
+    if is_jit:
+        return True
+    sib = _sibling_quick_gelu(path)
+    if sib is not None:
+        return sib
+    if open_clip.get_pretrained_cfg(model_name, "openai").get("quick_gelu", False):
+        logger.info(
+            "local checkpoint %s for %s: assuming OpenAI-trained weights, building with QuickGELU; for "
+            "non-OpenAI weights put the file in a folder with its open_clip_config.json and use "
+            "weights='local-dir:DIR'",
+            path,
+            model_name,
+        )
+        return True
+    return False
+
+
+def _load_checkpoint_file(clip_model: nn.Module, path: str, is_jit: bool) -> None:
+    """Load a local checkpoint into an open_clip model (strict), like ``open_clip.load_checkpoint``."""
+    import open_clip
+
+    if not is_jit:
+        open_clip.load_checkpoint(clip_model, path, strict=True, weights_only=True, device="cpu")
+        return
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated upstream
+        archive = torch.jit.load(path, map_location="cpu")
+    state_dict = {k: v for k, v in archive.state_dict().items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state_dict.pop(key, None)
+    # TorchScript keeps non-persistent buffers (open_clip's text attn_mask) in its state dict.
+    persistent = set(clip_model.state_dict())
+    for key, _ in clip_model.named_buffers():
+        if key not in persistent:
+            state_dict.pop(key, None)
+    state_dict = convert_state_dict(clip_model, state_dict)
+    if "logit_scale" in state_dict and clip_model.logit_scale.ndim != state_dict["logit_scale"].ndim:
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(clip_model.logit_scale.shape)
+    resize_pos_embed(state_dict, clip_model)
+    resize_text_pos_embed(state_dict, clip_model)
+    clip_model.load_state_dict(state_dict, strict=True)
+
+
+def _build_clip(config: TeacherConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Build the open_clip model + tokenizer on CPU in eval mode; return also fingerprint fields."""
+    import open_clip
+
+    weights = config.weights
+    model_name = config.model.replace("/", "-")
+
+    if weights.startswith(_LOCAL_DIR_PREFIX):
+        folder = Path(weights[len(_LOCAL_DIR_PREFIX):]).expanduser()
+        cfg_path = folder / "open_clip_config.json"
+        if not cfg_path.is_file():
+            raise WeightsNotFoundError(
+                f"weights {weights!r}: expected an open_clip config at {cfg_path.absolute()} (and weights "
+                f"such as {folder.absolute() / _HF_WEIGHTS_NAME}); or pass {_CLIP_WEIGHTS_HINT}"
+            )
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        ckpt = _find_checkpoint_in_dir(folder)
+        if ckpt is None:
+            raise WeightsNotFoundError(
+                f"weights {weights!r}: no checkpoint (*.safetensors, *.bin, *.pth) in {folder.absolute()}; "
+                f"put {_HF_WEIGHTS_NAME} there or pass {_CLIP_WEIGHTS_HINT}"
+            )
+        local_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        model_cfg = local_cfg.get("model_cfg", local_cfg)
+        _check_dense_capable(weights, model_cfg)
+        _check_tokenizer_offline(weights, model_cfg)
+        sha = file_sha256(ckpt)
+        clip_model = open_clip.create_model(weights, device="cpu")
+        tokenizer = open_clip.get_tokenizer(weights)
+        info = {"model": model_name, "weights_sha256": sha, "quick_gelu": bool(model_cfg.get("quick_gelu", False))}
+        logger.info("loaded CLIP %s from %s (sha256 %s)", model_name, ckpt, sha[:12])
+        return clip_model.eval(), tokenizer, info
+
+    model_cfg = _model_config(model_name)
+    _check_dense_capable(model_name, model_cfg)
+    _check_tokenizer_offline(model_name, model_cfg)
+
+    if weights == "none":
+        quick_gelu = bool(model_cfg.get("quick_gelu", False))
+        logger.warning(
+            "MaskCLIP teacher %s with RANDOM weights (weights='none', seed=%d): pseudo-labels will be "
+            "meaningless; use this for tests and smoke runs only",
+            model_name,
+            config.seed,
+        )
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip_random_init():
+            torch.manual_seed(config.seed)
+            clip_model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+        sha = "random"
+    else:
+        pcfg = open_clip.get_pretrained_cfg(model_name, weights)
+        if pcfg:
+            path = _resolve_pretrained_tag(model_name, weights, pcfg)
+            tag_qg = bool(pcfg.get("quick_gelu", False))
+            if bool(model_cfg.get("quick_gelu", False)) != tag_qg:
+                logger.warning("model %s config and tag %r disagree on QuickGELU; using the tag's (%s)",
+                               model_name, weights, tag_qg)
+            quick_gelu = tag_qg
+        else:
+            path = os.path.expanduser(weights)
+            if not os.path.isfile(path):
+                tags = open_clip.list_pretrained_tags_by_model(model_name)
+                raise WeightsNotFoundError(
+                    f"weights {weights!r} for model {model_name!r} is neither an existing checkpoint file "
+                    f"({os.path.abspath(path)} does not exist) nor a known open_clip pretrained tag "
+                    f"(known: {', '.join(tags) if tags else 'none'}), nor 'local-dir:DIR' or 'none'"
+                )
+            quick_gelu = None  # decided below, needs is_jit
+        is_jit = _is_torchscript_archive(path)
+        if quick_gelu is None:
+            quick_gelu = _quick_gelu_for_file(model_name, model_cfg, path, is_jit)
+        sha = file_sha256(path)
+        expected = _expected_sha256_prefix(pcfg, path) if pcfg else ""
+        if expected and not sha.startswith(expected):
+            raise WeightsNotFoundError(
+                f"{path} has sha256 {sha}, expected a prefix {expected} (corrupt or partial download); "
+                f"replace that file or pass {_CLIP_WEIGHTS_HINT}"
+            )
+        with _quiet_open_clip_random_init():
+            clip_model = open_clip.create_model(
+                model_name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu
+            )
+        _load_checkpoint_file(clip_model, path, is_jit)
+        logger.info("loaded CLIP %s weights from %s (sha256 %s, quick_gelu=%s)", model_name, path, sha[:12], quick_gelu)
+
+    tokenizer = open_clip.get_tokenizer(model_name)
+    info = {"model": model_name, "weights_sha256": sha, "quick_gelu": bool(quick_gelu)}
+    return clip_model.eval(), tokenizer, info
+
+
+# --------------------------------------------------------------------------------------------
+# text side
+# --------------------------------------------------------------------------------------------
+
+
+def encode_text(
+    clip_model: nn.Module,
+    tokenizer: Any,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    device: str | torch.device,
+) -> torch.Tensor:
+    """Class text embeddings: per class, encode every template, L2-normalise each, mean, L2-normalise.
+
+    Args:
+        clip_model: open_clip CLIP model (``encode_text``), already on ``device``; run in eval mode
+            for the call (its mode is restored afterwards).
+        tokenizer: open_clip tokenizer (callable: list of str -> (N, context) int64 tokens).
+        class_names: C class names, filled into templates via `prompt_name`.
+        templates: T strings each with one ``{}``.
+        device: where tokens and the computation go.
+
+    Returns:
+        (C, D) float32 on ``device``, rows of unit L2 norm. An ordinary tensor (not an inference
+        tensor), so it can be used in autograd graphs, e.g. to classify student features.
+    """
+    if not class_names:
+        raise ValueError("class_names is empty")
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("templates must be a non-empty sequence of strings each containing '{}'")
+    was_training = clip_model.training
+    clip_model.eval()
+    rows = []
+    try:
+        with torch.inference_mode():
+            for name in class_names:
+                texts = [t.format(prompt_name(name)) for t in templates]
+                tokens = tokenizer(texts).to(device)
+                emb = F.normalize(clip_model.encode_text(tokens).float(), dim=-1)
+                rows.append(F.normalize(emb.mean(dim=0), dim=0))
+            out = torch.stack(rows)
+    finally:
+        clip_model.train(was_training)
+    return out.clone()  # clone outside inference mode -> a normal tensor
+
+
+# --------------------------------------------------------------------------------------------
+# dense image side
+# --------------------------------------------------------------------------------------------
+
+
+def resize_positional_embedding(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resize a ViT positional embedding to a new patch grid, keeping the class-token row.
+
+    Args:
+        pos_embed: (1 + gh*gw, W) class-token row then patch rows in row-major grid order.
+        old_grid: (gh, gw) the grid ``pos_embed`` was trained for.
+        new_grid: (h, w) target grid.
+
+    Returns:
+        (1 + h*w, W) in ``pos_embed``'s dtype; the patch part is resized bicubically
+        (``align_corners=False``, as MaskCLIP does); returned unchanged when the grids match.
+    """
+    gh, gw = old_grid
+    h, w = new_grid
+    if pos_embed.shape[0] != 1 + gh * gw:
+        raise ValueError(f"pos_embed has {pos_embed.shape[0]} rows, expected 1 + {gh}*{gw}")
+    if (gh, gw) == (h, w):
+        return pos_embed
+    width = pos_embed.shape[1]
+    cls_pos, patch_pos = pos_embed[:1], pos_embed[1:]
+    patch_pos = patch_pos.reshape(1, gh, gw, width).permute(0, 3, 1, 2).float()
+    patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bilinear", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(h * w, width).to(pos_embed.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+class MaskCLIP(nn.Module):
+    """Frozen MaskCLIP teacher: dense ViT features and class text embeddings.
+
+    Build it with `load_teacher` (or `MaskCLIP.from_clip` from an open_clip model in memory). It
+    keeps only the image tower (``self.visual``); the text tower is used once to compute
+    ``text_embeddings`` and then dropped. The module stays in eval mode (``train()`` is a no-op)
+    and its parameters do not require grad.
+
+    Attributes:
+        embed_dim: D, the joint embedding dim (512 for ViT-B-16).
+        patch_size: (ph, pw) of the ViT.
+        image_size: (H, W) the caller should resize images to (from `TeacherConfig`).
+        class_names: the C class names, in text-embedding row order.
+        text_embeddings: buffer (C, D) float32, rows L2-normalised.
+        fingerprint: JSON-able dict identifying the teacher outputs: ``model``, ``weights`` (as
+            given), ``weights_sha256`` (hex or ``"random"``), ``quick_gelu``, ``image_size``
+            [H, W], ``class_names``, ``templates_sha256``, ``embed_dim``, ``patch_size`` (int, or
+            [ph, pw] if not square).
+    """
+
+    text_embeddings: torch.Tensor
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        text_embeddings: torch.Tensor,
+        class_names: Sequence[str],
+        image_size: tuple[int, int],
+        fingerprint: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+        if not isinstance(visual, VisionTransformer):
+            raise NotImplementedError(f"MaskCLIP needs an open_clip VisionTransformer, got {type(visual).__name__}")
+        if visual.attn_pool is not None or visual.proj is None:
+            raise NotImplementedError("MaskCLIP needs a ViT with class-token pooling and a visual projection")
+        if not all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks):
+            raise NotImplementedError("MaskCLIP needs standard ResidualAttentionBlocks")
+        if text_embeddings.ndim != 2 or text_embeddings.shape[0] != len(class_names):
+            raise ValueError(f"text_embeddings {tuple(text_embeddings.shape)} do not match {len(class_names)} classes")
+        self.visual = visual.eval().requires_grad_(False)
+        self.register_buffer("text_embeddings", text_embeddings.detach().float().contiguous())
+        self.register_buffer("_mean", torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.embed_dim = int(text_embeddings.shape[1])
+        if int(visual.proj.shape[1]) != self.embed_dim:
+            raise ValueError(f"visual projection gives {visual.proj.shape[1]}-d features, text {self.embed_dim}-d")
+        self.patch_size = tuple(int(p) for p in visual.patch_size)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.class_names = list(class_names)
+        self.fingerprint = dict(fingerprint)
+        super().train(False)
+
+    @classmethod
+    def from_clip(
+        cls,
+        clip_model: nn.Module,
+        tokenizer: Any,
+        class_names: Sequence[str],
+        *,
+        templates: Sequence[str] = TEMPLATES,
+        image_size: tuple[int, int] = (224, 416),
+        device: str | torch.device = "cpu",
+        fingerprint: dict[str, Any] | None = None,
+    ) -> MaskCLIP:
+        """Wrap an open_clip CLIP model already in memory (moved to ``device``, eval mode).
+
+        ``fingerprint`` supplies ``model``/``weights``/``weights_sha256``/``quick_gelu`` (defaults:
+        ``"unknown"``); the shape/prompt fields are filled in here.
+        """
+        clip_model = clip_model.to(device).eval()
+        text = encode_text(clip_model, tokenizer, class_names, templates, device)
+        ps = tuple(int(p) for p in clip_model.visual.patch_size)
+        fp = {"model": "unknown", "weights": "unknown", "weights_sha256": "unknown", "quick_gelu": None}
+        fp.update(fingerprint or {})
+        fp.update(
+            {
+                "image_size": [int(image_size[0]), int(image_size[1])],
+                "class_names": list(class_names),
+                "templates_sha256": templates_sha256(templates),
+                "embed_dim": int(text.shape[1]),
+                "patch_size": ps[0] if ps[0] == ps[1] else list(ps),
+            }
+        )
+        return cls(clip_model.visual, text, class_names, image_size, fp)
+
+    # -- module plumbing ------------------------------------------------------------------
+    def train(self, mode: bool = True) -> MaskCLIP:
+        """No-op: the teacher is frozen and always in eval mode (no patch dropout, no dropout)."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the teacher's weights."""
+        return self.text_embeddings.device
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) patch grid of `dense_features` for images of ``image_size``."""
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+    # -- image side ----------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP mean/std normalisation.
+
+        Args:
+            images: (B, 3, H, W) floating point RGB in [0, 1] (any device; moved to the teacher's).
+
+        Returns:
+            (B, 3, H, W) float32 on the teacher's device, ``(images - CLIP_MEAN) / CLIP_STD``.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"expected float images in [0, 1], got dtype {images.dtype} (divide uint8 by 255)")
+        images = images.to(device=self.device, dtype=torch.float32)
+        return (images - self._mean) / self._std
+
+    def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1 + h*w, width) positional embedding for a (h, w) patch grid (class row kept)."""
+        v = self.visual
+        return resize_positional_embedding(v.positional_embedding, tuple(v.grid_size), grid)
+
+    @torch.no_grad()
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Dense MaskCLIP patch features.
+
+        Args:
+            images: (B, 3, H, W) float RGB in [0, 1]. Resizing to ``image_size`` is the caller's
+                job; H and W need not equal it (the positional embedding is resized to the
+                patch grid), and trailing rows/columns that do not fill a whole patch are dropped
+                (grid = floor(H/ph) x floor(W/pw)). Patch (i, j) covers pixels
+                [i*ph, (i+1)*ph) x [j*pw, (j+1)*pw).
+
+        Returns:
+            (B, D, H // ph, W // pw) float32 on the teacher's device, L2-normalised along D.
+            Computed under ``torch.no_grad`` (an ordinary tensor, not an inference tensor).
+        """
+        v = self.visual
+        x = self.normalize(images)
+        x = v.conv1(x.to(v.conv1.weight.dtype))  # (B, width, h, w)
+        b, width, h, w = x.shape
+        if h == 0 or w == 0:
+            raise ValueError(f"images {tuple(images.shape[-2:])} smaller than one patch {self.patch_size}")
+        x = x.reshape(b, width, h * w).permute(0, 2, 1)  # (B, h*w, width)
+        cls_tok = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(b, -1, -1)
+        x = torch.cat([cls_tok, x], dim=1)  # (B, 1 + h*w, width)
+        x = x + self.positional_embedding((h, w)).to(x.dtype)
+        # patch dropout is the identity in eval mode and is skipped: every patch is needed.
+        x = v.ln_pre(x)
+
+        transformer = v.transformer
+        blocks = transformer.resblocks
+        if not transformer.batch_first:
+            x = x.transpose(0, 1).contiguous()  # NLD -> LND, as Transformer.forward
+        for blk in blocks[:-1]:
+            x = blk(x, attn_mask=None)
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)  # LND -> NLD
+        x = self._value_only_block(blocks[-1], x)  # (B, 1 + h*w, width)
+
+        x = v.ln_post(x[:, 1:])  # patch tokens only
+        x = x @ v.proj  # (B, h*w, D)
+        x = x.float().permute(0, 2, 1).reshape(b, -1, h, w)
+        return F.normalize(x, dim=1)
+
+    @staticmethod
+    def _value_only_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Last block with query-key attention skipped: ``x + out_proj(v(ln_1 x))`` then the MLP.
+
+        ``x``: (B, N, width) batch-first. Honours the block's layer-scale modules ``ls_1``/``ls_2``.
+        """
+        attn = blk.attn
+        width = x.shape[-1]
+        y = blk.ln_1(x)
+        if attn.in_proj_weight is not None:
+            w_v = attn.in_proj_weight[2 * width:]
+        else:  # separate projections (kdim/vdim != embed_dim)
+            w_v = attn.v_proj_weight
+        b_v = attn.in_proj_bias[2 * width:] if attn.in_proj_bias is not None else None
+        v = F.linear(y, w_v, b_v)
+        x = x + blk.ls_1(attn.out_proj(v))
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        return x
+
+    # -- text side -----------------------------------------------------------------------
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of features with the class text embeddings.
+
+        Args:
+            features: (..., D) L2-normalised features (e.g. ``dense_features(x).movedim(1, -1)``
+                or features sampled at projected points), any float dtype.
+
+        Returns:
+            (..., C) float32 in [-1, 1] (up to rounding). Differentiable in ``features``.
+        """
+        if features.shape[-1] != self.embed_dim:
+            raise ValueError(f"features last dim {features.shape[-1]} != embed_dim {self.embed_dim}")
+        te = self.text_embeddings
+        return features.to(device=te.device, dtype=te.dtype) @ te.t()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Alias of `dense_features`."""
+        return self.dense_features(images)
+
+
+def load_teacher(
+    config: TeacherConfig,
+    class_names: Sequence[str],
+    device: str | torch.device = "cpu",
+    templates: Sequence[str] = TEMPLATES,
+) -> MaskCLIP:
+    """Build the frozen MaskCLIP teacher described by ``config`` on ``device``.
+
+    Weights are resolved locally only (see the module docstring); the model is built on CPU with
+    the activation the weights need, loaded strictly, moved to ``device``; text embeddings for
+    ``class_names`` x ``templates`` are computed there; the text tower is then dropped.
+
+    Raises:
+        WeightsNotFoundError: weights not available locally (message names the expected path).
+        ValueError: unknown model name, empty class list, image_size not a multiple of the patch.
+        NotImplementedError: image tower other than open_clip's standard ViT, or a tokenizer
+            that would need the Hugging Face hub.
+    """
+    if not class_names:
+        raise ValueError("class_names is empty")
+    if len(config.image_size) != 2:
+        raise ValueError(f"image_size must be (H, W), got {config.image_size!r}")
+    clip_model, tokenizer, info = _build_clip(config)
+    ps = tuple(int(p) for p in clip_model.visual.patch_size)
+    h, w = (int(s) for s in config.image_size)
+    if h % ps[0] or w % ps[1] or h <= 0 or w <= 0:
+        raise ValueError(f"image_size {config.image_size} must be positive multiples of the patch size {ps}")
+    fingerprint = {"model": info["model"], "weights": config.weights, "weights_sha256": info["weights_sha256"],
+                   "quick_gelu": info["quick_gelu"]}
+    teacher = MaskCLIP.from_clip(
+        clip_model, tokenizer, class_names, templates=templates, image_size=(h, w), device=device,
+        fingerprint=fingerprint,
+    )
+    logger.info(
+        "MaskCLIP teacher ready: %s (%s), %d classes x %d templates, image %dx%d -> grid %dx%d, D=%d, on %s",
+        info["model"], config.weights, len(class_names), len(templates), h, w, *teacher.grid_size,
+        teacher.embed_dim, teacher.device,
+    )
+    return teacher

@@ -1,0 +1,72 @@
+"""Training data from the cache: one item per scan, batched for the sparse network.
+
+Each item holds the scan's points (keyframe + cached sweeps), the input feature (intensity / 255),
+the MaskCLIP pseudo-label of every camera-visible point (argmax of the cached logits; -1 for
+points no camera sees) and the ground-truth label when the cache has one. Training-time
+augmentation: random rotation about z and random flips of x and y.
+
+    ds = ScanDataset(cache, cache.indices("train"), augment=True, seed=0)
+    loader = DataLoader(ds, batch_size=4, shuffle=True, collate_fn=collate)
+    batch = next(iter(loader))   # dict of tensors, see `collate`
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from clip2scene.storage import Cache
+
+
+class ScanDataset(Dataset):
+    """Scans `indices` of `cache` as training/evaluation items (see module docstring)."""
+
+    def __init__(self, cache: Cache, indices: np.ndarray, augment: bool = False, seed: int = 0):
+        self.cache = cache
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentations depend on (seed, epoch, scan): reproducible across workers and resumes."""
+        self.epoch = epoch
+
+    def __getitem__(self, item: int) -> dict:
+        index = int(self.indices[item])
+        scan = self.cache.read_scan(index)
+        xyz = scan.xyzi[:, :3].astype(np.float32)
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            theta = rng.uniform(0, 2 * np.pi)
+            c, s = np.cos(theta), np.sin(theta)
+            rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=np.float32)
+            xyz = xyz @ rot.T
+            flips = rng.random(2) < 0.5
+            xyz[:, 0] *= -1 if flips[0] else 1
+            xyz[:, 1] *= -1 if flips[1] else 1
+        target = np.full(len(xyz), -1, dtype=np.int64)
+        if len(scan.pair_point):
+            target[scan.pair_point] = scan.pair_logits.astype(np.float32).argmax(axis=1)
+        label = scan.label.astype(np.int64) if scan.label is not None else np.zeros(len(xyz), np.int64)
+        return dict(
+            index=index,
+            xyz=torch.from_numpy(xyz),
+            feat=torch.from_numpy(scan.xyzi[:, 3:4] / np.float32(255.0)),
+            target=torch.from_numpy(target),
+            label=torch.from_numpy(label),
+            visible=torch.from_numpy(target >= 0),
+        )
+
+
+def collate(items: list[dict]) -> dict:
+    """Concatenate items: xyz (N, 3) float32, feat (N, 1) float32, target (N,) int64 (-1 = none),
+    label (N,) int64 (0 = ignore), visible (N,) bool, batch (N,) int64 item index, index (B,) scan ids."""
+    out = {k: torch.cat([it[k] for it in items]) for k in ("xyz", "feat", "target", "label", "visible")}
+    out["batch"] = torch.cat([torch.full((len(it["xyz"]),), b, dtype=torch.int64) for b, it in enumerate(items)])
+    out["index"] = torch.tensor([it["index"] for it in items], dtype=torch.int64)
+    return out

@@ -1,0 +1,107 @@
+"""Annotation-free evaluation: predict each point's class by cosine argmax against the text
+embeddings and score with the devkit's mIoU (one global confusion matrix, nanmean).
+
+Alongside the student it scores the cached MaskCLIP pseudo-labels on the camera-visible points
+(the teacher's own quality, the ceiling the distillation starts from).
+
+    from clip2scene.train.evaluate import EvalConfig, evaluate
+    result = evaluate(EvalConfig(checkpoint="runs/exp1/checkpoint.pt", cache="cache.zarr", split="val"))
+
+CLI: `clip2scene evaluate --checkpoint C --cache Z --split val` (table on screen, JSON on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from clip2scene.errors import CacheError, ConfigError
+from clip2scene.storage import open_cache
+from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of
+from clip2scene.train.data import ScanDataset, collate
+from clip2scene.train.loss import text_logits
+from clip2scene.train.metrics import ConfusionMatrix
+from clip2scene.train.model import build_model
+from clip2scene.train.trainer import forward_points, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    checkpoint: str  # checkpoint.pt written by `clip2scene train`
+    cache: str  # cache with ground-truth labels
+    split: str = "val"  # which cached scans to evaluate
+    out: str | None = None  # JSON result path; default <checkpoint folder>/eval_<split>.json
+    device: str = "cpu"  # torch device
+    batch_size: int = 1  # scans per forward pass
+
+
+def _num(v: float) -> float | None:
+    return None if math.isnan(v) else float(v)
+
+
+def _iou_dict(names: list[str], iou: np.ndarray) -> dict:
+    """Per evaluation class (labels 1..C) IoU; None where undefined (absent from truth and prediction)."""
+    return {name: _num(v) for name, v in zip(names, iou[1:])}
+
+
+@torch.inference_mode()
+def evaluate(config: EvalConfig, progress: bool = True) -> dict:
+    """Evaluate a checkpoint on a cache split; writes and returns the result dict."""
+    device = resolve_device(config.device)
+    ckpt = load_checkpoint(config.checkpoint)
+    cache = open_cache(config.cache)
+    check_compatible(ckpt, cache, config.checkpoint)
+    if not cache.has_labels:
+        raise CacheError(f"cache {cache.path} has no ground-truth labels to evaluate against")
+    indices = cache.indices(config.split)
+    if len(indices) == 0:
+        raise ConfigError(f"cache {cache.path} has no scans in split {config.split!r}")
+    model_config = model_config_of(ckpt)
+    model = build_model(model_config, device)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    text = ckpt["text_embeddings"].to(device)
+    names = list(ckpt["class_names"])
+    num = len(names) + 1  # label 0 = ignore, prompt class i -> label i + 1
+    student, teacher = ConfusionMatrix(num, 0), ConfusionMatrix(num, 0)
+    loader = DataLoader(ScanDataset(cache, indices, augment=False), batch_size=config.batch_size,
+                        shuffle=False, collate_fn=collate)
+    points = 0
+    for batch in tqdm(loader, desc=f"evaluate {config.split}", unit="batch", disable=not progress):
+        feats = forward_points(model, batch, ckpt["train_config"]["voxel_size"], device)
+        pred = text_logits(feats, text).argmax(dim=1).cpu().numpy() + 1
+        label = batch["label"].numpy()
+        student.update(label, pred)
+        vis = batch["visible"].numpy()
+        teacher.update(label[vis], batch["target"].numpy()[vis] + 1)
+        points += len(label)
+    s_iou, t_iou = student.per_class_iou(), teacher.per_class_iou()
+    result = dict(
+        checkpoint=str(config.checkpoint),
+        cache=str(cache.path),
+        split=config.split,
+        scans=int(len(indices)),
+        points=int(points),
+        class_names=names,
+        miou=_num(student.miou()),
+        per_class_iou=_iou_dict(names, s_iou),
+        teacher_miou_visible=_num(teacher.miou()),
+        teacher_per_class_iou_visible=_iou_dict(names, t_iou),
+        confusion_matrix=student.matrix.tolist(),
+        teacher_weights=ckpt["teacher"].get("weights_sha256"),
+    )
+    out = Path(config.out) if config.out else Path(config.checkpoint).parent / f"eval_{config.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, allow_nan=False))
+    result["json"] = str(out)
+    return result

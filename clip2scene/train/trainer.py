@@ -1,0 +1,177 @@
+"""Stage two: train the spconv student from the cache alone (no teacher on the device).
+
+Loss: SCR (paper Eq. 1) between point features and the cached text embeddings, with MaskCLIP
+pseudo-labels on camera-visible points. SGD with momentum, cosine schedule over all steps.
+Each epoch writes `checkpoint.pt` (model + optimiser + scheduler + config + teacher fingerprint)
+and appends per-step metrics to `metrics.jsonl` in the run folder.
+
+    from clip2scene.train.trainer import TrainConfig, train
+    summary = train(TrainConfig(cache="cache.zarr", out="runs/exp1", epochs=20))
+
+CLI: `clip2scene train --cache ./zarr --out runs/NAME`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from clip2scene.errors import ConfigError
+from clip2scene.storage import Cache, open_cache
+from clip2scene.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from clip2scene.train.data import ScanDataset, collate
+from clip2scene.train.loss import scr_loss
+from clip2scene.train.model import ModelConfig, build_model, count_parameters
+from clip2scene.train.voxelize import scatter_mean, voxelize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str  # cache folder written by `clip2scene precompute`
+    out: str  # run folder: checkpoint.pt, metrics.jsonl, config.json
+    split: str = "train"  # which cached scans to train on
+    epochs: int = 20  # passes over the training scans
+    batch_size: int = 4  # scans per step
+    lr: float = 0.1  # SGD learning rate (cosine-annealed to 0 over all steps)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
+    tau: float = 0.5  # SCR temperature
+    voxel_size: float = 0.1  # metres
+    augment: bool = True  # random z-rotation and x/y flips
+    device: str = "cpu"  # "cpu" or "cuda[:i]"
+    workers: int = 0  # DataLoader worker processes
+    seed: int = 0  # model init, shuffling and augmentation
+    resume: str | None = None  # checkpoint to continue from (must match the cache's teacher)
+    model: ModelConfig = field(default_factory=ModelConfig)  # student architecture
+
+
+def resolve_device(device: str) -> torch.device:
+    """torch.device for a --device value; ConfigError if CUDA is asked for but absent."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a torch device (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def forward_points(model: torch.nn.Module, batch: dict, voxel_size: float, device: torch.device) -> torch.Tensor:
+    """Run the student on a collated batch; returns per-point features (N, D) on `device`."""
+    xyz = batch["xyz"].to(device)
+    vox = voxelize(xyz, batch["batch"].to(device), voxel_size)
+    feats = scatter_mean(batch["feat"].to(device), vox.point2voxel, vox.num_voxels)
+    out = model(vox.sparse_tensor(feats))
+    return out[vox.point2voxel]
+
+
+def _train_config_dict(config: TrainConfig) -> dict:
+    d = asdict(config)
+    d["model"]["channels"] = list(d["model"]["channels"])
+    return d
+
+
+def train(config: TrainConfig, progress: bool = True) -> dict:
+    """Train per `config`; returns a summary dict (losses, timings, parameter count, paths)."""
+    device = resolve_device(config.device)
+    if config.epochs < 1 or config.batch_size < 1:
+        raise ConfigError(f"--epochs and --batch-size must be >= 1 (got {config.epochs}, {config.batch_size})")
+    cache = open_cache(config.cache)
+    indices = cache.indices(config.split)
+    if len(indices) == 0:
+        counts = ", ".join(f"{k}={int((cache.split == k).sum())}" for k in sorted(set(cache.split.tolist())))
+        raise ConfigError(f"cache {cache.path} has no scans in split {config.split!r} (it has {counts})")
+    model_config = replace(config.model, out_channels=cache.text_embeddings.shape[1])
+
+    torch.manual_seed(config.seed)
+    model = build_model(model_config, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(indices) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    start_epoch = 0
+    if config.resume:
+        ckpt = load_checkpoint(config.resume)
+        check_compatible(ckpt, cache, config.resume)
+        model.load_state_dict(ckpt["state_dict"])
+        if ckpt.get("optimizer"):
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scheduler"):
+            scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch = int(ckpt["epoch"])
+        log.info("resumed from %s at epoch %d", config.resume, start_epoch)
+
+    text = torch.from_numpy(cache.text_embeddings).to(device)
+    dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(_train_config_dict(config), indent=2))
+    metrics_path = out / "metrics.jsonl"
+    params = count_parameters(model)
+    log.info("training %s (%.2fM params) on %d scans, %d steps", model_config.arch, params / 1e6, len(indices), total_steps)
+
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    scans_done = 0
+    step = start_epoch * steps_per_epoch
+    with metrics_path.open("a") as mf:
+        for epoch in range(start_epoch, config.epochs):
+            dataset.set_epoch(epoch)
+            gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+            loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen,
+                                collate_fn=collate, num_workers=config.workers,
+                                persistent_workers=False, pin_memory=device.type == "cuda")
+            model.train()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress)
+            epoch_losses = []
+            for batch in bar:
+                ts = time.perf_counter()
+                feats = forward_points(model, batch, config.voxel_size, device)
+                loss = scr_loss(feats, text, batch["target"].to(device), config.tau)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                n_scans = len(batch["index"])
+                scans_done += n_scans
+                dt = time.perf_counter() - ts
+                value = float(loss.detach())
+                epoch_losses.append(value)
+                mf.write(json.dumps(dict(step=step, epoch=epoch + 1, loss=value, lr=optimizer.param_groups[0]["lr"],
+                                         points=int(batch["xyz"].shape[0]), seconds=dt,
+                                         scans_per_s=n_scans / max(dt, 1e-9))) + "\n")
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+            mf.flush()
+            losses.append(float(np.mean(epoch_losses)))
+            save_checkpoint(out / "checkpoint.pt", model=model, model_config=model_config,
+                            train_config=_train_config_dict(config), cache=cache, epoch=epoch + 1,
+                            optimizer=optimizer, scheduler=scheduler)
+            log.info("epoch %d: mean SCR loss %.4f", epoch + 1, losses[-1])
+    seconds = time.perf_counter() - t0
+    return dict(
+        run=str(out),
+        checkpoint=str(out / "checkpoint.pt"),
+        arch=model_config.arch,
+        parameters=params,
+        train_scans=int(len(indices)),
+        epochs=config.epochs,
+        steps=step,
+        epoch_losses=losses,
+        seconds=seconds,
+        scans_per_second=scans_done / max(seconds, 1e-9),
+        device=str(device),
+    )

@@ -1,0 +1,171 @@
+"""Pin the cache format: arrays, dtypes, shapes, chunk/shard geometry, codecs and attributes.
+
+A change here is a format change: bump storage.schema.SCHEMA_VERSION and docs/cache-format.md.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from clip2scene.errors import CacheError
+from clip2scene.storage import CacheWriter, ScanRecord, open_cache, schema
+from clip2scene.storage.writer import _ShardedAppender
+
+C, D = 3, 8
+META = dict(dataset=dict(name="nuscenes", version="v1.0-mini", dataroot="/d", split=None),
+            teacher=dict(model="tiny", weights="none", weights_sha256="random", image_size=[32, 64],
+                         class_names=["a", "b", "c"], templates_sha256="0" * 64, embed_dim=D, patch_size=16),
+            class_names=["a", "b", "c"], class_set="test", sweeps=1, cameras=["CAM_FRONT"])
+
+
+def make_scan(rng, i, n, m, split="train"):
+    return ScanRecord(
+        token=f"tok{i}", scene=f"scene-{i:04d}", split=split, timestamp=1000 + i, lidar_path=f"samples/x{i}.bin",
+        xyzi=rng.normal(size=(n, 4)).astype(np.float32), sweep=(np.arange(n) % 2).astype(np.uint8),
+        label=rng.integers(0, 17, n).astype(np.uint8),
+        pair_point=np.sort(rng.choice(n, m, replace=False)).astype(np.int32),
+        pair_camera=rng.integers(0, 6, m).astype(np.uint8), pair_uv=rng.random((m, 2)).astype(np.float32),
+        pair_logits=rng.normal(size=(m, C)).astype(np.float16), pair_features=rng.normal(size=(m, D)).astype(np.float16))
+
+
+def write_cache(path, scans):
+    with CacheWriter(path, META, C, D, has_labels=True) as w:
+        for s in scans:
+            w.append(s)
+        w.set_text_embeddings(np.eye(C, D, dtype=np.float32))
+    return path
+
+
+EXPECTED = {  # name: (dtype, trailing shape, chunk rows, shard rows)
+    "points/xyzi": ("float32", (4,), 65536, 1048576),
+    "points/sweep": ("uint8", (), 65536, 1048576),
+    "points/label": ("uint8", (), 65536, 1048576),
+    "pairs/point": ("int32", (), 65536, 1048576),
+    "pairs/camera": ("uint8", (), 65536, 1048576),
+    "pairs/uv": ("float32", (2,), 65536, 1048576),
+    "pairs/logits": ("float16", (C,), 16384, 262144),
+    "pairs/features": ("float16", (D,), 2048, 32768),
+}
+
+
+def test_format_is_pinned(tmp_path):
+    rng = np.random.default_rng(0)
+    scans = [make_scan(rng, i, 100 + i, 40 + i, "train" if i < 2 else "val") for i in range(3)]
+    path = write_cache(tmp_path / "c.zarr", scans)
+    root = json.loads((path / "zarr.json").read_text())
+    assert root["zarr_format"] == 3 and root["node_type"] == "group"
+    meta = root["attributes"]["clip2scene"]
+    assert meta["format"] == "clip2scene-cache" and meta["schema_version"] == 1 == schema.SCHEMA_VERSION
+    assert meta["status"] == "complete"
+    assert set(schema.REQUIRED_META) <= set(meta)
+    assert (meta["num_scans"], meta["num_points"], meta["num_pairs"]) == (3, 303, 123)
+    for name, (dtype, trailing, chunk, shard) in EXPECTED.items():
+        am = json.loads((path / name / "zarr.json").read_text())
+        rows = 303 if name.startswith("points/") else 123
+        assert am["data_type"] == dtype, name
+        assert tuple(am["shape"]) == (rows,) + trailing, name
+        assert tuple(am["chunk_grid"]["configuration"]["chunk_shape"]) == (shard,) + trailing, name
+        (codec,) = am["codecs"]
+        assert codec["name"] == "sharding_indexed", name
+        assert tuple(codec["configuration"]["chunk_shape"]) == (chunk,) + trailing, name
+        inner = [c["name"] for c in codec["configuration"]["codecs"]]
+        assert inner == ["bytes", "zstd"], name
+        assert codec["configuration"]["codecs"][1]["configuration"]["level"] == 3
+        assert [c["name"] for c in codec["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
+    for name, dtype in [("scans/point_offset", "int64"), ("scans/pair_offset", "int64"),
+                        ("scans/timestamp", "int64"), ("scans/token", "string"), ("scans/scene", "string"),
+                        ("scans/split", "string"), ("scans/lidar_path", "string"), ("text/embeddings", "float32")]:
+        am = json.loads((path / name / "zarr.json").read_text())
+        assert am["data_type"] == dtype, name
+    g = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(g["scans/point_offset"][...], [0, 100, 201, 303])
+    np.testing.assert_array_equal(g["scans/pair_offset"][...], [0, 40, 81, 123])
+    assert list(g["scans/split"][...]) == ["train", "train", "val"]
+    assert sorted(k for k, _ in g.groups()) == ["pairs", "points", "scans", "text"]
+
+
+def test_roundtrip(tmp_path):
+    rng = np.random.default_rng(1)
+    scans = [make_scan(rng, i, 50 * (i + 1), 20 * (i + 1)) for i in range(4)]
+    cache = open_cache(write_cache(tmp_path / "c.zarr", scans))
+    assert cache.num_scans == 4 and cache.class_names == ["a", "b", "c"]
+    np.testing.assert_array_equal(cache.indices("train"), [0, 1, 2, 3])
+    for i, s in enumerate(scans):
+        r = cache.read_scan(i, features=True)
+        assert r.token == s.token and r.scene == s.scene
+        for f in ("xyzi", "sweep", "label", "pair_point", "pair_camera", "pair_uv", "pair_logits", "pair_features"):
+            np.testing.assert_array_equal(getattr(r, f), getattr(s, f))
+    assert cache.read_scan(0).pair_features is None
+    info = cache.info()
+    assert info["bytes_per_point"] > 0 and info["splits"] == {"train": 4}
+
+
+def test_many_shards_roundtrip(tmp_path, monkeypatch):
+    """Shrink shards so a small cache spans many of them; the data must come back intact."""
+    small = tuple(schema.ArraySpec(s.name, s.dtype, s.trailing, 16, 64, s.axis)
+                  for s in schema.POINT_ARRAYS + schema.PAIR_ARRAYS)
+    monkeypatch.setattr(schema, "POINT_ARRAYS", small[:3])
+    monkeypatch.setattr(schema, "PAIR_ARRAYS", small[3:])
+    rng = np.random.default_rng(2)
+    scans = [make_scan(rng, i, int(rng.integers(30, 200)), 25) for i in range(7)]
+    cache = open_cache(write_cache(tmp_path / "c.zarr", scans))
+    xyz = np.concatenate([s.xyzi for s in scans])
+    np.testing.assert_array_equal(cache.group["points/xyzi"][...], xyz)
+    assert len(list((tmp_path / "c.zarr" / "points" / "xyzi" / "c").iterdir())) == -(-len(xyz) // 64)
+    for i in (0, 3, 6):
+        np.testing.assert_array_equal(cache.read_scan(i).xyzi, scans[i].xyzi)
+
+
+class _Recorder:
+    def __init__(self):
+        self.shape, self.writes = (0, 2), []
+
+    def resize(self, shape):
+        self.shape = shape
+
+    def __setitem__(self, key, value):
+        self.writes.append((key.start, key.stop, len(value)))
+
+
+def test_only_whole_shards_are_written():
+    rec = _Recorder()
+    app = _ShardedAppender(rec, shard_rows=10)
+    for n in (3, 4, 9, 1, 12, 2):
+        app.append(np.zeros((n, 2)))
+    assert app.finish() == 31
+    assert rec.writes == [(0, 10, 10), (10, 20, 10), (20, 30, 10), (30, 31, 1)]  # last one is the tail shard
+
+
+def test_failed_write_never_looks_complete(tmp_path):
+    rng = np.random.default_rng(3)
+    path = tmp_path / "c.zarr"
+    with pytest.raises(RuntimeError):
+        with CacheWriter(path, META, C, D, has_labels=True) as w:
+            w.append(make_scan(rng, 0, 10, 5))
+            raise RuntimeError("boom")
+    with pytest.raises(CacheError, match="failed.*boom"):
+        open_cache(path)
+    # a writer that died without closing leaves status "writing"
+    w = CacheWriter(tmp_path / "d.zarr", META, C, D, has_labels=True)
+    w.append(make_scan(rng, 0, 10, 5))
+    with pytest.raises(CacheError, match="'writing', not complete"):
+        open_cache(tmp_path / "d.zarr")
+
+
+def test_refuses_existing_and_bad_records(tmp_path):
+    rng = np.random.default_rng(4)
+    path = write_cache(tmp_path / "c.zarr", [make_scan(rng, 0, 10, 5)])
+    with pytest.raises(CacheError, match="already exists"):
+        CacheWriter(path, META, C, D, has_labels=True)
+    w = CacheWriter(tmp_path / "e.zarr", META, C, D, has_labels=True)
+    bad = make_scan(rng, 1, 10, 5)
+    bad.pair_logits = bad.pair_logits.astype(np.float32)
+    with pytest.raises(ValueError, match="pair_logits: dtype float32"):
+        w.append(bad)
+    with pytest.raises(CacheError, match="not found"):
+        open_cache(tmp_path / "nope.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CacheError):
+        open_cache(tmp_path / "plain")
