@@ -7,6 +7,8 @@ label ids are 1..C with 0 = ignore.
 
 from __future__ import annotations
 
+from clip2scene.errors import ConfigError
+
 # nuScenes-lidarseg 16 evaluation classes, in label order 1..16 (0 = ignore).
 NUSCENES_CLASSES: tuple[str, ...] = (
     "barrier", "bicycle", "bus", "car", "construction vehicle", "motorcycle", "pedestrian",
@@ -20,10 +22,10 @@ CLASS_SETS: dict[str, tuple[str, ...]] = {
 
 
 def get_class_set(name: str) -> tuple[str, ...]:
-    """Return the prompt class names of a named class set; ValueError names the bad value."""
+    """Return the prompt class names of a named class set; ConfigError names the bad value."""
     try:
         return CLASS_SETS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown class set {name!r}; known: {', '.join(sorted(CLASS_SETS))}"
         ) from None

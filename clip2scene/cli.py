@@ -11,6 +11,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -66,6 +67,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progr
           version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # third-party noise that says nothing about the user's run
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv(\..*)?")
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     if version:
         typer.echo(__version__)
         raise typer.Exit()
@@ -138,7 +142,7 @@ def precompute(
 
 # ---------------------------------------------------------------------------------- train
 def _train_config(cache, out, split, epochs, batch_size, lr, tau, voxel_size, device, workers, seed,
-                  channels, resume, augment):
+                  channels, resume, augment, precise_bn_batches=16):
     from clip2scene.train.model import ModelConfig
     from clip2scene.train.trainer import TrainConfig
 
@@ -151,7 +155,8 @@ def _train_config(cache, out, split, epochs, batch_size, lr, tau, voxel_size, de
             _fail(f"--channels {channels!r}: {e}")
     return TrainConfig(cache=str(cache), out=str(out), split=split, epochs=epochs, batch_size=batch_size,
                        lr=lr, tau=tau, voxel_size=voxel_size, device=device, workers=workers, seed=seed,
-                       resume=str(resume) if resume else None, augment=augment, model=model)
+                       resume=str(resume) if resume else None, augment=augment, model=model,
+                       precise_bn_batches=precise_bn_batches)
 
 
 def _print_train(s: dict) -> None:
@@ -178,12 +183,13 @@ def train(
     channels: Optional[str] = typer.Option(None, help="9 comma-separated MinkUNet widths."),
     resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from."),
     augment: bool = typer.Option(True, help="Random z-rotation and flips."),
+    precise_bn_batches: int = typer.Option(16, help="Re-estimate BatchNorm statistics on N batches at the end (0 = off)."),
 ) -> None:
     """Stage two: train the sparse 3D student from the cache alone."""
     from clip2scene.train.trainer import train as run_train
 
     cfg = _train_config(cache, out, split, epochs, batch_size, lr, tau, voxel_size, device, workers, seed,
-                        channels, resume, augment)
+                        channels, resume, augment, precise_bn_batches)
     _print_train(_run(run_train, cfg))
 
 

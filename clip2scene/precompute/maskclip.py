@@ -271,16 +271,30 @@ def _resolve_pretrained_tag(model_name: str, tag: str, pcfg: dict[str, Any]) -> 
         if os.path.isfile(path):
             return path
         looked.append(path)
-    where = " or ".join(looked) if looked else "(no download location known for this tag)"
-    alt = (
-        f"download {_HF_WEIGHTS_NAME} from https://huggingface.co/{repo_id} on a machine with network "
-        f"and pass {_CLIP_WEIGHTS_HINT}"
-        if repo_id
-        else f"pass {_CLIP_WEIGHTS_HINT}"
-    )
+    where = " and ".join(looked) if looked else "(no download location known for this tag)"
+    fixes = []
+    # a bare file given as weights is assumed to hold OpenAI weights (see _quick_gelu_for_file);
+    # only suggest that route when the assumption gives this tag's activation.
+    file_route_ok = _default_file_quick_gelu(model_name) == bool(pcfg.get("quick_gelu", False))
+    if repo_id and file_route_ok:
+        fixes.append(
+            f"copy https://huggingface.co/{repo_id}/resolve/main/{_HF_WEIGHTS_NAME} to this machine and pass "
+            f"{_CLIP_WEIGHTS_HINT}"
+        )
+    elif repo_id:
+        fixes.append(
+            f"copy open_clip_config.json and {_HF_WEIGHTS_NAME} from https://huggingface.co/{repo_id} into one "
+            "folder DIR on this machine and use weights='local-dir:DIR'"
+        )
+    else:
+        fixes.append(f"pass {_CLIP_WEIGHTS_HINT}")
+    if url:
+        fixes.append(f"put {url} at {os.path.join(_clip_url_cache_dir(), os.path.basename(url))}")
+    if repo_id:
+        fixes.append(f"fill the HF cache with `huggingface-cli download {repo_id}` (HF_HUB_CACHE={_hf_hub_cache_dir()})")
     raise WeightsNotFoundError(
         f"CLIP weights for model {model_name!r} pretrained={tag!r} not found locally (downloads are never "
-        f"attempted): looked for {where}; put the file at that path, or {alt}"
+        f"attempted); looked for {where}. Fix: " + "; or ".join(fixes)
     )
 
 
@@ -302,7 +316,7 @@ def _is_torchscript_archive(path: str) -> bool:
 
 
 def _sibling_quick_gelu(path: str) -> bool | None:
-    """quick_gelu of an ``open_clip_config.json`` next to the checkpoint (HF snapshot layout)."""
+    """Explicit ``quick_gelu`` of an ``open_clip_config.json`` beside the checkpoint, else None."""
     cfg_path = Path(path).parent / "open_clip_config.json"
     if not cfg_path.is_file():
         return None
@@ -310,36 +324,58 @@ def _sibling_quick_gelu(path: str) -> bool | None:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return bool(cfg.get("model_cfg", cfg).get("quick_gelu", False))
+    model_cfg = cfg.get("model_cfg", cfg)
+    return bool(model_cfg["quick_gelu"]) if "quick_gelu" in model_cfg else None
+
+
+def _hf_cache_tag_quick_gelu(model_name: str, path: str) -> bool | None:
+    """quick_gelu of the open_clip tag whose HF repo holds ``path`` (``.../models--ORG--NAME/...``)."""
+    import open_clip
+
+    repo = next((p[len("models--"):].replace("--", "/") for p in Path(path).parts if p.startswith("models--")), None)
+    if repo is None:
+        return None
+    for tag in open_clip.list_pretrained_tags_by_model(model_name):
+        pcfg = open_clip.get_pretrained_cfg(model_name, tag)
+        if pcfg.get("hf_hub", "").rstrip("/").split("/")[:2] == repo.split("/")[:2]:
+            return bool(pcfg.get("quick_gelu", False))
+    return None
+
+
+def _default_file_quick_gelu(model_name: str) -> bool:
+    """Activation assumed for a bare checkpoint file: that of the architecture's OpenAI weights."""
+    import open_clip
+
+    return bool(open_clip.get_pretrained_cfg(model_name, "openai").get("quick_gelu", False))
 
 
 def _quick_gelu_for_file(model_name: str, model_cfg: dict[str, Any], path: str, is_jit: bool) -> bool:
-    """Activation a local checkpoint needs (weights do not record it).
+    """Activation a local checkpoint needs (weights do not record it). First match wins:
 
-    The model config's own flag wins (e.g. ``"ViT-B-16-quickgelu"``); an OpenAI JIT archive means
-    QuickGELU; an ``open_clip_config.json`` beside the file decides next; otherwise the file is
-    assumed to hold the architecture's OpenAI weights (the paper's teacher) when open_clip's
-    ``openai`` tag for it uses QuickGELU.
+    1. the model config's own flag (e.g. ``"ViT-B-16-quickgelu"``) -> QuickGELU;
+    2. an OpenAI JIT archive -> QuickGELU (all OpenAI releases use it);
+    3. a file inside the HF hub cache of a known open_clip tag -> that tag's setting;
+    4. an explicit ``quick_gelu`` in an ``open_clip_config.json`` beside the file;
+    5. otherwise the file is assumed to hold the architecture's OpenAI weights (the paper's
+       teacher): QuickGELU when open_clip's ``openai`` tag for it uses QuickGELU (logged).
     """
-    import open_clip
-
     if model_cfg.get("quick_gelu", False):
         return True
     if is_jit:
         return True
-    sib = _sibling_quick_gelu(path)
-    if sib is not None:
-        return sib
-    if open_clip.get_pretrained_cfg(model_name, "openai").get("quick_gelu", False):
-        logger.info(
-            "local checkpoint %s for %s: assuming OpenAI-trained weights, building with QuickGELU; for "
-            "non-OpenAI weights put the file in a folder with its open_clip_config.json and use "
+    for decided in (_hf_cache_tag_quick_gelu(model_name, path), _sibling_quick_gelu(path)):
+        if decided is not None:
+            return decided
+    assumed = _default_file_quick_gelu(model_name)
+    if assumed:
+        logger.warning(
+            "local checkpoint %s for %s: assuming OpenAI-trained weights and building with QuickGELU; for "
+            "other weights (e.g. LAION) put the file in a folder with its open_clip_config.json and use "
             "weights='local-dir:DIR'",
             path,
             model_name,
         )
-        return True
-    return False
+    return assumed
 
 
 def _load_checkpoint_file(clip_model: nn.Module, path: str, is_jit: bool) -> None:
@@ -371,6 +407,13 @@ def _load_checkpoint_file(clip_model: nn.Module, path: str, is_jit: bool) -> Non
     clip_model.load_state_dict(state_dict, strict=True)
 
 
+def _uses_quick_gelu(clip_model: nn.Module) -> bool:
+    """Whether the built image tower's MLPs use QuickGELU (recorded in the fingerprint)."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in clip_model.visual.modules())
+
+
 def _build_clip(config: TeacherConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Build the open_clip model + tokenizer on CPU in eval mode; return also fingerprint fields."""
     import open_clip
@@ -396,12 +439,11 @@ def _build_clip(config: TeacherConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
             )
         local_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         model_cfg = local_cfg.get("model_cfg", local_cfg)
-        _check_dense_capable(weights, model_cfg)
-        _check_tokenizer_offline(weights, model_cfg)
+        _check_dense_capable(weights, model_cfg)  # an HF tokenizer would load from DIR itself
         sha = file_sha256(ckpt)
-        clip_model = open_clip.create_model(weights, device="cpu")
-        tokenizer = open_clip.get_tokenizer(weights)
-        info = {"model": model_name, "weights_sha256": sha, "quick_gelu": bool(model_cfg.get("quick_gelu", False))}
+        clip_model = open_clip.create_model(f"{_LOCAL_DIR_PREFIX}{folder}", device="cpu")
+        tokenizer = open_clip.get_tokenizer(f"{_LOCAL_DIR_PREFIX}{folder}")
+        info = {"model": model_name, "weights_sha256": sha, "quick_gelu": _uses_quick_gelu(clip_model)}
         logger.info("loaded CLIP %s from %s (sha256 %s)", model_name, ckpt, sha[:12])
         return clip_model.eval(), tokenizer, info
 
@@ -458,7 +500,7 @@ def _build_clip(config: TeacherConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
         logger.info("loaded CLIP %s weights from %s (sha256 %s, quick_gelu=%s)", model_name, path, sha[:12], quick_gelu)
 
     tokenizer = open_clip.get_tokenizer(model_name)
-    info = {"model": model_name, "weights_sha256": sha, "quick_gelu": bool(quick_gelu)}
+    info = {"model": model_name, "weights_sha256": sha, "quick_gelu": _uses_quick_gelu(clip_model)}
     return clip_model.eval(), tokenizer, info
 
 
@@ -500,12 +542,57 @@ def encode_text(
             for name in class_names:
                 texts = [t.format(prompt_name(name)) for t in templates]
                 tokens = tokenizer(texts).to(device)
-                emb = F.normalize(clip_model.encode_text(tokens).float(), dim=-1)
+                emb = F.normalize(_encode_tokens(clip_model, tokens).float(), dim=-1)
                 rows.append(F.normalize(emb.mean(dim=0), dim=0))
             out = torch.stack(rows)
     finally:
         clip_model.train(was_training)
     return out.clone()  # clone outside inference mode -> a normal tensor
+
+
+def _encode_tokens(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``clip_model.encode_text(tokens)``, trimmed to the longest prompt when that is exact.
+
+    For open_clip's standard ``CLIP`` text tower (causal attention mask, pooling at the EOT/EOS
+    token) the pooled output only depends on positions up to the pooled one, so the context can be
+    cut to ``max(pooled index) + 1`` tokens (prompts are ~10-20 of 77 tokens: ~5x less compute on
+    CPU). Anything else falls back to ``encode_text``.
+
+    Args:
+        tokens: (N, context) int64 tokens on the model's device.
+
+    Returns:
+        (N, D) un-normalised text features, as ``encode_text``.
+    """
+    import open_clip
+
+    pool = getattr(clip_model, "text_pool_type", None)
+    mask = getattr(clip_model, "attn_mask", None)
+    if (
+        not isinstance(clip_model, open_clip.CLIP)
+        or pool not in ("argmax", "eos")
+        or mask is None
+        or mask.shape[-1] != tokens.shape[1]
+        or not torch.equal(mask, torch.full_like(mask, float("-inf")).triu(1))  # causal
+    ):
+        return clip_model.encode_text(tokens)
+    if pool == "argmax":
+        idx = tokens.argmax(dim=-1)
+    else:
+        idx = (tokens == clip_model.text_eos_id).int().argmax(dim=-1)
+    n = int(idx.max()) + 1
+    tokens = tokens[:, :n]
+    # from here on: open_clip.model.CLIP.encode_text on the first n positions
+    cast_dtype = clip_model.transformer.get_cast_dtype()
+    x = clip_model.token_embedding(tokens).to(cast_dtype)
+    x = x + clip_model.positional_embedding[:n].to(cast_dtype)
+    x = clip_model.transformer(x, attn_mask=mask[:n, :n])
+    x = clip_model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), idx]
+    proj = clip_model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,7 +623,7 @@ def resize_positional_embedding(
     width = pos_embed.shape[1]
     cls_pos, patch_pos = pos_embed[:1], pos_embed[1:]
     patch_pos = patch_pos.reshape(1, gh, gw, width).permute(0, 3, 1, 2).float()
-    patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bilinear", align_corners=False)
+    patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(h * w, width).to(pos_embed.dtype)
     return torch.cat([cls_pos, patch_pos], dim=0)
 

@@ -185,8 +185,17 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         keyframes = keyframes[: config.limit]
     if not keyframes:
         raise DataError(f"no keyframes in {ds.dataroot / ds.version} for split {config.split!r}")
-    device = torch.device(config.device)
-    teacher = load_teacher(config.teacher, class_names, device=device)
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {config.device!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {config.device}: CUDA is not available on this machine")
+    try:
+        teacher = load_teacher(config.teacher, class_names, device=device)
+    except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower
+        raise ConfigError(f"teacher --clip-model {config.teacher.model!r} --image-size "
+                          f"{config.teacher.image_size[0]}x{config.teacher.image_size[1]}: {e}") from None
     meta = dict(
         dataset=dict(name=ds.name, version=ds.version, dataroot=str(Path(config.dataroot).resolve()), split=config.split),
         teacher=teacher.fingerprint,

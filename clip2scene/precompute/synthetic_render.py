@@ -131,56 +131,68 @@ class Prims:
         return np.concatenate([self.box_centre, self.ell_centre], 0)
 
 
-def intersect_prim(prims: Prims, k: int, origin: np.ndarray, dirs: np.ndarray):
+def intersect_prim(prims: Prims, k: int, origin: np.ndarray, dirs: np.ndarray, normals: bool = True):
     """Ray-primitive intersection for primitive k (boxes first, then spheroids).
 
-    origin: (3,) or (n, 3) ray origins; dirs: (n, 3) unit directions (global frame).
-    Returns t (n,) float64 entry distance (inf where missed or the origin is inside) and
-    normal (n, 3) outward unit normal at the entry point.
+    origin: (3,) or (3, n) float64 ray origins (global); dirs: (3, n) unit directions, float32 or
+    float64 (components in rows, so every operation runs on contiguous rows).
+    Returns t (n,) entry distance in the dtype of `dirs` (inf where missed or the origin is
+    inside) and the outward unit normal (3, n) at the entry point (None unless `normals`).
     """
-    if k < prims.n_box:
-        c, s = np.cos(prims.box_yaw[k]), np.sin(prims.box_yaw[k])
-        rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])  # local -> global
-        o_l = (origin - prims.box_centre[k]) @ rot
-        d_l = dirs @ rot
-        d_l = np.where(np.abs(d_l) < 1e-12, 1e-12, d_l)
-        half = prims.box_half[k]
-        t1 = (-half - o_l) / d_l
-        t2 = (half - o_l) / d_l
-        tnear = np.minimum(t1, t2)
-        tmin = tnear.max(1)
-        tmax = np.maximum(t1, t2).min(1)
-        hit = (tmax >= tmin) & (tmin > 0.0)
-        t = np.where(hit, tmin, np.inf)
-        axis = tnear.argmax(1)
-        n_l = np.zeros_like(d_l)
-        rows = np.arange(len(d_l))
-        n_l[rows, axis] = -np.sign(d_l[rows, axis])
-        return t, n_l @ rot.T
-    e = k - prims.n_box
-    radii = prims.ell_radii[e]
-    o_s = (origin - prims.ell_centre[e]) / radii
-    d_s = dirs / radii
-    a = (d_s * d_s).sum(-1)
-    b = (o_s * d_s).sum(-1) if o_s.ndim == 2 else d_s @ o_s
-    cc = (o_s * o_s).sum(-1) - 1.0
-    disc = b * b - a * cc
-    sq = np.sqrt(np.maximum(disc, 0.0))
-    t0 = (-b - sq) / a
-    hit = (disc >= 0.0) & (t0 > 0.0)
-    t = np.where(hit, t0, np.inf)
-    p = origin + np.where(hit, t0, 0.0)[:, None] * dirs - prims.ell_centre[e]
-    n = p / (radii * radii)
-    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-    return t, n
+    one = origin.ndim == 1
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if k < prims.n_box:
+            c, s = float(np.cos(prims.box_yaw[k])), float(np.sin(prims.box_yaw[k]))
+            rel = origin - (prims.box_centre[k] if one else prims.box_centre[k][:, None])
+            o = (c * rel[0] + s * rel[1], -s * rel[0] + c * rel[1], rel[2])
+            if one:
+                o = tuple(float(v) for v in o)
+            d = (c * dirs[0] + s * dirs[1], -s * dirs[0] + c * dirs[1], dirs[2])
+            near, far = [], []
+            for axis in range(3):
+                inv = 1.0 / d[axis]
+                h = float(prims.box_half[k, axis])
+                t1, t2 = (-h - o[axis]) * inv, (h - o[axis]) * inv
+                near.append(np.minimum(t1, t2))
+                far.append(np.maximum(t1, t2))
+            tmin = np.maximum(np.maximum(near[0], near[1]), near[2])
+            tmax = np.minimum(np.minimum(far[0], far[1]), far[2])
+            t = np.where((tmax >= tmin) & (tmin > 0.0), tmin, np.inf)
+            if not normals:
+                return t, None
+            mx = near[0] >= tmin
+            my = (near[1] >= tmin) & ~mx
+            mz = ~(mx | my)
+            nx, ny, nz = -np.sign(d[0]) * mx, -np.sign(d[1]) * my, -np.sign(d[2]) * mz
+            return t, np.stack([c * nx - s * ny, s * nx + c * ny, nz]).astype(dirs.dtype)
+        e = k - prims.n_box
+        radii = prims.ell_radii[e]
+        rel = origin - (prims.ell_centre[e] if one else prims.ell_centre[e][:, None])
+        o = [rel[i] / radii[i] for i in range(3)]
+        if one:
+            o = [float(v) for v in o]
+        d = [dirs[i] * float(1.0 / radii[i]) for i in range(3)]
+        a = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+        b = o[0] * d[0] + o[1] * d[1] + o[2] * d[2]
+        cc = o[0] * o[0] + o[1] * o[1] + o[2] * o[2] - 1.0
+        disc = b * b - a * cc
+        t0 = (-b - np.sqrt(np.maximum(disc, 0.0))) / a
+        hit = (disc >= 0.0) & (t0 > 0.0)
+        t = np.where(hit, t0, np.inf)
+        if not normals:
+            return t, None
+        tt = np.where(hit, t0, 0.0)
+        n = np.stack([(o[i] + tt * d[i]) / radii[i] for i in range(3)])
+        n /= np.maximum(np.sqrt((n * n).sum(0)), 1e-12)
+        return t, n.astype(dirs.dtype)
 
 
 def _ground_t(origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
-    """(n,) distance to the plane z = 0 along each ray (inf if the ray does not go down)."""
-    dz = dirs[:, 2]
+    """(...) distance to the plane z = 0 along rays dirs (3, ...) from origin (3,); inf if none."""
+    dz = dirs[2]
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = -origin[2] / dz
-    return np.where((dz < -1e-9) & (t > 0), t, np.inf)
+        t = float(-origin[2]) / dz
+    return np.where((dz < -1e-9) & (t > 0), t, np.inf).astype(dirs.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,13 +203,15 @@ class LidarHits:
     """Nearest hit per ray on an (A azimuth columns, R rings) grid.
 
     t (A, R) float64 range (inf = no hit), label (A, R) uint8, obj (A, R) int64 (-1 = ground),
-    self_hits (P,) int64: rays that would hit primitive p were nothing else there (within range).
+    self_hits (P,) int64: rays that would hit primitive p were nothing else there (within range),
+    dirs (A, R, 3) float64 unit ray directions in the sensor frame.
     """
 
     t: np.ndarray
     label: np.ndarray
     obj: np.ndarray
     self_hits: np.ndarray
+    dirs: np.ndarray
 
 
 def raycast_lidar(prims: Prims, ground_fn: GroundFn, origin: np.ndarray, r_sensor: np.ndarray,
@@ -213,92 +227,149 @@ def raycast_lidar(prims: Prims, ground_fn: GroundFn, origin: np.ndarray, r_senso
     ce, se = np.cos(elevations), np.sin(elevations)
     d_sensor = np.stack([np.cos(azimuths)[:, None] * ce[None], np.sin(azimuths)[:, None] * ce[None],
                          np.broadcast_to(se[None], (n_az, n_el))], -1)  # (A, R, 3)
-    dirs = d_sensor @ r_sensor.T
-    flat = dirs.reshape(-1, 3)
-    t_best = _ground_t(origin, flat).reshape(n_az, n_el)
+    dirs = np.ascontiguousarray(np.moveaxis(d_sensor @ r_sensor.T, -1, 0))  # (3, A, R) global
+    t_best = _ground_t(origin, dirs)
     t_best[t_best > max_range] = np.inf
     ground = np.isfinite(t_best)
     label = np.zeros((n_az, n_el), np.uint8)
     if ground.any():
-        pts = origin[:2] + t_best[ground][:, None] * dirs[ground][:, :2]
-        label[ground] = ground_fn(pts)
+        label[ground] = ground_fn(origin[:2] + t_best[ground][:, None] * dirs[:2, ground].T)
     obj = np.full((n_az, n_el), -1, np.int64)
 
     n_prim = prims.n_box + len(prims.ell_radii)
     self_hits = np.zeros(n_prim, np.int64)
     if n_prim == 0:
-        return LidarHits(t_best, label, obj, self_hits)
-    centres, radius = prims.centres(), prims.radius()
-    near = np.linalg.norm(centres - origin, axis=1) - radius < max_range
-    corners_s = (prims.corners() - origin) @ r_sensor  # sensor frame, (P, 8, 3)
+        return LidarHits(t_best, label, obj, self_hits, d_sensor)
+    # Conservative (azimuth columns x ring slice) window of every primitive, vectorised. Azimuth
+    # extremes of a convex body lie at its corners; elevation extremes are bounded with the nearest
+    # and farthest possible horizontal distance.
+    corners = (prims.corners() - origin) @ r_sensor  # sensor frame, (P, 8, 3)
+    cen = corners.mean(1)
+    r_xy = np.linalg.norm(corners[..., :2] - cen[:, None, :2], axis=-1).max(1)
+    dist_xy = np.linalg.norm(cen[:, :2], axis=1)
+    lower = np.linalg.norm(cen, axis=1) - np.linalg.norm(corners - cen[:, None], axis=-1).max(1)
+    d_min, d_max = np.maximum(dist_xy - r_xy, 1e-3), dist_xy + r_xy
+    zmin, zmax = corners[..., 2].min(1), corners[..., 2].max(1)
+    el_hi = np.where(zmax >= 0, np.arctan2(zmax, d_min), np.arctan2(zmax, d_max)) + 1e-4
+    el_lo = np.where(zmin <= 0, np.arctan2(zmin, d_min), np.arctan2(zmin, d_max)) - 1e-4
+    ring0 = np.searchsorted(elevations, el_lo, side="left")
+    ring1 = np.searchsorted(elevations, el_hi, side="right")
+    az_c = np.arctan2(cen[:, 1], cen[:, 0])
+    rel = np.angle(np.exp(1j * (np.arctan2(corners[..., 1], corners[..., 0]) - az_c[:, None])))
     step = 2 * np.pi / n_az
-    a0 = azimuths[0]
+    j0 = np.floor((azimuths[0] - az_c - rel.max(1)) / step).astype(np.int64) - 1
+    j1 = np.ceil((azimuths[0] - az_c - rel.min(1)) / step).astype(np.int64) + 1
+    around = (dist_xy <= r_xy * 1.01) | (j1 - j0 + 1 >= n_az)  # sensor axis inside the footprint
     labels_all = np.concatenate([prims.box_label, prims.ell_label])
     objs_all = np.concatenate([prims.box_obj, prims.ell_obj])
-    for k in np.flatnonzero(near):
-        cxy = corners_s[k, :, :2]
-        if np.linalg.norm(centres[k, :2] - origin[:2]) <= radius[k] * 1.01:
-            cols = np.arange(n_az)
-        else:
-            cen = np.arctan2(cxy[:, 1].mean(), cxy[:, 0].mean())
-            rel = np.angle(np.exp(1j * (np.arctan2(cxy[:, 1], cxy[:, 0]) - cen)))
-            lo, hi = cen + rel.min(), cen + rel.max()
-            j0 = int(np.floor((a0 - hi) / step)) - 1
-            j1 = int(np.ceil((a0 - lo) / step)) + 1
-            cols = np.arange(j0, j1 + 1) % n_az if j1 - j0 + 1 < n_az else np.arange(n_az)
-        t, _ = intersect_prim(prims, k, origin, dirs[cols].reshape(-1, 3))
-        t = t.reshape(len(cols), n_el)
+    todo = np.flatnonzero((lower < max_range) & (ring1 > ring0))
+    for k in todo[np.argsort(lower[todo], kind="stable")]:  # front to back
+        cols = np.arange(n_az) if around[k] else np.arange(j0[k], j1[k] + 1) % n_az
+        r0, r1 = int(ring0[k]), int(ring1[k])
+        sub = t_best[cols, r0:r1]
+        if lower[k] > sub.max():  # everything in the window is already nearer: occluded
+            continue
+        t, _ = intersect_prim(prims, k, origin, dirs[:, cols, r0:r1].reshape(3, -1), normals=False)
+        t = t.reshape(sub.shape)
         t[t > max_range] = np.inf
         self_hits[k] = int(np.isfinite(t).sum())
-        sub = t_best[cols]
         better = t < sub
         if better.any():
             sub[better] = t[better]
-            t_best[cols] = sub
-            lab = label[cols]
+            t_best[cols, r0:r1] = sub
+            lab = label[cols, r0:r1]
             lab[better] = labels_all[k]
-            label[cols] = lab
-            ob = obj[cols]
+            label[cols, r0:r1] = lab
+            ob = obj[cols, r0:r1]
             ob[better] = objs_all[k]
-            obj[cols] = ob
-    return LidarHits(t_best, label, obj, self_hits)
+            obj[cols, r0:r1] = ob
+    return LidarHits(t_best, label, obj, self_hits, d_sensor)
 
 
 # ----------------------------------------------------------------------------------------------
 # camera
 # ----------------------------------------------------------------------------------------------
 def _texture(points: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """(n,) mild multiplicative texture in [~0.9, ~1.1] from world position (view-independent)."""
-    x, y, z = points[:, 0], points[:, 1], points[:, 2]
+    """(n,) mild multiplicative texture in [~0.9, ~1.1] at world points (3, n), view-independent."""
+    x, y, z = points
     phase = label.astype(np.float64) * 1.7
-    tex = (0.045 * np.sin(1.9 * x + 0.7 * y + phase) * np.sin(1.3 * y - 0.4 * x + 2.1 * z)
-           + 0.03 * np.sin(7.1 * x + phase) * np.sin(6.3 * y + 5.2 * z)
-           + 0.025 * np.sin(0.23 * x + 0.31 * y + 0.5 * z + phase))
-    return 1.0 + tex
+    return (1.0 + 0.05 * np.sin(1.9 * x + 0.7 * y + phase) * np.sin(1.3 * y - 0.4 * x + 2.1 * z)
+            + 0.03 * np.sin(6.1 * x - 5.3 * y + 5.2 * z + phase))
 
 
 def _shadow(prims: Prims, points: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """(n,) bool: is each of `points` (n, 3) shadowed from the sun by a primitive in `cand`?"""
-    shadow = np.zeros(len(points), bool)
-    if len(points) == 0:
+    """(n,) bool: is each of `points` (3, n) float64 shadowed from the sun by a primitive in `cand`?"""
+    shadow = np.zeros(points.shape[1], bool)
+    if points.shape[1] == 0 or len(cand) == 0:
         return shadow
-    origin = points + 0.02 * SUN_DIRECTION
-    corners = prims.corners()
-    # Project every primitive's corners onto the ground along the sun: the footprint of its shadow.
-    lift = corners[..., 2:3] / SUN_DIRECTION[2]
-    foot = corners[..., :2] - lift * SUN_DIRECTION[:2]
+    corners = prims.corners()[cand]
+    # Shadow footprint of each primitive: its corners and their projection onto z = 0 along the sun.
+    foot = corners[..., :2] - (corners[..., 2:3] / SUN_DIRECTION[2]) * SUN_DIRECTION[:2]
     lo = np.minimum(foot.min(1), corners[..., :2].min(1))
     hi = np.maximum(foot.max(1), corners[..., :2].max(1))
     top = corners[..., 2].max(1)
-    for k in cand:
-        m = ((points[:, 0] >= lo[k, 0]) & (points[:, 0] <= hi[k, 0]) & (points[:, 1] >= lo[k, 1])
-             & (points[:, 1] <= hi[k, 1]) & (points[:, 2] < top[k]) & ~shadow)
-        if not m.any():
+    order = np.argsort(points[0], kind="stable")
+    xs = points[0, order]
+    i0 = np.searchsorted(xs, lo[:, 0], side="left")
+    i1 = np.searchsorted(xs, hi[:, 0], side="right")
+    sun = SUN_DIRECTION[:, None]
+    for c, k in enumerate(cand):
+        if i1[c] <= i0[c]:
             continue
-        idx = np.flatnonzero(m)
-        t, _ = intersect_prim(prims, k, origin[idx], np.broadcast_to(SUN_DIRECTION, (len(idx), 3)))
+        idx = order[i0[c]:i1[c]]
+        p = points[:, idx]
+        idx = idx[(p[1] >= lo[c, 1]) & (p[1] <= hi[c, 1]) & (p[2] < top[c]) & ~shadow[idx]]
+        if len(idx) == 0:
+            continue
+        t, _ = intersect_prim(prims, k, points[:, idx] + 0.02 * sun, sun, normals=False)
         shadow[idx[np.isfinite(t)]] = True
     return shadow
+
+
+_EDGES = np.array([(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1])
+
+
+def _image_rects(corners_c: np.ndarray, intrinsic: np.ndarray, width: int, height: int, near: float):
+    """Pixel rectangle [r0, r1) x [c0, c1) covering each primitive's projection (vectorised).
+
+    corners_c: (P, 8, 3) corners in the camera frame. The box is clipped against the plane
+    z = near (corners in front plus edge crossings of the plane), so primitives straddling the
+    camera plane get a finite rectangle. Returns four (P,) int arrays; empty where r0 >= r1.
+    """
+    z = corners_c[..., 2]
+    ea, eb = corners_c[:, _EDGES[:, 0]], corners_c[:, _EDGES[:, 1]]  # (P, 12, 3)
+    za, zb = ea[..., 2], eb[..., 2]
+    cross = (za > near) != (zb > near)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.where(cross, (near - za) / (zb - za), 0.0)
+    xing = ea + f[..., None] * (eb - ea)
+    pts = np.concatenate([corners_c, xing], 1)  # (P, 20, 3)
+    valid = np.concatenate([z > near, cross], 1)
+    zz = np.where(valid, np.maximum(pts[..., 2], near), 1.0)
+    u = intrinsic[0, 0] * pts[..., 0] / zz + intrinsic[0, 2]
+    v = intrinsic[1, 1] * pts[..., 1] / zz + intrinsic[1, 2]
+    big = 1e9
+    c0 = np.floor(np.where(valid, u, big).min(1)) - 1
+    c1 = np.ceil(np.where(valid, u, -big).max(1)) + 2
+    r0 = np.floor(np.where(valid, v, big).min(1)) - 1
+    r1 = np.ceil(np.where(valid, v, -big).max(1)) + 2
+    clip = lambda a, hi: np.clip(a, 0, hi).astype(np.int64)  # noqa: E731
+    return clip(r0, height), clip(r1, height), clip(c0, width), clip(c1, width)
+
+
+_RAY_CACHE: dict[bytes, np.ndarray] = {}
+
+
+def _camera_rays(intrinsic: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(3, H*W) float64 unit ray directions in the camera frame through the pixel centres (cached)."""
+    key = np.asarray(intrinsic, np.float64).tobytes() + np.array([width, height]).tobytes()
+    if key not in _RAY_CACHE:
+        if len(_RAY_CACHE) > 64:
+            _RAY_CACHE.clear()
+        u, v = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
+        d = np.linalg.inv(intrinsic) @ np.stack([u.ravel(), v.ravel(), np.ones(u.size)])
+        _RAY_CACHE[key] = d / np.linalg.norm(d, axis=0, keepdims=True)
+    return _RAY_CACHE[key]
 
 
 def render_camera(prims: Prims, ground_fn: GroundFn, colours: np.ndarray, origin: np.ndarray,
@@ -311,68 +382,55 @@ def render_camera(prims: Prims, ground_fn: GroundFn, colours: np.ndarray, origin
     image coordinates (u, v) = (col, row) (pixel centres on the integer grid).
     colours: (32, 3) float RGB per fine class. Returns (height, width, 3) uint8 RGB.
     """
-    u, v = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
-    kinv = np.linalg.inv(intrinsic)
-    d_cam = np.stack([u, v, np.ones_like(u)], -1) @ kinv.T
-    d_cam /= np.linalg.norm(d_cam, axis=-1, keepdims=True)
-    dirs = d_cam @ r_cam.T  # (H, W, 3)
-    flat = dirs.reshape(-1, 3)
-    t_best = _ground_t(origin, flat).reshape(height, width)
+    dirs = (r_cam @ _camera_rays(intrinsic, width, height)).astype(np.float32).reshape(3, height, width)
+    t_best = _ground_t(origin, dirs)  # (H, W) float32
     label = np.zeros((height, width), np.uint8)
-    normal = np.zeros((height, width, 3))
-    normal[..., 2] = 1.0
+    normal = np.zeros((3, height, width), np.float32)
+    normal[2] = 1.0
     ground = np.isfinite(t_best)
     if ground.any():
-        label[ground] = ground_fn(origin[:2] + t_best[ground][:, None] * dirs[ground][:, :2])
+        label[ground] = ground_fn(origin[:2] + t_best[ground][:, None].astype(np.float64) * dirs[:2, ground].T)
 
     n_prim = prims.n_box + len(prims.ell_radii)
     labels_all = np.concatenate([prims.box_label, prims.ell_label])
+    cand = np.zeros(0, np.int64)
     if n_prim:
-        centres, radius = prims.centres(), prims.radius()
-        cand = np.flatnonzero(np.linalg.norm(centres - origin, axis=1) - radius < max_distance)
-        corners_c = (prims.corners() - origin) @ r_cam  # camera frame (P, 8, 3)
-        for k in cand:
-            z = corners_c[k, :, 2]
-            if (z <= 0.05).all():
+        corners = prims.corners()
+        cen = corners.mean(1)
+        lower = np.linalg.norm(cen - origin, axis=1) - np.linalg.norm(corners - cen[:, None], axis=-1).max(1)
+        cand = np.flatnonzero(lower < max_distance)
+        r0, r1, c0, c1 = _image_rects((corners - origin) @ r_cam, intrinsic, width, height, 0.05)
+        seen = cand[(r1[cand] > r0[cand]) & (c1[cand] > c0[cand])]
+        for k in seen[np.argsort(lower[seen], kind="stable")]:  # front to back
+            rs, cs = slice(r0[k], r1[k]), slice(c0[k], c1[k])
+            sub_t = t_best[rs, cs]
+            if lower[k] > sub_t.max():  # fully behind what is already drawn
                 continue
-            if (z > 0.05).all():
-                uv = corners_c[k, :, :2] / z[:, None] * intrinsic[[0, 1], [0, 1]] + intrinsic[[0, 1], 2]
-                c0, r0 = np.floor(uv.min(0)).astype(int) - 1
-                c1, r1 = np.ceil(uv.max(0)).astype(int) + 2
-                c0, r0 = max(c0, 0), max(r0, 0)
-                c1, r1 = min(c1, width), min(r1, height)
-                if c0 >= c1 or r0 >= r1:
-                    continue
-            else:
-                r0, r1, c0, c1 = 0, height, 0, width
-            sub_d = dirs[r0:r1, c0:c1].reshape(-1, 3)
-            t, n = intersect_prim(prims, k, origin, sub_d)
-            t = t.reshape(r1 - r0, c1 - c0)
-            sub_t = t_best[r0:r1, c0:c1]
+            t, n = intersect_prim(prims, k, origin, dirs[:, rs, cs].reshape(3, -1))
+            t = t.reshape(sub_t.shape)
             better = t < sub_t
             if better.any():
                 sub_t[better] = t[better]
-                label[r0:r1, c0:c1][better] = labels_all[k]
-                normal[r0:r1, c0:c1][better] = n.reshape(r1 - r0, c1 - c0, 3)[better]
-    else:
-        cand = np.zeros(0, np.int64)
+                label[rs, cs][better] = labels_all[k]
+                normal[:, rs, cs][:, better] = n.reshape(3, *sub_t.shape)[:, better]
 
     hit = np.isfinite(t_best)
-    img = np.empty((height, width, 3))
-    # sky: gradient with elevation of the ray
-    elev = np.clip(dirs[..., 2], 0.0, 1.0) ** 0.6
-    sky = SKY_HORIZON * (1 - elev[..., None]) + SKY_ZENITH * elev[..., None]
-    img[~hit] = sky[~hit]
+    img = np.empty((height, width, 3), np.float32)
+    # sky: gradient with the elevation of the ray
+    sky = ~hit
+    elev = np.clip(dirs[2][sky], 0.0, 1.0) ** 0.6
+    img[sky] = SKY_HORIZON * (1 - elev[:, None]) + SKY_ZENITH * elev[:, None]
     if hit.any():
-        th = t_best[hit]
-        pts = origin + th[:, None] * dirs[hit]
+        th = t_best[hit].astype(np.float64)
+        pts = origin[:, None] + th * dirs[:, hit]  # (3, m) float64
         lab = label[hit]
-        nrm = normal[hit]
-        lambert = np.clip(nrm @ SUN_DIRECTION, 0.0, 1.0)
-        lit = ~_shadow(prims, pts, cand) if len(cand) else np.ones(len(pts), bool)
-        shade = AMBIENT + (1.0 - AMBIENT) * lambert * lit
-        col = colours[lab] * (shade * _texture(pts, lab))[:, None]
+        nrm = normal[:, hit]
+        lambert = np.clip(SUN_DIRECTION @ nrm, 0.0, 1.0)
+        test = np.flatnonzero((lambert > 0) & (th < 150.0))
+        lambert[test[_shadow(prims, pts[:, test], cand)]] = 0.0
+        shade = AMBIENT + (1.0 - AMBIENT) * lambert
         haze = 1.0 - np.exp(-th / HAZE_DISTANCE)
-        img[hit] = col * (1 - haze[:, None]) + HAZE_COLOUR * haze[:, None]
-    img += rng.normal(0.0, 2.5, img.shape)
+        img[hit] = (colours[lab] * ((shade * _texture(pts, lab)) * (1 - haze))[:, None]
+                    + HAZE_COLOUR * haze[:, None])
+    img += 2.5 * rng.standard_normal(img.shape, dtype=np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)

@@ -53,6 +53,7 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes
     seed: int = 0  # model init, shuffling and augmentation
     resume: str | None = None  # checkpoint to continue from (must match the cache's teacher)
+    precise_bn_batches: int = 16  # after the last epoch, re-estimate BatchNorm statistics on this many batches (0 = off)
     model: ModelConfig = field(default_factory=ModelConfig)  # student architecture
 
 
@@ -74,6 +75,30 @@ def forward_points(model: torch.nn.Module, batch: dict, voxel_size: float, devic
     feats = scatter_mean(batch["feat"].to(device), vox.point2voxel, vox.num_voxels)
     out = model(vox.sparse_tensor(feats))
     return out[vox.point2voxel]
+
+
+@torch.no_grad()
+def precise_batchnorm(model: torch.nn.Module, loader, num_batches: int, voxel_size: float, device: torch.device) -> int:
+    """Recompute every BatchNorm's running mean/var as an exact average over `num_batches` batches
+    with the final weights (the EMA of a short or fast-moving run lags behind them). Returns the
+    number of batches used."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or num_batches <= 0:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average = exact mean over the batches seen
+    model.train()
+    used = 0
+    for batch in loader:
+        if used >= num_batches:
+            break
+        forward_points(model, batch, voxel_size, device)
+        used += 1
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    return used
 
 
 def _train_config_dict(config: TrainConfig) -> dict:
@@ -157,6 +182,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
             mf.flush()
             losses.append(float(np.mean(epoch_losses)))
+            if epoch + 1 == config.epochs and config.precise_bn_batches > 0:
+                used = precise_batchnorm(model, loader, config.precise_bn_batches, config.voxel_size, device)
+                log.info("BatchNorm statistics re-estimated on %d batches", used)
             save_checkpoint(out / "checkpoint.pt", model=model, model_config=model_config,
                             train_config=_train_config_dict(config), cache=cache, epoch=epoch + 1,
                             optimizer=optimizer, scheduler=scheduler)

@@ -283,6 +283,14 @@ def test_text_embeddings_match_by_hand_loop():
     assert not emb.is_inference()
 
 
+def test_trimmed_text_encoding_equals_encode_text():
+    clip = _tiny_clip(3)
+    tok = open_clip.get_tokenizer(TINY_MODEL_NAME)
+    tokens = tok(["a car.", "a photo of the hard to see driveable surface in a video game, at night."])
+    with torch.no_grad():
+        assert torch.allclose(mc._encode_tokens(clip, tokens), clip.encode_text(tokens), atol=1e-5)
+
+
 def test_logits_are_cosines(teacher):
     feats = teacher.dense_features(_images(2)).movedim(1, -1)  # (2, 4, 6, D)
     logits = teacher.logits(feats)
@@ -374,6 +382,28 @@ def test_tag_resolves_from_clip_url_cache_and_checks_sha(monkeypatch, tmp_path):
     _fake_tag(monkeypatch, {"url": f"https://openaipublic.azureedge.net/clip/models/{'0' * 64}/tiny.pt"})
     with pytest.raises(WeightsNotFoundError, match="sha256"):
         load_teacher(TeacherConfig(TINY_MODEL_NAME, "faketag", (64, 96)), CLASSES, templates=FEW_TEMPLATES)
+
+
+def test_bare_file_activation_inference(monkeypatch, tmp_path, caplog):
+    """A bare state-dict file gets the activation of the architecture's OpenAI weights, unless an
+    open_clip_config.json beside it says otherwise."""
+    register_tiny_model()
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY_MODEL_NAME,
+                        {"openai": {"hf_hub": "fakeorg/tiny-openai/", "quick_gelu": True}})
+    source = _tiny_clip(12, quick_gelu=True)
+    path = tmp_path / "bare" / "open_clip_pytorch_model.bin"
+    path.parent.mkdir()
+    torch.save(source.state_dict(), path)
+    with caplog.at_level(logging.WARNING):
+        t = load_teacher(TeacherConfig(TINY_MODEL_NAME, str(path), (64, 96)), CLASSES, templates=FEW_TEMPLATES)
+    assert t.fingerprint["quick_gelu"] is True
+    assert any("assuming OpenAI-trained" in r.getMessage() for r in caplog.records)
+    _assert_same_teacher(t, source, _images(1))
+    (path.parent / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": {**mc._TINY_MODEL_CONFIG, "quick_gelu": False}}))
+    t2 = load_teacher(TeacherConfig(TINY_MODEL_NAME, str(path), (64, 96)), CLASSES, templates=FEW_TEMPLATES)
+    assert t2.fingerprint["quick_gelu"] is False
+    assert not isinstance(t2.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
 
 
 def test_openai_tag_missing_raises_with_paths(tmp_path, monkeypatch):

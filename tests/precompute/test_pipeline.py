@@ -1,0 +1,153 @@
+"""Stage one end to end on the synthetic sample (tiny random teacher) and on the real keyframes."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip2scene.errors import CacheError, ConfigError, DataError
+from clip2scene.precompute.geometry import project_points
+from clip2scene.precompute.maskclip import TeacherConfig, load_teacher
+from clip2scene.precompute.nuscenes import NuScenes, load_points
+from clip2scene.precompute.pipeline import PrecomputeConfig, images_to_tensor, load_image, run_precompute
+from clip2scene.storage import open_cache
+
+TINY = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(64, 112))
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+
+    return make_sample(tmp_path_factory.mktemp("s") / "root", SampleConfig(scenes=2, keyframes=2, sweeps=2))
+
+
+@pytest.fixture(scope="module")
+def cache_path(sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c") / "cache.zarr"
+    run_precompute(PrecomputeConfig(dataroot=sample, out=out, version="v1.0-mini", sweeps=3, teacher=TINY), progress=False)
+    return out
+
+
+def test_cache_contents_match_dataset(sample, cache_path):
+    ds = NuScenes(sample, "v1.0-mini")
+    kfs = ds.keyframes(sweeps=3)
+    cache = open_cache(cache_path)
+    assert cache.num_scans == len(kfs) == 4
+    assert cache.meta["sweeps"] == 3 and cache.meta["teacher"]["weights_sha256"] == "random"
+    assert sorted(cache.split.tolist()) == ["train", "train", "val", "val"]
+    text = torch.from_numpy(cache.text_embeddings)
+    for i, kf in enumerate(kfs):
+        scan = cache.read_scan(i, features=True)
+        assert scan.token == kf.sample_token
+        key = load_points(kf.lidar.path)
+        n_key = len(key)
+        np.testing.assert_array_equal(scan.xyzi[:n_key], key[:, :4])  # keyframe points unchanged
+        n_sweeps = sum(len(load_points(s.path)) for s in kf.sweeps)
+        assert len(scan.xyzi) == n_key + n_sweeps
+        assert np.bincount(scan.sweep).tolist()[0] == n_key and scan.sweep.max() == 2
+        np.testing.assert_array_equal(scan.label[:n_key], ds.load_labels(kf, n_key))
+        assert not scan.label[n_key:].any()
+        # every pair is a point visible in its camera, at the devkit pixel
+        assert np.all(np.diff(scan.pair_point) > 0)
+        for c, cam in enumerate(kf.cameras):
+            rows = scan.pair_camera == c
+            uv, _, vis = project_points(scan.xyzi[:, :3], kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
+                                        cam.intrinsic, cam.width, cam.height)
+            assert vis[scan.pair_point[rows]].all()
+            np.testing.assert_allclose(scan.pair_uv[rows], uv[scan.pair_point[rows]], atol=1e-3)
+        # a point with no pair is visible in no camera
+        unpaired = np.setdiff1d(np.arange(len(scan.xyzi)), scan.pair_point)
+        for cam in kf.cameras:
+            _, _, vis = project_points(scan.xyzi[unpaired, :3], kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
+                                       cam.intrinsic, cam.width, cam.height)
+            assert not vis.any()
+        feats = torch.from_numpy(scan.pair_features.astype(np.float32))
+        np.testing.assert_allclose(feats.norm(dim=1), 1.0, atol=2e-3)
+        np.testing.assert_allclose(scan.pair_logits.astype(np.float32), (feats @ text.T).numpy(), atol=4e-3)
+
+
+def test_features_are_teacher_output_at_the_pixel(sample, cache_path):
+    """Recompute the dense map of one camera and sample it by hand at a few cached points."""
+    ds = NuScenes(sample, "v1.0-mini")
+    kf = ds.keyframes(sweeps=3)[1]
+    cache = open_cache(cache_path)
+    scan = cache.read_scan(1, features=True)
+    teacher = load_teacher(TINY, cache.class_names)
+    c = int(np.bincount(scan.pair_camera).argmax())
+    cam = kf.cameras[c]
+    dense = teacher.dense_features(images_to_tensor([load_image(cam.path, cam.width, cam.height)], (64, 112)))[0]
+    d, h, w = dense.shape
+    rows = np.flatnonzero(scan.pair_camera == c)[::97][:20]
+    for r in rows:
+        u, v = scan.pair_uv[r]
+        # continuous patch-grid coordinate of the pixel centre, then bilinear by hand (border clamp)
+        x = (u + 0.5) / cam.width * w - 0.5
+        y = (v + 0.5) / cam.height * h - 0.5
+        x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
+        x0, y0 = int(np.floor(x)), int(np.floor(y))
+        x1, y1 = min(x0 + 1, w - 1), min(y0 + 1, h - 1)
+        ax, ay = x - x0, y - y0
+        f = ((1 - ax) * (1 - ay) * dense[:, y0, x0] + ax * (1 - ay) * dense[:, y0, x1]
+             + (1 - ax) * ay * dense[:, y1, x0] + ax * ay * dense[:, y1, x1])
+        f = F.normalize(f, dim=0).numpy()
+        np.testing.assert_allclose(scan.pair_features[r].astype(np.float32), f, atol=3e-3)
+
+
+def test_one_camera_per_point_farthest_from_border(sample, cache_path):
+    ds = NuScenes(sample, "v1.0-mini")
+    kf = ds.keyframes(sweeps=3)[0]
+    scan = open_cache(cache_path).read_scan(0)
+    margins = []
+    for cam in kf.cameras:
+        uv, _, vis = project_points(scan.xyzi[:, :3], kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
+                                    cam.intrinsic, cam.width, cam.height)
+        m = np.minimum.reduce([uv[:, 0] - 1, cam.width - 1 - uv[:, 0], uv[:, 1] - 1, cam.height - 1 - uv[:, 1]])
+        margins.append(np.where(vis, m, -np.inf))
+    margins = np.stack(margins, 1)[scan.pair_point]
+    assert ((margins > -np.inf).sum(1) > 1).any(), "sample should have points seen by two cameras"
+    np.testing.assert_array_equal(scan.pair_camera, margins.argmax(1))
+
+
+def test_bad_input_leaves_no_complete_cache(sample, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(sample, root)
+    kf = NuScenes(root, "v1.0-mini").keyframes()[1]
+    kf.cameras[3].path.unlink()
+    out = tmp_path / "c.zarr"
+    with pytest.raises(DataError, match="camera image not found: .*CAM_BACK"):
+        run_precompute(PrecomputeConfig(dataroot=root, out=out, version="v1.0-mini", teacher=TINY), progress=False)
+    with pytest.raises(CacheError, match="failed"):
+        open_cache(out)
+    kf.cameras[3].path.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(DataError, match="cannot decode image"):
+        run_precompute(PrecomputeConfig(dataroot=root, out=out, version="v1.0-mini", teacher=TINY, overwrite=True),
+                       progress=False)
+    with pytest.raises(CacheError, match="already exists"):
+        run_precompute(PrecomputeConfig(dataroot=root, out=out, version="v1.0-mini", teacher=TINY), progress=False)
+    with pytest.raises(ConfigError, match="unknown dataset 'kitti'"):
+        run_precompute(PrecomputeConfig(dataroot=root, out=tmp_path / "x", dataset="kitti", teacher=TINY))
+    with pytest.raises(ConfigError, match="unknown class set 'coco'"):
+        run_precompute(PrecomputeConfig(dataroot=root, out=tmp_path / "x", class_set="coco", teacher=TINY))
+    with pytest.raises(ConfigError, match="image-size"):
+        run_precompute(PrecomputeConfig(dataroot=sample, out=tmp_path / "y", version="v1.0-mini",
+                                        teacher=TeacherConfig(model="clip2scene-tiny", weights="none",
+                                                              image_size=(65, 64))), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_real_keyframes_precompute(real_root, tmp_path):
+    out = tmp_path / "real.zarr"
+    meta = run_precompute(PrecomputeConfig(dataroot=real_root, out=out, version="v1.0-mini", teacher=TINY,
+                                           limit=3), progress=False)
+    cache = open_cache(out)
+    info = cache.info()
+    assert meta["num_scans"] == 3 and info["splits"] == {"val": 3}
+    ds = NuScenes(real_root, "v1.0-mini")
+    n = sum(len(load_points(k.lidar.path)) for k in ds.keyframes()[:3])
+    assert cache.meta["num_points"] == n
+    assert 0.2 * n < cache.meta["num_pairs"] < n
+    scan = cache.read_scan(0)
+    assert scan.label.max() > 0 and (scan.pair_uv[:, 0] < 1599).all() and (scan.pair_uv[:, 1] < 899).all()

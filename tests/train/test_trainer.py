@@ -1,0 +1,100 @@
+"""Training and evaluation from a cache built through the storage API (no teacher involved)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clip2scene.errors import CacheError, ConfigError
+from clip2scene.storage import CacheWriter, ScanRecord
+from clip2scene.train.checkpoint import load_checkpoint
+from clip2scene.train.evaluate import EvalConfig, evaluate
+from clip2scene.train.model import ModelConfig
+from clip2scene.train.trainer import TrainConfig, train
+
+C, D = 3, 16
+TINY = ModelConfig(channels=(8, 8, 16, 16, 32, 32, 16, 8, 8), blocks_per_stage=1)
+
+
+def teacher_meta(sha="random"):
+    names = ["road", "car", "tree"]
+    return dict(dataset=dict(name="nuscenes", version="v1.0-mini", dataroot="/x", split=None),
+                teacher=dict(model="tiny", weights="none", weights_sha256=sha, image_size=[64, 112],
+                             class_names=names, templates_sha256="t" * 64, embed_dim=D, patch_size=16),
+                class_names=names, class_set="test", sweeps=1, cameras=["CAM_FRONT"])
+
+
+def make_scan(rng, i, split):
+    """Three classes in three x-bands; intensity tells them apart; logits = one-hot true labels."""
+    n = 3000
+    xyz = rng.uniform([0, 0, 0], [9, 6, 2], size=(n, 3)).astype(np.float32)
+    cls = np.minimum((xyz[:, 0] // 3).astype(np.int64), 2)
+    inten = (cls * 80 + rng.uniform(0, 30, n)).astype(np.float32)
+    vis = np.sort(rng.choice(n, n // 2, replace=False)).astype(np.int32)
+    logits = np.eye(C, dtype=np.float16)[cls[vis]]
+    return ScanRecord(token=f"t{i}", scene=f"scene-{i}", split=split, timestamp=i, lidar_path=f"x{i}",
+                      xyzi=np.concatenate([xyz, inten[:, None]], 1), sweep=np.zeros(n, np.uint8),
+                      label=(cls + 1).astype(np.uint8), pair_point=vis, pair_camera=np.zeros(len(vis), np.uint8),
+                      pair_uv=np.zeros((len(vis), 2), np.float32), pair_logits=logits,
+                      pair_features=np.zeros((len(vis), D), np.float16))
+
+
+def write_cache(path, sha="random", splits=("train", "train", "train", "val")):
+    rng = np.random.default_rng(0)
+    text = np.linalg.qr(rng.normal(size=(D, D)))[0][:C].astype(np.float32)
+    with CacheWriter(path, teacher_meta(sha), C, D, has_labels=True) as w:
+        for i, s in enumerate(splits):
+            w.append(make_scan(rng, i, s))
+        w.set_text_embeddings(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_cache(tmp_path_factory.mktemp("c") / "c.zarr")
+
+
+def test_train_learns_and_evaluates(cache, tmp_path):
+    cfg = TrainConfig(cache=str(cache), out=str(tmp_path / "run"), epochs=12, batch_size=2, lr=0.05, model=TINY)
+    summary = train(cfg, progress=False)
+    assert summary["steps"] == 24 and summary["parameters"] > 0
+    assert summary["epoch_losses"][-1] < 0.8 * summary["epoch_losses"][0]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 24 and {"step", "loss", "lr", "scans_per_s"} <= set(json.loads(lines[0]))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["epoch"] == 12 and ckpt["teacher"]["weights_sha256"] == "random"
+    assert ckpt["model_config"]["out_channels"] == D and ckpt["class_names"] == ["road", "car", "tree"]
+    result = evaluate(EvalConfig(checkpoint=str(tmp_path / "run" / "checkpoint.pt"), cache=str(cache)), progress=False)
+    assert result["scans"] == 1 and result["points"] == 3000
+    assert result["teacher_miou_visible"] == pytest.approx(1.0)
+    assert result["miou"] > 0.6, result["per_class_iou"]
+    saved = json.loads((tmp_path / "run" / "eval_val.json").read_text())
+    assert saved["miou"] == pytest.approx(result["miou"]) and len(saved["confusion_matrix"]) == C + 1
+
+
+def test_resume_continues_and_refuses_other_teacher(cache, tmp_path):
+    base = dict(cache=str(cache), batch_size=2, lr=0.05, model=TINY)
+    train(TrainConfig(out=str(tmp_path / "a"), epochs=1, **base), progress=False)
+    s = train(TrainConfig(out=str(tmp_path / "b"), epochs=2, resume=str(tmp_path / "a" / "checkpoint.pt"), **base),
+              progress=False)
+    assert s["steps"] == 4 and len(s["epoch_losses"]) == 1
+    other = write_cache(tmp_path / "other.zarr", sha="ab" * 32)
+    with pytest.raises(CacheError, match="'weights_sha256' differs"):
+        train(TrainConfig(out=str(tmp_path / "c"), epochs=2, resume=str(tmp_path / "a" / "checkpoint.pt"),
+                          **{**base, "cache": str(other)}), progress=False)
+    with pytest.raises(CacheError, match="'weights_sha256' differs"):
+        evaluate(EvalConfig(checkpoint=str(tmp_path / "a" / "checkpoint.pt"), cache=str(other)), progress=False)
+
+
+def test_bad_training_input(cache, tmp_path):
+    with pytest.raises(ConfigError, match="no scans in split 'test'"):
+        train(TrainConfig(cache=str(cache), out=str(tmp_path / "r"), split="test", model=TINY), progress=False)
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        if torch.cuda.is_available():
+            pytest.skip("machine has CUDA")
+        train(TrainConfig(cache=str(cache), out=str(tmp_path / "r"), device="cuda", model=TINY), progress=False)
+    with pytest.raises(ConfigError, match="checkpoint not found"):
+        evaluate(EvalConfig(checkpoint=str(tmp_path / "none.pt"), cache=str(cache)), progress=False)
+    with pytest.raises(CacheError, match="cache not found"):
+        train(TrainConfig(cache=str(tmp_path / "missing.zarr"), out=str(tmp_path / "r"), model=TINY), progress=False)
