@@ -21,13 +21,10 @@ nuScenes' quaternion convention [w, x, y, z].
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 GroundFn = Callable[[np.ndarray], np.ndarray]  # (n, 2) float64 global xy -> (n,) uint8 class index
 

@@ -141,7 +141,7 @@ class Cache:
                 dict(
                     name=spec.name,
                     shape=list(arr.shape),
-                    dtype=str(arr.dtype),
+                    dtype=spec.dtype,
                     chunks=list(arr.chunks),
                     shards=list(arr.shards) if arr.shards else None,
                     stored_bytes=int(arr.nbytes_stored()),

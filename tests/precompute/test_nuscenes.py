@@ -9,6 +9,7 @@ import pytest
 from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.errors import DataError
 from clip2scene.precompute.nuscenes import CAMERAS, NuScenes, load_points
+from tests.nuscenes_reference import CATEGORY_NAMES
 from clip2scene.precompute.splits import MINI_TRAIN, MINI_VAL, TRAIN, VAL, scene_split
 
 
@@ -50,17 +51,8 @@ def test_label_map_follows_category_index():
     fine_to_coarse = {2: 7, 3: 7, 4: 7, 6: 7, 9: 1, 12: 8, 14: 2, 15: 3, 16: 3, 17: 4, 18: 5, 21: 6, 22: 9,
                       23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 30: 16}
 
-    names = ["noise", "animal", "human.pedestrian.adult", "human.pedestrian.child",
-             "human.pedestrian.construction_worker", "human.pedestrian.personal_mobility",
-             "human.pedestrian.police_officer", "human.pedestrian.stroller", "human.pedestrian.wheelchair",
-             "movable_object.barrier", "movable_object.debris", "movable_object.pushable_pullable",
-             "movable_object.trafficcone", "static_object.bicycle_rack", "vehicle.bicycle", "vehicle.bus.bendy",
-             "vehicle.bus.rigid", "vehicle.car", "vehicle.construction", "vehicle.emergency.ambulance",
-             "vehicle.emergency.police", "vehicle.motorcycle", "vehicle.trailer", "vehicle.truck",
-             "flat.driveable_surface", "flat.other", "flat.sidewalk", "flat.terrain", "static.manmade",
-             "static.other", "static.vegetation", "vehicle.ego"]
     ds = NuScenes.__new__(NuScenes)
-    ds.categories = [{"name": n, "index": i} for i, n in enumerate(names)]
+    ds.categories = [{"name": n, "index": i} for i, n in enumerate(CATEGORY_NAMES)]
     lut = ds._build_label_map(None)
     for i in range(32):
         assert lut[i] == fine_to_coarse.get(i, 0), i

@@ -17,23 +17,13 @@ import pytest
 from PIL import Image
 
 from clip2scene.precompute import splits
+from tests.nuscenes_reference import CATEGORY_NAMES
 from clip2scene.precompute.synthetic import CLASS_COLOURS, SampleConfig, make_sample, scene_names
 
 TABLES = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "lidarseg", "log",
           "map", "sample", "sample_annotation", "sample_data", "scene", "sensor", "visibility")
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
-CATEGORY_NAMES = (
-    "noise", "animal", "human.pedestrian.adult", "human.pedestrian.child",
-    "human.pedestrian.construction_worker", "human.pedestrian.personal_mobility",
-    "human.pedestrian.police_officer", "human.pedestrian.stroller", "human.pedestrian.wheelchair",
-    "movable_object.barrier", "movable_object.debris", "movable_object.pushable_pullable",
-    "movable_object.trafficcone", "static_object.bicycle_rack", "vehicle.bicycle", "vehicle.bus.bendy",
-    "vehicle.bus.rigid", "vehicle.car", "vehicle.construction", "vehicle.emergency.ambulance",
-    "vehicle.emergency.police", "vehicle.motorcycle", "vehicle.trailer", "vehicle.truck",
-    "flat.driveable_surface", "flat.other", "flat.sidewalk", "flat.terrain", "static.manmade",
-    "static.other", "static.vegetation", "vehicle.ego",
-)
 # field -> type (or tuple of types); "token" fields are also checked to be 32 hex chars
 SCHEMA = {
     "attribute": {"token": str, "name": str, "description": str},

@@ -20,7 +20,7 @@ TINY = ModelConfig(channels=(8, 8, 16, 16, 32, 32, 16, 8, 8), blocks_per_stage=1
 def teacher_meta(sha="random"):
     names = ["road", "car", "tree"]
     return dict(dataset=dict(name="nuscenes", version="v1.0-mini", dataroot="/x", split=None),
-                teacher=dict(model="tiny", weights="none", weights_sha256=sha, image_size=[64, 112],
+                teacher=dict(model="tiny", weights="none", weights_sha256=sha, quick_gelu=False, image_size=[64, 112],
                              class_names=names, templates_sha256="t" * 64, embed_dim=D, patch_size=16),
                 class_names=names, class_set="test", sweeps=1, cameras=["CAM_FRONT"])
 
