@@ -158,7 +158,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
             loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen,
                                 collate_fn=collate, num_workers=config.workers,
-                                persistent_workers=False, pin_memory=device.type == "cuda")
+                                multiprocessing_context="spawn" if config.workers > 0 else None,
+                                pin_memory=device.type == "cuda")
             model.train()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress)
             epoch_losses = []

@@ -98,3 +98,11 @@ def test_bad_training_input(cache, tmp_path):
         evaluate(EvalConfig(checkpoint=str(tmp_path / "none.pt"), cache=str(cache)), progress=False)
     with pytest.raises(CacheError, match="cache not found"):
         train(TrainConfig(cache=str(tmp_path / "missing.zarr"), out=str(tmp_path / "r"), model=TINY), progress=False)
+
+
+def test_loader_workers_are_spawned_and_read_the_cache(cache, tmp_path):
+    """workers > 0 uses spawned processes that reopen the Zarr cache themselves."""
+    base = dict(cache=str(cache), batch_size=2, lr=0.05, model=TINY, epochs=1, augment=False, precise_bn_batches=0)
+    a = train(TrainConfig(out=str(tmp_path / "w0"), **base), progress=False)
+    b = train(TrainConfig(out=str(tmp_path / "w1"), workers=1, **base), progress=False)
+    assert a["epoch_losses"] == pytest.approx(b["epoch_losses"], rel=1e-5)
