@@ -96,10 +96,15 @@ def make_sample_cmd(
 
 
 # ---------------------------------------------------------------------------------- precompute
-def _teacher_config(clip_model: str, clip_weights: str, image_size: str):
+def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smoothing: bool = False,
+                    prompt_denoising: bool = False, denoise_threshold: float = 0.5):
     from clip2scene.precompute.maskclip import TeacherConfig
 
-    return TeacherConfig(model=clip_model, weights=clip_weights, image_size=_parse_size(image_size))
+    if not 0.0 <= denoise_threshold <= 1.0:
+        _fail(f"--denoise-threshold {denoise_threshold}: must lie in [0, 1]")
+    return TeacherConfig(model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
+                         key_smoothing=key_smoothing, prompt_denoising=prompt_denoising,
+                         denoise_threshold=denoise_threshold)
 
 
 def _print_precompute(meta: dict) -> None:
@@ -119,11 +124,14 @@ def precompute(
     dataset: str = typer.Option("nuscenes", help="Dataset format."),
     version: str = typer.Option("v1.0-trainval", help="nuScenes version folder (v1.0-mini, v1.0-trainval)."),
     split: Optional[str] = typer.Option(None, help="Only this split (train/val); default all."),
-    sweeps: int = typer.Option(1, help="Lidar frames per scan: keyframe + K-1 previous sweeps (1..10)."),
-    class_set: str = typer.Option("nuscenes", help="Prompt class set."),
+    sweeps: int = typer.Option(3, help="Lidar frames per scan: keyframe + K-1 previous sweeps (1..10)."),
+    class_set: str = typer.Option("nuscenes", help="Prompt class set: nuscenes, semantickitti, cityscapes, scannet, all."),
     clip_model: str = typer.Option("ViT-B-16", help="open_clip model name."),
     clip_weights: str = typer.Option("openai", help="open_clip tag, checkpoint file, local-dir:DIR, or none (random)."),
     image_size: str = typer.Option("224x416", help="Teacher input size HxW."),
+    key_smoothing: bool = typer.Option(False, help="MaskCLIP key smoothing of the class scores."),
+    prompt_denoising: bool = typer.Option(False, help="MaskCLIP prompt denoising (drop classes absent from an image)."),
+    denoise_threshold: float = typer.Option(0.5, help="Prompt-denoising threshold on a class's max probability."),
     device: str = typer.Option("cpu", help="Teacher device (cpu, cuda)."),
     overwrite: bool = typer.Option(False, help="Replace an existing cache."),
     limit: Optional[int] = typer.Option(None, help="Only the first N keyframes."),
@@ -133,7 +141,8 @@ def precompute(
 
     cfg = PrecomputeConfig(dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
                            sweeps=sweeps, class_set=class_set,
-                           teacher=_teacher_config(clip_model, clip_weights, image_size),
+                           teacher=_teacher_config(clip_model, clip_weights, image_size, key_smoothing,
+                                                   prompt_denoising, denoise_threshold),
                            device=device, overwrite=overwrite, limit=limit)
     meta = _run(run_precompute, cfg)
     meta["path"] = str(out)
@@ -141,56 +150,105 @@ def precompute(
 
 
 # ---------------------------------------------------------------------------------- train
-def _train_config(cache, out, split, epochs, batch_size, lr, tau, voxel_size, device, workers, seed,
-                  channels, resume, augment, precise_bn_batches=16):
+def _train_config(cache, out, *, arch="spvcnn", channels=None, **fields):
+    """TrainConfig from CLI values; `fields` are TrainConfig fields by name."""
     from clip2scene.train.model import ModelConfig
     from clip2scene.train.trainer import TrainConfig
 
-    model = ModelConfig()
-    chans = _parse_channels(channels)
-    if chans is not None:
-        try:
+    try:
+        model = ModelConfig(arch=arch)
+        chans = _parse_channels(channels)
+        if chans is not None:
             model = replace(model, channels=chans)
-        except ValueError as e:
-            _fail(f"--channels {channels!r}: {e}")
-    return TrainConfig(cache=str(cache), out=str(out), split=split, epochs=epochs, batch_size=batch_size,
-                       lr=lr, tau=tau, voxel_size=voxel_size, device=device, workers=workers, seed=seed,
-                       resume=str(resume) if resume else None, augment=augment, model=model,
-                       precise_bn_batches=precise_bn_batches)
+    except ValueError as e:
+        _fail(f"--arch {arch!r} / --channels {channels!r}: {e}")
+    if fields.get("resume") is not None:
+        fields["resume"] = str(fields["resume"])
+    return TrainConfig(cache=str(cache), out=str(out), model=model, **fields)
 
 
 def _print_train(s: dict) -> None:
     typer.echo(f"run: {s['run']}  ({s['arch']}, {s['parameters'] / 1e6:.2f}M parameters, {s['device']})")
     typer.echo(f"  {s['train_scans']} scans x {s['epochs']} epochs = {s['steps']} steps in {s['seconds']:.1f} s "
                f"({s['scans_per_second']:.2f} scans/s)")
-    typer.echo("  mean SCR loss per epoch: " + " ".join(f"{v:.4f}" for v in s["epoch_losses"]))
+    typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in s["epoch_losses"]))
     typer.echo(f"  checkpoint: {s['checkpoint']}")
 
 
-@app.command()
-def train(
-    cache: Path = typer.Option(..., help="Cache written by precompute."),
-    out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, config.json)."),
+def _training_options(
     split: str = typer.Option("train", help="Cached split to train on."),
     epochs: int = typer.Option(20, help="Epochs."),
     batch_size: int = typer.Option(4, help="Scans per step."),
-    lr: float = typer.Option(0.1, help="SGD learning rate (cosine schedule)."),
+    lr: float = typer.Option(0.1, help="SGD learning rate (momentum 0.9, weight decay 1e-4, cosine schedule)."),
     tau: float = typer.Option(0.5, help="SCR temperature."),
     voxel_size: float = typer.Option(0.1, help="Voxel size in metres."),
+    arch: str = typer.Option("spvcnn", help="Student: spvcnn (paper) or minkunet."),
+    channels: Optional[str] = typer.Option(None, help="9 comma-separated widths (default 32,32,64,128,256,256,128,96,96)."),
+    sweeps: Optional[int] = typer.Option(None, help="Use the first K cached lidar frames per scan (default all)."),
+    scr_weight: float = typer.Option(1.0, help="SCR loss weight (0 = off)."),
+    ssr_weight: float = typer.Option(1.0, help="SSR loss weight (0 = off)."),
+    kl_weight: float = typer.Option(0.0, help="KL loss weight (the paper's failing ablation)."),
+    ssr_lambda: float = typer.Option(1.0, help="SSR attention temperature lambda."),
+    ssr_grid: float = typer.Option(0.1, help="SSR grid cell in metres."),
+    self_training: str = typer.Option("point", help="S3 switch: point (paper), batch (released code) or off."),
+    switch_epoch: Optional[int] = typer.Option(None, help="First epoch (0-based) of S3 switching (default epochs // 2)."),
+    switch_prob: float = typer.Option(0.5, help="S3 probability of the network's own prediction."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    workers: int = typer.Option(0, help="DataLoader workers."),
+    workers: int = typer.Option(0, help="DataLoader workers (spawned processes)."),
     seed: int = typer.Option(0, help="Random seed."),
-    channels: Optional[str] = typer.Option(None, help="9 comma-separated MinkUNet widths."),
-    resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from."),
     augment: bool = typer.Option(True, help="Random z-rotation and flips."),
     precise_bn_batches: int = typer.Option(16, help="Re-estimate BatchNorm statistics on N batches at the end (0 = off)."),
+):
+    """Typer options shared by train and ablate (collected by _with_training_options)."""
+
+
+def _with_training_options(fn):
+    """Give `fn` the options of _training_options (typer reads the signature)."""
+    import inspect
+
+    extra = list(inspect.signature(_training_options, eval_str=True).parameters.values())
+    sig = inspect.signature(fn, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    fn.__signature__ = sig.replace(parameters=params + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in extra])
+    return fn
+
+
+@app.command()
+@_with_training_options
+def train(
+    cache: Path = typer.Option(..., help="Cache written by precompute."),
+    out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, config.json)."),
+    resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from."),
+    **options,
 ) -> None:
-    """Stage two: train the sparse 3D student from the cache alone."""
+    """Stage two: train the sparse 3D student from the cache alone (SCR + SSR + S3 by default)."""
     from clip2scene.train.trainer import train as run_train
 
-    cfg = _train_config(cache, out, split, epochs, batch_size, lr, tau, voxel_size, device, workers, seed,
-                        channels, resume, augment, precise_bn_batches)
-    _print_train(_run(run_train, cfg))
+    _print_train(_run(run_train, _train_config(cache, out, resume=resume, **options)))
+
+
+@app.command()
+@_with_training_options
+def ablate(
+    cache: Path = typer.Option(..., help="Cache to ablate on (its sweeps bound the sweep rows)."),
+    out: Path = typer.Option(Path("runs/ablate"), help="Folder for one run per row plus ablation.md/json."),
+    prompt_cache: list[str] = typer.Option([], help="NAME=PATH: a cache of the same data precomputed with "
+                                                    "--class-set NAME, for the prompt-set rows (repeatable)."),
+    eval_split: str = typer.Option("val", help="Split to evaluate each row on."),
+    **options,
+) -> None:
+    """Run the rows of the paper's Table 3 and write one table."""
+    from clip2scene.train.ablate import format_table, run_ablation
+
+    caches = {}
+    for item in prompt_cache:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            _fail(f"--prompt-cache {item!r}: expected NAME=PATH")
+        caches[name] = path
+    results = _run(run_ablation, _train_config(cache, out / "base", **options), out, caches, eval_split)
+    typer.echo(format_table(results))
+    typer.echo(f"table: {out / 'ablation.md'}")
 
 
 # ---------------------------------------------------------------------------------- evaluate
@@ -296,8 +354,8 @@ def demo(
     info = open_cache(cfg.out).info()
     typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per visible point)")
     typer.echo(f"[3/4] train: MinkUNet (spconv) from the cache, {epochs} epochs")
-    tcfg = _train_config(cfg.out, workdir / "run", "train", epochs, 2, 0.05, 0.5, 0.1, "cpu", 0, 0,
-                         "16,16,32,64,128,128,64,48,48", None, True)
+    tcfg = _train_config(cfg.out, workdir / "run", epochs=epochs, batch_size=2, lr=0.05,
+                         channels="16,16,32,64,128,128,64,48,48")
     _print_train(_run(run_train, tcfg))
     typer.echo("[4/4] evaluate: annotation-free mIoU on the val scene (devkit protocol)")
     result = _run(run_eval, EvalConfig(checkpoint=str(workdir / "run" / "checkpoint.pt"), cache=str(cfg.out), split="val"))

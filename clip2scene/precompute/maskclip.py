@@ -17,7 +17,13 @@ Usage::
     images = F.interpolate(rgb01, size=cfg.image_size, mode="bilinear")   # caller resizes
     feats = teacher.dense_features(images)             # (B, 512, 14, 26), unit norm along dim 1
     logits = teacher.logits(feats.movedim(1, -1))      # (B, 14, 26, 16) cosine similarities
+    feats, logits = teacher.dense_outputs(images)      # (B, 512, 14, 26), (B, 16, 14, 26), with the
+                                                       # optional MaskCLIP refinements applied
     teacher.fingerprint                                # what to store next to cached outputs
+
+Optional MaskCLIP refinements of the logits (`TeacherConfig.key_smoothing`,
+`TeacherConfig.prompt_denoising`; off by default as in the MaskCLIP and CLIP2Scene releases) are
+implemented by `refine_scores` and applied by `MaskCLIP.dense_outputs` on the patch grid.
 
 Weights never come from the network. ``TeacherConfig.weights`` is one of
 
@@ -62,6 +68,8 @@ from clip2scene.precompute.prompts import TEMPLATES, prompt_name, templates_sha2
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "DENOISED_SCORE",
+    "REFINE_LOGIT_SCALE",
     "TINY_MODEL_NAME",
     "MaskCLIP",
     "TeacherConfig",
@@ -69,6 +77,7 @@ __all__ = [
     "encode_text",
     "file_sha256",
     "load_teacher",
+    "refine_scores",
     "register_tiny_model",
     "resize_positional_embedding",
 ]
@@ -77,6 +86,14 @@ logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# CLIP's logit scale (exp of OpenAI CLIP's learned temperature, 100): MaskCLIP's refinements
+# turn cosine scores into class probabilities with softmax(100 * cosine) over the classes.
+REFINE_LOGIT_SCALE = 100.0
+# Score given to classes removed by prompt denoising. The cached logits are float16 cosine-like
+# scores in about [-1.1, 1.1]; -2.0 is exactly representable in float16 and below any of them,
+# so a removed class can never be the argmax (pseudo-label).
+DENOISED_SCORE = -2.0
 
 TINY_MODEL_NAME = "clip2scene-tiny"
 _TINY_MODEL_CONFIG: dict[str, Any] = {
@@ -103,12 +120,31 @@ class TeacherConfig:
         image_size: (H, W) the caller resizes images to before `MaskCLIP.dense_features`; both
             must be multiples of the patch size.
         seed: torch seed for ``weights="none"``.
+        key_smoothing: MaskCLIP key smoothing of the class scores (`MaskCLIP.dense_outputs`;
+            see `refine_scores`). Off by default, as in the MaskCLIP and CLIP2Scene releases.
+        prompt_denoising: MaskCLIP prompt denoising: per image, classes whose highest
+            probability over all patches is below ``denoise_threshold`` are removed (their
+            scores set to `DENOISED_SCORE`). Off by default.
+        denoise_threshold: prompt-denoising threshold on the per-class maximum probability
+            (softmax over classes of ``100 * cosine``), in [0, 1]; MaskCLIP's ``pd_thresh``
+            (0.5 in the MaskCLIP paper and the CLIP2Scene release).
+        smoothing_threshold: key smoothing replaces a patch's scores only where its highest
+            class probability is below this value (MaskCLIP's ``ks_thresh``; 1.0 in the
+            CLIP2Scene release = every patch that is not already saturated at probability 1).
+            Must be > 0; a value above 1 smooths every patch.
+
+    The four refinement fields only change the logits of `MaskCLIP.dense_outputs` (never the
+    features) and are recorded in `MaskCLIP.fingerprint`.
     """
 
     model: str = "ViT-B-16"
     weights: str = "openai"
     image_size: tuple[int, int] = (224, 416)
     seed: int = 0
+    key_smoothing: bool = False
+    prompt_denoising: bool = False
+    denoise_threshold: float = 0.5
+    smoothing_threshold: float = 1.0
 
 
 class WeightsNotFoundError(RuntimeError):
@@ -628,6 +664,103 @@ def resize_positional_embedding(
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
+def _check_refinements(denoise_threshold: float, smoothing_threshold: float) -> None:
+    """ValueError for refinement thresholds out of range (they are always validated)."""
+    if not (0.0 <= float(denoise_threshold) <= 1.0):
+        raise ValueError(f"denoise_threshold must be in [0, 1], got {denoise_threshold!r}")
+    if not (float(smoothing_threshold) > 0.0 and float(smoothing_threshold) < float("inf")):
+        raise ValueError(f"smoothing_threshold must be a finite number > 0, got {smoothing_threshold!r}")
+
+
+def refine_scores(
+    scores: torch.Tensor,
+    keys: torch.Tensor | None = None,
+    *,
+    key_smoothing: bool = False,
+    prompt_denoising: bool = False,
+    denoise_threshold: float = 0.5,
+    smoothing_threshold: float = 1.0,
+    logit_scale: float = REFINE_LOGIT_SCALE,
+) -> torch.Tensor:
+    """MaskCLIP's training-free refinements of per-patch class scores (prompt denoising, key smoothing).
+
+    Follows MaskCLIP (Zhou et al., ECCV 2022, sec. 3.2 "key smoothing" / "prompt denoising") and
+    its official head ``MaskClipHead.refine_output`` (github.com/chongzhou96/MaskCLIP, copied
+    unchanged but never called into the CLIP2Scene release, ``model/maskclip_model.py``), in that
+    code's order: denoising is decided on the raw scores, then the kept classes are smoothed.
+    With ``p = softmax(logit_scale * scores)`` over the classes, per image:
+
+    1. Prompt denoising: ``m_c = max over patches of p[c]``; class c is removed when
+       ``m_c < denoise_threshold``, except the class with the largest ``m_c`` (the argmax class of
+       the image's most confident patch), which is always kept. (The official code can remove
+       every class; this guard keeps at least one.) Removed classes get probability 0 below and
+       score `DENOISED_SCORE` in the output.
+    2. Key smoothing: keys ``k_i`` (one per patch, the last block's key projection of its
+       ln_1 input) are L2-normalised; ``A_ij = max(k_i . k_j, 0)`` (cosine affinity, diagonal
+       1) and ``W = A / A.sum(-1)`` (rows sum to 1). Smoothed probabilities ``p'_i = sum_j W_ij
+       p_j`` (over the kept classes), used at patches whose ``max_c p_i[c] < smoothing_threshold``;
+       other patches keep their scores. The smoothed probabilities are returned as cosine-like
+       scores ``s'_i[c] = (log p'_i[c] + logsumexp_c(logit_scale * s_i)) / logit_scale``, i.e.
+       ``softmax(logit_scale * s'_i) == p'_i`` and ``s'_i == s_i`` when ``p'_i == p_i``;
+       ``s'_i[c] >= s_i[c] - log(N) / logit_scale`` (N = patches), so scores stay within about
+       [-1.1, 1.1].
+
+    Differences from the official code, on purpose: it uses raw signed, unnormalised cosine
+    weights (row normalisation is a positive rescale and leaves the argmax unchanged; the clamp at
+    0 only matters for patch pairs with negative key cosine, which it would push apart), it
+    L2-normalises keys along the patch axis (``F.normalize(k)`` on a (B, N, width) tensor) rather
+    than per key, and its keys pass through the attention output projection; here keys are the
+    raw key projection normalised per patch, as the paper's "key similarity" describes. The
+    official code returns probabilities; here scores stay on the cosine scale.
+
+    Args:
+        scores: (B, C, N) cosine scores of N patches (any float dtype).
+        keys: (B, N, K) per-patch keys; required when ``key_smoothing``.
+        key_smoothing, prompt_denoising: which refinements to apply (none: scores returned as
+            float32).
+        denoise_threshold: in [0, 1], see 1.
+        smoothing_threshold: > 0, see 2.
+        logit_scale: softmax temperature inverse (CLIP's 100).
+
+    Returns:
+        (B, C, N) float32 on ``scores``' device. Computed in float64 internally.
+    """
+    _check_refinements(denoise_threshold, smoothing_threshold)
+    if scores.ndim != 3:
+        raise ValueError(f"scores must be (B, C, N), got {tuple(scores.shape)}")
+    if not (key_smoothing or prompt_denoising):
+        return scores.float()
+    b, c, n = scores.shape
+    s = scores.double()
+    z = logit_scale * s
+    removed = torch.zeros(b, c, dtype=torch.bool, device=s.device)
+    if prompt_denoising:
+        class_max = torch.softmax(z, dim=1).amax(dim=2)  # (B, C)
+        removed = class_max < denoise_threshold
+        removed[torch.arange(b, device=s.device), class_max.argmax(dim=1)] = False
+        z = z.masked_fill(removed[:, :, None], float("-inf"))
+    out = s
+    if key_smoothing:
+        if keys is None or keys.ndim != 3 or keys.shape[0] != b or keys.shape[1] != n:
+            got = None if keys is None else tuple(keys.shape)
+            raise ValueError(f"key smoothing needs keys of shape ({b}, {n}, K), got {got}")
+        lse = torch.logsumexp(z, dim=1, keepdim=True)  # (B, 1, N), over the kept classes
+        logp = z - lse  # (B, C, N); -inf for removed classes
+        k = F.normalize(keys.to(device=s.device, dtype=torch.float64), dim=-1)
+        aff = (k @ k.transpose(1, 2)).clamp_min(0.0)  # (B, N, N)
+        aff.diagonal(dim1=1, dim2=2).fill_(1.0)  # cos(k_i, k_i) = 1 (also for a zero key)
+        w = aff / aff.sum(dim=-1, keepdim=True)
+        # p'[c, i] = sum_j w[i, j] p[c, j], shifted per class by max_j log p[c, j] so that nothing
+        # underflows: log p >= -(2 * logit_scale + log C) for cosine scores, far inside float64.
+        shift = logp.amax(dim=2, keepdim=True).masked_fill(removed[:, :, None], 0.0)  # (B, C, 1)
+        smoothed_p = torch.exp(logp - shift) @ w.transpose(1, 2)  # (B, C, N); 0 for removed
+        smoothed = (torch.log(smoothed_p) + shift + lse) / logit_scale
+        smooth_here = logp.exp().amax(dim=1) < smoothing_threshold  # (B, N)
+        out = torch.where(smooth_here[:, None, :], smoothed, s)
+    out = out.masked_fill(removed[:, :, None], DENOISED_SCORE)
+    return out.float()
+
+
 class MaskCLIP(nn.Module):
     """Frozen MaskCLIP teacher: dense ViT features and class text embeddings.
 
@@ -645,7 +778,11 @@ class MaskCLIP(nn.Module):
         fingerprint: JSON-able dict identifying the teacher outputs: ``model``, ``weights`` (as
             given), ``weights_sha256`` (hex or ``"random"``), ``quick_gelu``, ``image_size``
             [H, W], ``class_names``, ``templates_sha256``, ``embed_dim``, ``patch_size`` (int, or
-            [ph, pw] if not square).
+            [ph, pw] if not square), and the logit refinements ``key_smoothing``,
+            ``prompt_denoising`` (bools), ``denoise_threshold``, ``smoothing_threshold`` (floats,
+            recorded as given even when their refinement is off).
+        key_smoothing, prompt_denoising, denoise_threshold, smoothing_threshold: the logit
+            refinements of `dense_outputs` (see `TeacherConfig` and `refine_scores`).
     """
 
     text_embeddings: torch.Tensor
@@ -657,6 +794,11 @@ class MaskCLIP(nn.Module):
         class_names: Sequence[str],
         image_size: tuple[int, int],
         fingerprint: dict[str, Any],
+        *,
+        key_smoothing: bool = False,
+        prompt_denoising: bool = False,
+        denoise_threshold: float = 0.5,
+        smoothing_threshold: float = 1.0,
     ) -> None:
         super().__init__()
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
@@ -679,7 +821,20 @@ class MaskCLIP(nn.Module):
         self.patch_size = tuple(int(p) for p in visual.patch_size)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.class_names = list(class_names)
+        _check_refinements(denoise_threshold, smoothing_threshold)
+        self.key_smoothing = bool(key_smoothing)
+        self.prompt_denoising = bool(prompt_denoising)
+        self.denoise_threshold = float(denoise_threshold)
+        self.smoothing_threshold = float(smoothing_threshold)
         self.fingerprint = dict(fingerprint)
+        self.fingerprint.update(
+            {
+                "key_smoothing": self.key_smoothing,
+                "prompt_denoising": self.prompt_denoising,
+                "denoise_threshold": self.denoise_threshold,
+                "smoothing_threshold": self.smoothing_threshold,
+            }
+        )
         super().train(False)
 
     @classmethod
@@ -693,11 +848,16 @@ class MaskCLIP(nn.Module):
         image_size: tuple[int, int] = (224, 416),
         device: str | torch.device = "cpu",
         fingerprint: dict[str, Any] | None = None,
+        key_smoothing: bool = False,
+        prompt_denoising: bool = False,
+        denoise_threshold: float = 0.5,
+        smoothing_threshold: float = 1.0,
     ) -> MaskCLIP:
         """Wrap an open_clip CLIP model already in memory (moved to ``device``, eval mode).
 
         ``fingerprint`` supplies ``model``/``weights``/``weights_sha256``/``quick_gelu`` (defaults:
-        ``"unknown"``); the shape/prompt fields are filled in here.
+        ``"unknown"``); the shape/prompt fields are filled in here, the refinement fields by
+        ``__init__`` from the refinement arguments (see `TeacherConfig`).
         """
         clip_model = clip_model.to(device).eval()
         text = encode_text(clip_model, tokenizer, class_names, templates, device)
@@ -713,7 +873,11 @@ class MaskCLIP(nn.Module):
                 "patch_size": ps[0] if ps[0] == ps[1] else list(ps),
             }
         )
-        return cls(clip_model.visual, text, class_names, image_size, fp)
+        return cls(
+            clip_model.visual, text, class_names, image_size, fp, key_smoothing=key_smoothing,
+            prompt_denoising=prompt_denoising, denoise_threshold=denoise_threshold,
+            smoothing_threshold=smoothing_threshold,
+        )
 
     # -- module plumbing ------------------------------------------------------------------
     def train(self, mode: bool = True) -> MaskCLIP:
@@ -767,6 +931,42 @@ class MaskCLIP(nn.Module):
             (B, D, H // ph, W // pw) float32 on the teacher's device, L2-normalised along D.
             Computed under ``torch.no_grad`` (an ordinary tensor, not an inference tensor).
         """
+        x, grid = self._last_block_input(images)
+        return self._dense_head(x, grid)
+
+    @torch.no_grad()
+    def dense_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense features and per-patch class logits, with the configured MaskCLIP refinements.
+
+        Args:
+            images: (B, 3, H, W) float RGB in [0, 1], as for `dense_features`.
+
+        Returns:
+            ``(features, logits)``: features (B, D, h, w) float32, L2-normalised along D, equal
+            to ``dense_features(images)``; logits (B, C, h, w) float32 on the teacher's device,
+            class order ``class_names``. Without refinements (the default) logits are the cosines
+            of the features with ``text_embeddings`` (``logits(features)`` per patch). With
+            ``prompt_denoising`` and/or ``key_smoothing`` they are `refine_scores` of those
+            cosines (keys from the last block): still cosine-like scores whose argmax over C is
+            the pseudo-label; removed classes score `DENOISED_SCORE`. Refinements act on the
+            patch grid, so sample or upsample these logits (not the features) to use them.
+        """
+        x, grid = self._last_block_input(images)
+        feats = self._dense_head(x, grid)
+        scores = self.logits(feats.movedim(1, -1)).movedim(-1, 1).contiguous()  # (B, C, h, w)
+        if not (self.key_smoothing or self.prompt_denoising):
+            return feats, scores
+        keys = self._last_block_keys(x) if self.key_smoothing else None  # (B, h*w, width)
+        b, c, h, w = scores.shape
+        refined = refine_scores(
+            scores.reshape(b, c, h * w), keys, key_smoothing=self.key_smoothing,
+            prompt_denoising=self.prompt_denoising, denoise_threshold=self.denoise_threshold,
+            smoothing_threshold=self.smoothing_threshold,
+        )
+        return feats, refined.reshape(b, c, h, w)
+
+    def _last_block_input(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Run the ViT up to the last block: ((B, 1 + h*w, width) batch-first tokens, (h, w))."""
         v = self.visual
         x = self.normalize(images)
         x = v.conv1(x.to(v.conv1.weight.dtype))  # (B, width, h, w)
@@ -788,12 +988,34 @@ class MaskCLIP(nn.Module):
             x = blk(x, attn_mask=None)
         if not transformer.batch_first:
             x = x.transpose(0, 1)  # LND -> NLD
-        x = self._value_only_block(blocks[-1], x)  # (B, 1 + h*w, width)
+        return x, (h, w)
 
+    def _dense_head(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Value-only last block, ln_post, projection: (B, 1 + h*w, width) -> (B, D, h, w) unit norm."""
+        v = self.visual
+        h, w = grid
+        x = self._value_only_block(v.transformer.resblocks[-1], x)  # (B, 1 + h*w, width)
         x = v.ln_post(x[:, 1:])  # patch tokens only
         x = x @ v.proj  # (B, h*w, D)
-        x = x.float().permute(0, 2, 1).reshape(b, -1, h, w)
+        x = x.float().permute(0, 2, 1).reshape(x.shape[0], -1, h, w)
         return F.normalize(x, dim=1)
+
+    def _last_block_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys of the patch tokens in the last block: ``k(ln_1 x)``, (B, h*w, width) float32.
+
+        ``x``: (B, 1 + h*w, width) batch-first input of the last block. The key projection is
+        the middle slice of ``attn.in_proj_weight``/``in_proj_bias`` (or ``k_proj_weight``).
+        """
+        blk = self.visual.transformer.resblocks[-1]
+        attn = blk.attn
+        width = x.shape[-1]
+        y = blk.ln_1(x[:, 1:])
+        if attn.in_proj_weight is not None:
+            w_k = attn.in_proj_weight[width:2 * width]
+        else:  # separate projections (kdim/vdim != embed_dim)
+            w_k = attn.k_proj_weight
+        b_k = attn.in_proj_bias[width:2 * width] if attn.in_proj_bias is not None else None
+        return F.linear(y, w_k, b_k).float()
 
     @staticmethod
     def _value_only_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -849,7 +1071,8 @@ def load_teacher(
 
     Raises:
         WeightsNotFoundError: weights not available locally (message names the expected path).
-        ValueError: unknown model name, empty class list, image_size not a multiple of the patch.
+        ValueError: unknown model name, empty class list, image_size not a multiple of the patch,
+            refinement threshold out of range.
         NotImplementedError: image tower other than open_clip's standard ViT, or a tokenizer
             that would need the Hugging Face hub.
     """
@@ -857,6 +1080,7 @@ def load_teacher(
         raise ValueError("class_names is empty")
     if len(config.image_size) != 2:
         raise ValueError(f"image_size must be (H, W), got {config.image_size!r}")
+    _check_refinements(config.denoise_threshold, config.smoothing_threshold)
     clip_model, tokenizer, info = _build_clip(config)
     ps = tuple(int(p) for p in clip_model.visual.patch_size)
     h, w = (int(s) for s in config.image_size)
@@ -866,11 +1090,17 @@ def load_teacher(
                    "quick_gelu": info["quick_gelu"]}
     teacher = MaskCLIP.from_clip(
         clip_model, tokenizer, class_names, templates=templates, image_size=(h, w), device=device,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, key_smoothing=config.key_smoothing, prompt_denoising=config.prompt_denoising,
+        denoise_threshold=config.denoise_threshold, smoothing_threshold=config.smoothing_threshold,
     )
     logger.info(
         "MaskCLIP teacher ready: %s (%s), %d classes x %d templates, image %dx%d -> grid %dx%d, D=%d, on %s",
         info["model"], config.weights, len(class_names), len(templates), h, w, *teacher.grid_size,
         teacher.embed_dim, teacher.device,
     )
+    if config.key_smoothing or config.prompt_denoising:
+        logger.info(
+            "MaskCLIP logit refinements: key_smoothing=%s (threshold %g), prompt_denoising=%s (threshold %g)",
+            config.key_smoothing, config.smoothing_threshold, config.prompt_denoising, config.denoise_threshold,
+        )
     return teacher

@@ -2,10 +2,11 @@
 
 For every keyframe: read the lidar scan (+ K-1 previous sweeps moved into the keyframe's lidar
 frame through both ego poses), decode the six camera images, run MaskCLIP on all six as one
-batch, project every point into every camera with the devkit chain, keep for each visible point
-the camera where it lies farthest from the image border (deterministic; ties -> lower camera
-index), sample the teacher's dense features there bilinearly, and store features and cosine
-logits per visible point.
+batch, project every point (keyframe and sweep points alike, in the keyframe frame) into the
+keyframe's cameras with the devkit chain, keep for each visible point the camera where it lies
+farthest from the image border (deterministic; ties -> lower camera index), sample the teacher's
+dense features and class logits there bilinearly, and store them per visible point. Sweep points
+use the keyframe's images (see docs/architecture.md for why and what it costs on moving objects).
 
     from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
     meta = run_precompute(PrecomputeConfig(dataroot="data/nuscenes", version="v1.0-mini", out="cache.zarr"))
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from clip2scene.classes import get_class_set
+from clip2scene.classes import get_class_set, get_eval_classes, prompt_to_eval
 from clip2scene.errors import ConfigError, DataError
 from clip2scene.precompute.geometry import project_points, sensor_to_sensor
 from clip2scene.precompute.maskclip import MaskCLIP, TeacherConfig, load_teacher
@@ -45,7 +46,7 @@ class PrecomputeConfig:
     dataset: str = "nuscenes"  # dataset format; only nuscenes for now
     version: str = "v1.0-trainval"  # nuScenes version folder under dataroot
     split: str | None = None  # cache only this split's scenes (train/val/...), None = all
-    sweeps: int = 1  # K lidar frames per scan: the keyframe + K-1 previous sweeps
+    sweeps: int = 3  # K lidar frames per scan: the keyframe + K-1 previous sweeps (paper: 3)
     class_set: str = "nuscenes"  # prompt class names (clip2scene.classes)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # MaskCLIP model and weights
     device: str = "cpu"  # torch device for the teacher
@@ -115,13 +116,13 @@ def assign_cameras(xyz: np.ndarray, kf: Keyframe) -> tuple[np.ndarray, np.ndarra
     return idx, best_cam[idx], best_uv[idx].astype(np.float32)
 
 
-def sample_features(dense: torch.Tensor, cams: np.ndarray, uv: np.ndarray, sizes: list[tuple[int, int]]) -> torch.Tensor:
-    """Bilinearly sample dense teacher features at sub-pixel point positions.
+def sample_maps(dense: torch.Tensor, cams: np.ndarray, uv: np.ndarray, sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """Bilinearly sample dense teacher maps at sub-pixel point positions.
 
-    dense: (B, D, h, w) patch-grid features of the B cameras; cams: (m,) camera per point;
-    uv: (m, 2) pixel coords in the original image whose size per camera is sizes[c] = (W, H).
-    Pixel centres sit at integer coordinates, so x_norm = (u + 0.5) / W * 2 - 1 (align_corners=False).
-    Returns (m, D) float32, L2-normalised.
+    dense: (B, K, h, w) patch-grid maps of the B cameras (features or class logits); cams: (m,)
+    camera per point; uv: (m, 2) pixel coords in the original image whose size per camera is
+    sizes[c] = (W, H). Pixel centres sit at integer coordinates, so x_norm = (u + 0.5) / W * 2 - 1
+    (align_corners=False); borders clamp. Returns (m, K) float32.
     """
     m, d = len(cams), dense.shape[1]
     out = torch.zeros(m, d, dtype=torch.float32, device=dense.device)
@@ -133,7 +134,7 @@ def sample_features(dense: torch.Tensor, cams: np.ndarray, uv: np.ndarray, sizes
         s = F.grid_sample(dense[c : c + 1].float(), grid.view(1, 1, -1, 2), mode="bilinear",
                           padding_mode="border", align_corners=False)  # (1, D, 1, k)
         out[torch.from_numpy(rows).to(dense.device)] = s[0, :, 0].T
-    return F.normalize(out, dim=-1)
+    return out
 
 
 @torch.inference_mode()
@@ -146,10 +147,11 @@ def process_keyframe(ds: NuScenes, kf: Keyframe, teacher: MaskCLIP, device: torc
         label[:n_key] = ds.load_labels(kf, n_key)
     images = [load_image(cam.path, cam.width, cam.height) for cam in kf.cameras]
     batch = images_to_tensor(images, tuple(teacher.fingerprint["image_size"])).to(device)
-    dense = teacher.dense_features(batch)  # (6, D, h, w)
+    dense, dense_logits = teacher.dense_outputs(batch)  # (6, D, h, w), (6, C, h, w)
     idx, cams, uv = assign_cameras(xyzi[:, :3], kf)
-    feats = sample_features(dense, cams, uv, [(c.width, c.height) for c in kf.cameras])
-    logits = teacher.logits(feats)
+    sizes = [(c.width, c.height) for c in kf.cameras]
+    feats = F.normalize(sample_maps(dense, cams, uv, sizes), dim=-1)
+    logits = sample_maps(dense_logits, cams, uv, sizes)
     return ScanRecord(
         token=kf.sample_token,
         scene=kf.scene,
@@ -201,6 +203,8 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         teacher=teacher.fingerprint,
         class_names=list(class_names),
         class_set=config.class_set,
+        eval_class_names=list(get_eval_classes(ds.name)),
+        prompt_to_eval=list(prompt_to_eval(config.class_set, ds.name)),
         sweeps=config.sweeps,
         cameras=list(CAMERAS),
         camera_choice="farthest-from-border",

@@ -91,6 +91,16 @@ class Cache:
         return list(self.meta["class_names"])
 
     @property
+    def eval_class_names(self) -> list[str]:
+        """Names of the ground-truth labels 1..K."""
+        return list(self.meta["eval_class_names"])
+
+    @property
+    def prompt_to_eval(self) -> list[int]:
+        """Per prompt class, the evaluation label 1..K it maps to, 0 for none."""
+        return [int(v) for v in self.meta["prompt_to_eval"]]
+
+    @property
     def fingerprint(self) -> dict:
         return dict(self.meta["teacher"])
 

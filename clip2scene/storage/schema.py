@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ATTR_KEY = "clip2scene"  # group attribute holding all our metadata
 FORMAT_NAME = "clip2scene-cache"
 
@@ -65,5 +65,6 @@ def resolve_trailing(spec: ArraySpec, num_classes: int, feature_dim: int) -> tup
 # Keys every cache's metadata carries (group attribute ATTR_KEY).
 REQUIRED_META = (
     "format", "schema_version", "status", "tool_version", "created", "dataset", "teacher",
-    "class_names", "num_scans", "num_points", "num_pairs", "has_labels", "sweeps", "cameras",
+    "class_names", "eval_class_names", "prompt_to_eval", "num_scans", "num_points", "num_pairs",
+    "has_labels", "sweeps", "cameras",
 )

@@ -131,6 +131,11 @@ class CacheWriter:
             num_points=0,
             num_pairs=0,
         )
+        missing = [k for k in schema.REQUIRED_META if k not in self.meta]
+        if missing:
+            raise ValueError(f"cache metadata lacks {', '.join(missing)}")
+        if len(self.meta["prompt_to_eval"]) != num_classes:
+            raise ValueError(f"prompt_to_eval has {len(self.meta['prompt_to_eval'])} entries for {num_classes} classes")
         self.group = zarr.open_group(str(self.path), mode="w-")
         self.group.attrs[schema.ATTR_KEY] = self.meta
         self._appenders: dict[str, _ShardedAppender] = {}

@@ -20,7 +20,8 @@ from clip2scene.train.model import ModelConfig
 CHECKPOINT_FORMAT = "clip2scene-checkpoint"
 CHECKPOINT_VERSION = 1
 # Teacher fingerprint fields that must match between a checkpoint and a cache.
-FINGERPRINT_FIELDS = ("model", "weights_sha256", "quick_gelu", "image_size", "class_names", "templates_sha256", "embed_dim")
+FINGERPRINT_FIELDS = ("model", "weights_sha256", "quick_gelu", "image_size", "class_names", "templates_sha256",
+                      "embed_dim", "key_smoothing", "prompt_denoising", "denoise_threshold", "smoothing_threshold")
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, model_config: ModelConfig, train_config: dict,

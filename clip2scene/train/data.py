@@ -1,9 +1,10 @@
 """Training data from the cache: one item per scan, batched for the sparse network.
 
-Each item holds the scan's points (keyframe + cached sweeps), the input feature (intensity / 255),
-the MaskCLIP pseudo-label of every camera-visible point (argmax of the cached logits; -1 for
-points no camera sees) and the ground-truth label when the cache has one. Training-time
-augmentation: random rotation about z and random flips of x and y.
+Each item holds the scan's points (keyframe + cached sweeps, optionally only the first K lidar
+frames), the input feature (intensity / 255), the MaskCLIP pseudo-label of every camera-visible
+point (argmax of the cached logits; -1 for points no camera sees), the visible points' cached
+logits and (when asked, for SSR) teacher features, and the ground-truth label when the cache has
+one. Training-time augmentation: random rotation about z and random flips of x and y.
 
     ds = ScanDataset(cache, cache.indices("train"), augment=True, seed=0)
     loader = DataLoader(ds, batch_size=4, shuffle=True, collate_fn=collate)
@@ -22,11 +23,14 @@ from clip2scene.storage import Cache
 class ScanDataset(Dataset):
     """Scans `indices` of `cache` as training/evaluation items (see module docstring)."""
 
-    def __init__(self, cache: Cache, indices: np.ndarray, augment: bool = False, seed: int = 0):
+    def __init__(self, cache: Cache, indices: np.ndarray, augment: bool = False, seed: int = 0,
+                 features: bool = False, sweeps: int | None = None):
         self.cache = cache
         self.indices = np.asarray(indices, dtype=np.int64)
         self.augment = augment
         self.seed = seed
+        self.features = features  # read the (large) teacher features too
+        self.sweeps = sweeps  # keep points of the first K lidar frames only (None = all cached)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -38,8 +42,18 @@ class ScanDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         index = int(self.indices[item])
-        scan = self.cache.read_scan(index)
-        xyz = scan.xyzi[:, :3].astype(np.float32)
+        scan = self.cache.read_scan(index, features=self.features)
+        xyzi, pair_point = scan.xyzi, scan.pair_point.astype(np.int64)
+        pair_logits, pair_features, label = scan.pair_logits, scan.pair_features, scan.label
+        if self.sweeps is not None and scan.sweep.max(initial=0) >= self.sweeps:
+            keep = scan.sweep < self.sweeps
+            new_index = np.cumsum(keep) - 1
+            rows = keep[pair_point]
+            xyzi, pair_point = xyzi[keep], new_index[pair_point[rows]]
+            pair_logits = pair_logits[rows]
+            pair_features = pair_features[rows] if pair_features is not None else None
+            label = label[keep] if label is not None else None
+        xyz = xyzi[:, :3].astype(np.float32)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             theta = rng.uniform(0, 2 * np.pi)
@@ -50,23 +64,35 @@ class ScanDataset(Dataset):
             xyz[:, 0] *= -1 if flips[0] else 1
             xyz[:, 1] *= -1 if flips[1] else 1
         target = np.full(len(xyz), -1, dtype=np.int64)
-        if len(scan.pair_point):
-            target[scan.pair_point] = scan.pair_logits.astype(np.float32).argmax(axis=1)
-        label = scan.label.astype(np.int64) if scan.label is not None else np.zeros(len(xyz), np.int64)
-        return dict(
+        if len(pair_point):
+            target[pair_point] = pair_logits.astype(np.float32).argmax(axis=1)
+        label = label.astype(np.int64) if label is not None else np.zeros(len(xyz), np.int64)
+        item = dict(
             index=index,
             xyz=torch.from_numpy(xyz),
-            feat=torch.from_numpy(scan.xyzi[:, 3:4] / np.float32(255.0)),
+            feat=torch.from_numpy(xyzi[:, 3:4] / np.float32(255.0)),
             target=torch.from_numpy(target),
             label=torch.from_numpy(label),
             visible=torch.from_numpy(target >= 0),
+            pair_point=torch.from_numpy(pair_point),
+            pair_logits=torch.from_numpy(np.ascontiguousarray(pair_logits)),
         )
+        if self.features:
+            item["pair_features"] = torch.from_numpy(np.ascontiguousarray(pair_features))
+        return item
 
 
 def collate(items: list[dict]) -> dict:
     """Concatenate items: xyz (N, 3) float32, feat (N, 1) float32, target (N,) int64 (-1 = none),
-    label (N,) int64 (0 = ignore), visible (N,) bool, batch (N,) int64 item index, index (B,) scan ids."""
-    out = {k: torch.cat([it[k] for it in items]) for k in ("xyz", "feat", "target", "label", "visible")}
+    label (N,) int64 (0 = ignore), visible (N,) bool, batch (N,) int64 item index, index (B,) scan
+    ids, pair_point (M,) int64 index into the batch's points, pair_logits (M, C) float16 and, when
+    read, pair_features (M, D) float16."""
+    keys = ["xyz", "feat", "target", "label", "visible", "pair_logits"]
+    if "pair_features" in items[0]:
+        keys.append("pair_features")
+    out = {k: torch.cat([it[k] for it in items]) for k in keys}
     out["batch"] = torch.cat([torch.full((len(it["xyz"]),), b, dtype=torch.int64) for b, it in enumerate(items)])
+    starts = np.cumsum([0] + [len(it["xyz"]) for it in items[:-1]])
+    out["pair_point"] = torch.cat([it["pair_point"] + int(s) for it, s in zip(items, starts)])
     out["index"] = torch.tensor([it["index"] for it in items], dtype=torch.int64)
     return out

@@ -71,19 +71,24 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     text = ckpt["text_embeddings"].to(device)
-    names = list(ckpt["class_names"])
-    num = len(names) + 1  # label 0 = ignore, prompt class i -> label i + 1
+    names = cache.eval_class_names
+    to_eval = torch.tensor(cache.prompt_to_eval, dtype=torch.int64)  # prompt class -> eval label (0 = none)
+    unmapped = (to_eval == 0).to(device)
+    if bool(unmapped.all()):
+        raise CacheError(f"cache {cache.path}: no prompt class maps to an evaluation class")
+    num = len(names) + 1  # label 0 = ignore
     student, teacher = ConfusionMatrix(num, 0), ConfusionMatrix(num, 0)
     loader = DataLoader(ScanDataset(cache, indices, augment=False), batch_size=config.batch_size,
                         shuffle=False, collate_fn=collate)
     points = 0
     for batch in tqdm(loader, desc=f"evaluate {config.split}", unit="batch", disable=not progress):
         feats = forward_points(model, batch, ckpt["train_config"]["voxel_size"], device)
-        pred = text_logits(feats, text).argmax(dim=1).cpu().numpy() + 1
+        # argmax over the prompt classes that map to an evaluation class, then map
+        pred = to_eval[text_logits(feats, text).masked_fill(unmapped, float("-inf")).argmax(dim=1).cpu()]
         label = batch["label"].numpy()
-        student.update(label, pred)
-        vis = batch["visible"].numpy()
-        teacher.update(label[vis], batch["target"].numpy()[vis] + 1)
+        student.update(label, pred.numpy())
+        pair_logits = batch["pair_logits"].float().masked_fill(unmapped.cpu(), float("-inf"))
+        teacher.update(label[batch["pair_point"].numpy()], to_eval[pair_logits.argmax(dim=1)].numpy())
         points += len(label)
     s_iou, t_iou = student.per_class_iou(), teacher.per_class_iou()
     result = dict(

@@ -26,3 +26,94 @@ def scr_loss(features: torch.Tensor, text: torch.Tensor, target: torch.Tensor, t
     if not bool(mask.any()):
         return features.sum() * 0.0
     return F.cross_entropy(text_logits(features[mask], text, tau), target[mask])
+
+
+def scatter_softmax(scores: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Softmax of (E,) scores within each group (E,) int64 in 0..num_groups-1 (vectorised)."""
+    gmax = torch.full((num_groups,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    gmax = gmax.scatter_reduce(0, group, scores, reduce="amax", include_self=True)
+    e = torch.exp(scores - gmax[group])
+    denom = torch.zeros(num_groups, dtype=scores.dtype, device=scores.device).index_add_(0, group, e)
+    return e / denom[group]
+
+
+def grid_labels(grid: torch.Tensor, target: torch.Tensor, num_grids: int, num_classes: int) -> torch.Tensor:
+    """Majority label per grid cell. grid (N,) int64 cell of each point, target (N,) int64 label or -1.
+
+    Returns (num_grids,) int64 label of the most frequent label among the cell's labelled points
+    (ties -> lower class index), -1 for cells with no labelled point.
+    """
+    lab = target >= 0
+    counts = torch.zeros(num_grids * num_classes, dtype=torch.int64, device=grid.device)
+    counts.index_add_(0, grid[lab] * num_classes + target[lab], torch.ones_like(target[lab]))
+    counts = counts.view(num_grids, num_classes)
+    best = counts.argmax(dim=1)
+    return torch.where(counts.sum(dim=1) > 0, best, torch.full_like(best, -1))
+
+
+def ssr_loss(point_features: torch.Tensor, grid: torch.Tensor, num_grids: int, target: torch.Tensor,
+             pixel_features: torch.Tensor, pixel_point: torch.Tensor, text: torch.Tensor,
+             lam: float = 1.0) -> torch.Tensor:
+    """SSR (paper Eqs. 3-4): semantic-guided spatial-temporal consistency, fully vectorised.
+
+    point_features (N, D) student features of every point of the merged keyframe + sweeps;
+    grid (N,) int64 cell (0.1 m voxel) of each point; target (N,) int64 supervision label or -1;
+    pixel_features (M, D) teacher features of the camera-visible points pixel_point (M,) int64;
+    text (C, D). Each cell with a labelled point gets the text embedding t_k of its majority label.
+    Every point feature and every pixel feature in the cell takes part in the fusion with weight
+    a_i = softmax_i(cos(x_i, t_k) / lam) over the cell; the fused feature F_k = sum_i a_i x_i
+    (unit-normalised inputs) is the target (no gradient) that each point feature of the cell is
+    pulled to: L = mean_i (1 - cos(f_i, F_k)). Returns a scalar (0 with graph if no cell is labelled).
+    """
+    f = F.normalize(point_features, dim=-1)
+    t = F.normalize(text, dim=-1)
+    labels = grid_labels(grid, target, num_grids, t.shape[0])
+    pt_cell = grid
+    px_cell = grid[pixel_point]
+    pt_ok = labels[pt_cell] >= 0
+    px_ok = labels[px_cell] >= 0
+    if not bool(pt_ok.any()):
+        return point_features.sum() * 0.0
+    with torch.no_grad():
+        members = torch.cat([f[pt_ok], F.normalize(pixel_features[px_ok].float(), dim=-1)])
+        cells = torch.cat([pt_cell[pt_ok], px_cell[px_ok]])
+        scores = (members * t[labels[cells]]).sum(dim=-1) / lam
+        weights = scatter_softmax(scores, cells, num_grids)
+        fused = torch.zeros(num_grids, f.shape[1], dtype=f.dtype, device=f.device)
+        fused.index_add_(0, cells, members * weights[:, None])
+        fused = F.normalize(fused, dim=-1)
+    return (1.0 - (f[pt_ok] * fused[pt_cell[pt_ok]]).sum(dim=-1)).mean()
+
+
+def kl_loss(point_features: torch.Tensor, text: torch.Tensor, pixel_logits: torch.Tensor,
+            pixel_point: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """KL(pixel || point) between class distributions (the paper's failing ablation).
+
+    pixel_logits (M, C) cached teacher cosine logits at the visible points pixel_point (M,);
+    both distributions are softmax(cos / tau).
+    """
+    if pixel_point.numel() == 0:
+        return point_features.sum() * 0.0
+    log_q = F.log_softmax(text_logits(point_features[pixel_point], text, tau), dim=-1)
+    p = F.softmax(pixel_logits.float() / tau, dim=-1)
+    return F.kl_div(log_q, p, reduction="batchmean")
+
+
+def switch_targets(pseudo: torch.Tensor, predicted: torch.Tensor, mode: str, prob: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """S3, switchable self-training: replace MaskCLIP pseudo-labels by the network's own predictions.
+
+    pseudo (N,) int64 (-1 = none), predicted (N,) int64. mode "point": each labelled point
+    switches independently with probability `prob` (the paper); "batch": the whole batch switches
+    with probability `prob` (the released code); "off": no switch. Returns (N,) int64.
+    """
+    if mode == "off":
+        return pseudo
+    device = pseudo.device
+    if mode == "batch":
+        flip = torch.rand((), generator=generator) < prob
+        return torch.where(pseudo >= 0, predicted, pseudo) if bool(flip) else pseudo
+    if mode == "point":
+        flip = (torch.rand(pseudo.shape, generator=generator) < prob).to(device)
+        return torch.where((pseudo >= 0) & flip, predicted, pseudo)
+    raise ValueError(f"unknown self-training mode {mode!r} (point, batch, off)")

@@ -1,18 +1,23 @@
-"""The 3D student: a MinkUNet-style sparse-convolution U-Net built on spconv 2.x.
+"""The 3D student: sparse-convolution networks built on spconv 2.x (MinkUNet and SPVCNN).
 
-The network maps per-voxel input features (intensity) to a per-voxel embedding in the teacher's
+The network maps per-point input features (intensity) to a per-point embedding in the teacher's
 text space (512-d for CLIP ViT-B/16), which is compared with the cached CLIP text embeddings.
+Both architectures (``ModelConfig.arch`` in :data:`KNOWN_ARCHS`) share one point-level
+interface, which is what the trainer should call:
 
     from clip2scene.train.model import ModelConfig, build_model
-    from clip2scene.train.voxelize import voxelize, scatter_mean
+    from clip2scene.train.voxelize import voxelize
 
-    model = build_model(ModelConfig(), device="cpu")   # ConvAlgo.Native on CPU
+    model = build_model(ModelConfig(arch="spvcnn"), device="cpu")   # ConvAlgo.Native on CPU
     vox = voxelize(xyz, batch, 0.1)
-    x = vox.sparse_tensor(scatter_mean(intensity[:, None], vox.point2voxel, vox.num_voxels))
-    out = model(x)                     # (V, 512) float32, rows in the order of vox.coords
-    per_point = out[vox.point2voxel]   # (N, 512)
+    out = model.forward_points(vox, intensity[:, None])   # (N, 512) float32, point order kept
+    emb = model.embed_points(vox, intensity[:, None])     # (N, E) features before the head
 
-Architecture (as the torchsparse MinkUNet of SPVNAS / CLIP2Scene, channels ``cs`` of 9):
+Both also keep a voxel-level ``model(x)`` on a ``SparseConvTensor`` -> (V, out_channels); for
+MinkUNet ``forward_points`` is exactly ``model(vox.sparse_tensor(scatter_mean(feats, ...)))``
+gathered with ``vox.point2voxel``. SPVCNN lives in :mod:`clip2scene.train.spvcnn`.
+
+MinkUNet architecture (as the torchsparse MinkUNet of SPVNAS / CLIP2Scene, channels ``cs`` of 9):
 stem = 2 x (SubMConv3d k3 + BN + ReLU) -> cs[0];
 encoder stage i=1..4 = SparseConv3d k2 s2 (indice_key ``down{i}``) + BN + ReLU keeping width
 cs[i-1], then ``blocks_per_stage`` residual basic blocks of SubMConv3d k3 (indice_key
@@ -22,6 +27,11 @@ concatenation with the encoder features of that resolution, then residual blocks
 one has a Linear+BN shortcut to reduce the concatenated width); head = Linear(cs[8] -> out).
 The inverse convolutions restore exactly the encoder's voxel indices (same tensor), so the
 output rows are in the same order as the input rows; this is checked at every skip join.
+
+Parameter count (default widths, 2 blocks per stage, out 512, formula in
+tests/train/test_spvcnn.py::expected_params): the shared voxel branch has 21,718,880;
+MinkUNet adds Linear(96 -> 512) = 21,768,544 in all; SPVCNN adds 3 point MLPs (54,688) and
+Linear(480 -> 512) (246,272) = 22,019,840 in all.
 
 Convolution algorithm: spconv's implicit-GEMM kernels need CUDA, so CPU models are built with
 ``ConvAlgo.Native``. The weight layout is the same for every algorithm in spconv 2.3
@@ -40,11 +50,14 @@ from spconv.core import ConvAlgo
 from spconv.pytorch.conv import SparseConvolution
 from torch import nn
 
+from clip2scene.train.voxelize import Voxels, scatter_mean
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ModelConfig",
     "MinkUNet",
+    "SparseUNet",
     "ResidualBlock",
     "build_model",
     "count_parameters",
@@ -53,7 +66,7 @@ __all__ = [
     "KNOWN_ARCHS",
 ]
 
-KNOWN_ARCHS = ("minkunet",)
+KNOWN_ARCHS = ("minkunet", "spvcnn")
 
 
 @dataclass(frozen=True)
@@ -61,8 +74,9 @@ class ModelConfig:
     """Hyper-parameters of the student network.
 
     Attributes:
-        arch: ``"minkunet"`` (``"spvcnn"`` is planned).
-        in_channels: input features per voxel (1 = intensity).
+        arch: one of :data:`KNOWN_ARCHS`: ``"minkunet"`` or ``"spvcnn"`` (checked by
+            :func:`build_model`).
+        in_channels: input features per point / voxel (1 = intensity).
         out_channels: width of the head output = text-embedding dimension of the teacher.
         channels: 9 widths: stem, 4 encoder stages, 4 decoder stages.
         blocks_per_stage: residual blocks per encoder / decoder stage (>= 1).
@@ -165,8 +179,27 @@ def _check_same_indices(a: spconv.SparseConvTensor, b: spconv.SparseConvTensor, 
         raise RuntimeError(f"voxel indices differ at {where}; cannot join skip features")
 
 
-class MinkUNet(nn.Module):
-    """MinkUNet-style sparse U-Net (see module docstring).
+def _check_point_inputs(vox: Voxels, point_features: torch.Tensor, in_channels: int) -> None:
+    """Validate ``forward_points`` arguments (shapes only; no data-dependent checks)."""
+    if point_features.ndim != 2 or point_features.shape[1] != in_channels:
+        raise ValueError(
+            f"expected point_features (N, {in_channels}), got {tuple(point_features.shape)}"
+        )
+    if point_features.shape[0] != vox.num_points:
+        raise ValueError(
+            f"point_features has {point_features.shape[0]} rows but vox has "
+            f"{vox.num_points} points"
+        )
+    if not point_features.is_floating_point():
+        raise ValueError(f"point_features must be floating point, got {point_features.dtype}")
+
+
+class SparseUNet(nn.Module):
+    """The voxel branch shared by :class:`MinkUNet` and ``SPVCNN`` (see module docstring).
+
+    Builds ``stem``, ``down``/``enc`` (4 encoder stages) and ``up``/``dec`` (4 decoder stages);
+    subclasses add their head and forward. Parameter names are those of the MinkUNet, so the
+    voxel-branch weights of the two architectures are interchangeable.
 
     Args:
         config: the :class:`ModelConfig`.
@@ -179,6 +212,7 @@ class MinkUNet(nn.Module):
 
     def __init__(self, config: ModelConfig, algo: ConvAlgo | None = ConvAlgo.Native) -> None:
         super().__init__()
+        algo = _resolve_algo(algo)
         self.config = config
         cs = config.channels
         nb = config.blocks_per_stage
@@ -214,8 +248,6 @@ class MinkUNet(nn.Module):
             blocks = [ResidualBlock(cout + cskip, cout, f"subm{level}", algo)]
             blocks += [ResidualBlock(cout, cout, f"subm{level}", algo) for _ in range(nb - 1)]
             self.dec.append(nn.Sequential(*blocks))
-        self.head = nn.Linear(cs[8], config.out_channels)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """BN weight 1 / bias 0 (spconv and Linear keep their default Kaiming-uniform init)."""
@@ -224,13 +256,8 @@ class MinkUNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    @property
-    def embed_channels(self) -> int:
-        """Width of :meth:`embed`'s output (``channels[-1]``)."""
-        return self.config.channels[-1]
-
-    def embed_sparse(self, x: spconv.SparseConvTensor) -> spconv.SparseConvTensor:
-        """Backbone output as a sparse tensor on the input voxels (features (V, channels[-1]))."""
+    def _prepare_input(self, x: spconv.SparseConvTensor) -> spconv.SparseConvTensor:
+        """Validate ``x`` and return it with contiguous indices / features (row order kept)."""
         if x.features.ndim != 2 or x.features.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"expected features (V, {self.config.in_channels}), got {tuple(x.features.shape)}"
@@ -250,6 +277,38 @@ class MinkUNet(nn.Module):
             x = spconv.SparseConvTensor(
                 x.features.contiguous(), x.indices.contiguous(), x.spatial_shape, x.batch_size
             )
+        return x
+
+    def _voxel_input(self, vox: Voxels, point_features: torch.Tensor) -> spconv.SparseConvTensor:
+        """Per-voxel mean of ``point_features`` (N, in_channels) wrapped as a sparse tensor."""
+        _check_point_inputs(vox, point_features, self.config.in_channels)
+        dtype = self.stem[0].bn.weight.dtype
+        feats = scatter_mean(point_features.to(dtype), vox.point2voxel, vox.num_voxels)
+        return vox.sparse_tensor(feats)
+
+
+class MinkUNet(SparseUNet):
+    """MinkUNet-style sparse U-Net (see module docstring): voxel branch + ``Linear`` head.
+
+    Args:
+        config: the :class:`ModelConfig`.
+        algo: spconv convolution algorithm for every conv; ``ConvAlgo.Native`` on CPU,
+            ``None`` for spconv's CUDA default.
+    """
+
+    def __init__(self, config: ModelConfig, algo: ConvAlgo | None = ConvAlgo.Native) -> None:
+        super().__init__(config, algo)
+        self.head = nn.Linear(config.channels[8], config.out_channels)
+        self.reset_parameters()
+
+    @property
+    def embed_channels(self) -> int:
+        """Width of :meth:`embed`'s output (``channels[-1]``)."""
+        return self.config.channels[-1]
+
+    def embed_sparse(self, x: spconv.SparseConvTensor) -> spconv.SparseConvTensor:
+        """Backbone output as a sparse tensor on the input voxels (features (V, channels[-1]))."""
+        x = self._prepare_input(x)
         h = self.stem(x)
         skips = [h]
         for down, enc in zip(self.down, self.enc):
@@ -287,6 +346,35 @@ class MinkUNet(nn.Module):
         """
         return self.head(self.embed(x)).float()
 
+    def embed_points(
+        self, vox: Voxels, point_features: torch.Tensor, xyz: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-point backbone features before the head: (N, channels[-1]) float32.
+
+        Same arguments as :meth:`forward_points`; every point gets its voxel's features.
+        """
+        return self.embed(self._voxel_input(vox, point_features))[vox.point2voxel]
+
+    def forward_points(
+        self, vox: Voxels, point_features: torch.Tensor, xyz: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-point embedding in the teacher's text space.
+
+        ``scatter_mean(point_features, vox.point2voxel)`` -> :meth:`forward` -> gather with
+        ``vox.point2voxel``: all points of a voxel get the same output.
+
+        Args:
+            vox: :class:`~clip2scene.train.voxelize.Voxels` of the N points (``voxelize`` with
+                ``stride`` a multiple of :attr:`total_stride`, the default).
+            point_features: (N, in_channels) float per-point input (intensity), in the order of
+                the points given to ``voxelize``.
+            xyz: accepted for interface parity with ``SPVCNN.forward_points`` and ignored.
+
+        Returns:
+            (N, out_channels) float32, row i = point i.
+        """
+        return self.forward(self._voxel_input(vox, point_features))[vox.point2voxel]
+
 
 def set_conv_algo(model: nn.Module, algo: ConvAlgo | None) -> nn.Module:
     """Set the convolution algorithm of every spconv conv in ``model`` (in place; returns it).
@@ -302,7 +390,7 @@ def set_conv_algo(model: nn.Module, algo: ConvAlgo | None) -> nn.Module:
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the student for ``config`` on ``device``.
+    """Build the student for ``config`` on ``device``: :class:`MinkUNet` or ``SPVCNN``.
 
     Uses ``ConvAlgo.Native`` on CPU (the implicit-GEMM kernels need CUDA) and spconv's default
     implicit-GEMM algorithm on CUDA.
@@ -314,6 +402,10 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.M
     algo = default_algo(device)
     if config.arch == "minkunet":
         model: nn.Module = MinkUNet(config, algo=_resolve_algo(algo))
+    elif config.arch == "spvcnn":
+        from clip2scene.train.spvcnn import SPVCNN  # local: spvcnn imports this module
+
+        model = SPVCNN(config, algo=_resolve_algo(algo))
     else:
         raise ValueError(
             f"unknown model arch {config.arch!r}; known: {', '.join(KNOWN_ARCHS)}"

@@ -1,7 +1,11 @@
 """Stage two: train the spconv student from the cache alone (no teacher on the device).
 
-Loss: SCR (paper Eq. 1) between point features and the cached text embeddings, with MaskCLIP
-pseudo-labels on camera-visible points. SGD with momentum, cosine schedule over all steps.
+Losses (method.md section 4): SCR (paper Eq. 1, InfoNCE against the cached text embeddings with
+MaskCLIP pseudo-labels on camera-visible points), SSR (Eqs. 3-4, spatial-temporal consistency in
+0.1 m cells of the merged keyframe + sweeps, fusing cached pixel features and point features),
+S3 (switchable self-training: from `switch_epoch` on, each labelled point's target is, with
+probability 0.5, the network's own prediction), and the KL ablation. SGD with momentum, cosine
+schedule over all steps.
 Each epoch writes `checkpoint.pt` (model + optimiser + scheduler + config + teacher fingerprint)
 and appends per-step metrics to `metrics.jsonl` in the run folder.
 
@@ -29,7 +33,7 @@ from clip2scene.errors import ConfigError
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from clip2scene.train.data import ScanDataset, collate
-from clip2scene.train.loss import scr_loss
+from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, text_logits
 from clip2scene.train.model import ModelConfig, build_model, count_parameters
 from clip2scene.train.voxelize import scatter_mean, voxelize
 
@@ -54,7 +58,16 @@ class TrainConfig:
     seed: int = 0  # model init, shuffling and augmentation
     resume: str | None = None  # checkpoint to continue from (must match the cache's teacher)
     precise_bn_batches: int = 16  # after the last epoch, re-estimate BatchNorm statistics on this many batches (0 = off)
-    model: ModelConfig = field(default_factory=ModelConfig)  # student architecture
+    sweeps: int | None = None  # use the first K cached lidar frames per scan (None = all cached)
+    scr_weight: float = 1.0  # weight of SCR (0 = off)
+    ssr_weight: float = 1.0  # weight of SSR (0 = off)
+    kl_weight: float = 0.0  # weight of the KL ablation loss (0 = off)
+    ssr_lambda: float = 1.0  # SSR attention temperature lambda
+    ssr_grid: float = 0.1  # SSR cell size in metres
+    self_training: str = "point"  # S3 switch: "point" (paper), "batch" (released code) or "off"
+    switch_epoch: int | None = None  # first epoch (0-based) with S3 switching; None = epochs // 2
+    switch_prob: float = 0.5  # probability of using the network's own prediction
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # student architecture
 
 
 def resolve_device(device: str) -> torch.device:
@@ -68,13 +81,49 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def forward_points(model: torch.nn.Module, batch: dict, voxel_size: float, device: torch.device) -> torch.Tensor:
-    """Run the student on a collated batch; returns per-point features (N, D) on `device`."""
+def forward_points(model: torch.nn.Module, batch: dict, voxel_size: float, device: torch.device,
+                   return_voxels: bool = False):
+    """Run the student on a collated batch; returns per-point features (N, D) on `device`
+    (and the Voxels when `return_voxels`)."""
     xyz = batch["xyz"].to(device)
     vox = voxelize(xyz, batch["batch"].to(device), voxel_size)
-    feats = scatter_mean(batch["feat"].to(device), vox.point2voxel, vox.num_voxels)
-    out = model(vox.sparse_tensor(feats))
-    return out[vox.point2voxel]
+    out = model.forward_points(vox, batch["feat"].to(device))
+    return (out, vox) if return_voxels else out
+
+
+def compute_loss(config: TrainConfig, feats: torch.Tensor, vox, batch: dict, text: torch.Tensor,
+                 epoch: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Weighted sum of the configured losses for one batch; returns (loss, per-term floats)."""
+    device = feats.device
+    target = batch["target"].to(device)
+    switch_epoch = config.epochs // 2 if config.switch_epoch is None else config.switch_epoch
+    terms: dict[str, float] = {}
+    if config.self_training != "off" and epoch >= switch_epoch:
+        with torch.no_grad():
+            predicted = text_logits(feats.detach(), text).argmax(dim=1)
+        switched = switch_targets(target, predicted, config.self_training, config.switch_prob, generator)
+        terms["switched"] = float(((switched != target) & (target >= 0)).float().mean())
+        target = switched
+    loss = feats.sum() * 0.0
+    if config.scr_weight:
+        scr = scr_loss(feats, text, target, config.tau)
+        terms["scr"] = float(scr.detach())
+        loss = loss + config.scr_weight * scr
+    if config.ssr_weight:
+        if abs(config.ssr_grid - config.voxel_size) < 1e-9:
+            grid, cells = vox.point2voxel, vox.num_voxels
+        else:
+            g = voxelize(batch["xyz"].to(device), batch["batch"].to(device), config.ssr_grid)
+            grid, cells = g.point2voxel, g.num_voxels
+        ssr = ssr_loss(feats, grid, cells, target, batch["pair_features"].to(device),
+                       batch["pair_point"].to(device), text, config.ssr_lambda)
+        terms["ssr"] = float(ssr.detach())
+        loss = loss + config.ssr_weight * ssr
+    if config.kl_weight:
+        kl = kl_loss(feats, text, batch["pair_logits"].to(device), batch["pair_point"].to(device), config.tau)
+        terms["kl"] = float(kl.detach())
+        loss = loss + config.kl_weight * kl
+    return loss, terms
 
 
 @torch.no_grad()
@@ -140,7 +189,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         log.info("resumed from %s at epoch %d", config.resume, start_epoch)
 
     text = torch.from_numpy(cache.text_embeddings).to(device)
-    dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed)
+    if config.self_training not in ("point", "batch", "off"):
+        raise ConfigError(f"--self-training {config.self_training!r}: expected point, batch or off")
+    if not (config.scr_weight or config.ssr_weight or config.kl_weight):
+        raise ConfigError("all loss weights are 0: nothing to train")
+    dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed,
+                          features=bool(config.ssr_weight), sweeps=config.sweeps)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(_train_config_dict(config), indent=2))
@@ -155,6 +209,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     with metrics_path.open("a") as mf:
         for epoch in range(start_epoch, config.epochs):
             dataset.set_epoch(epoch)
+            generator = torch.Generator().manual_seed(config.seed * 1000 + epoch + 7919)  # S3 draws
             gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
             loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen,
                                 collate_fn=collate, num_workers=config.workers,
@@ -165,8 +220,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             epoch_losses = []
             for batch in bar:
                 ts = time.perf_counter()
-                feats = forward_points(model, batch, config.voxel_size, device)
-                loss = scr_loss(feats, text, batch["target"].to(device), config.tau)
+                feats, vox = forward_points(model, batch, config.voxel_size, device, return_voxels=True)
+                loss, terms = compute_loss(config, feats, vox, batch, text, epoch, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -177,7 +232,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 dt = time.perf_counter() - ts
                 value = float(loss.detach())
                 epoch_losses.append(value)
-                mf.write(json.dumps(dict(step=step, epoch=epoch + 1, loss=value, lr=optimizer.param_groups[0]["lr"],
+                mf.write(json.dumps(dict(step=step, epoch=epoch + 1, loss=value, **terms, lr=optimizer.param_groups[0]["lr"],
                                          points=int(batch["xyz"].shape[0]), seconds=dt,
                                          scans_per_s=n_scans / max(dt, 1e-9))) + "\n")
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
@@ -189,7 +244,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             save_checkpoint(out / "checkpoint.pt", model=model, model_config=model_config,
                             train_config=_train_config_dict(config), cache=cache, epoch=epoch + 1,
                             optimizer=optimizer, scheduler=scheduler)
-            log.info("epoch %d: mean SCR loss %.4f", epoch + 1, losses[-1])
+            log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
     seconds = time.perf_counter() - t0
     return dict(
         run=str(out),

@@ -21,12 +21,15 @@ from clip2scene.precompute import maskclip as mc
 from clip2scene.precompute.maskclip import (
     CLIP_MEAN,
     CLIP_STD,
+    DENOISED_SCORE,
+    REFINE_LOGIT_SCALE,
     TINY_MODEL_NAME,
     MaskCLIP,
     TeacherConfig,
     WeightsNotFoundError,
     encode_text,
     load_teacher,
+    refine_scores,
     register_tiny_model,
     resize_positional_embedding,
 )
@@ -63,6 +66,28 @@ def _images(b: int = 2, h: int = 64, w: int = 96, seed: int = 0) -> torch.Tensor
 
 def _reference_dense(visual, images: torch.Tensor) -> torch.Tensor:
     """MaskCLIP by hand from the model's own weight matrices."""
+    x, (h, w) = _reference_last_block_input(visual, images)
+    b = x.shape[0]
+    with torch.no_grad():
+        last = visual.transformer.resblocks[-1]
+        width = x.shape[-1]
+        y = F.layer_norm(x, (width,), last.ln_1.weight, last.ln_1.bias, last.ln_1.eps)
+        w_v = last.attn.in_proj_weight[2 * width:]
+        b_v = last.attn.in_proj_bias[2 * width:]
+        v = y @ w_v.T + b_v
+        x = x + (v @ last.attn.out_proj.weight.T + last.attn.out_proj.bias)
+        z = F.layer_norm(x, (width,), last.ln_2.weight, last.ln_2.bias, last.ln_2.eps)
+        z = last.mlp.c_fc(z)
+        z = z * torch.sigmoid(1.702 * z) if isinstance(last.mlp.gelu, QuickGELU) else F.gelu(z)
+        x = x + last.mlp.c_proj(z)
+        x = F.layer_norm(x[:, 1:], (width,), visual.ln_post.weight, visual.ln_post.bias, visual.ln_post.eps)
+        x = x @ visual.proj
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        return F.normalize(x, dim=1)
+
+
+def _reference_last_block_input(visual, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """By hand: tokens entering the last block, (B, 1 + h*w, width) batch-first, and (h, w)."""
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     x = (images - mean) / std
@@ -84,21 +109,7 @@ def _reference_dense(visual, images: torch.Tensor) -> torch.Tensor:
         blocks = visual.transformer.resblocks
         for blk in blocks[:-1]:
             x = blk(x)
-        last = blocks[-1]
-        width = x.shape[-1]
-        y = F.layer_norm(x, (width,), last.ln_1.weight, last.ln_1.bias, last.ln_1.eps)
-        w_v = last.attn.in_proj_weight[2 * width:]
-        b_v = last.attn.in_proj_bias[2 * width:]
-        v = y @ w_v.T + b_v
-        x = x + (v @ last.attn.out_proj.weight.T + last.attn.out_proj.bias)
-        z = F.layer_norm(x, (width,), last.ln_2.weight, last.ln_2.bias, last.ln_2.eps)
-        z = last.mlp.c_fc(z)
-        z = z * torch.sigmoid(1.702 * z) if isinstance(last.mlp.gelu, QuickGELU) else F.gelu(z)
-        x = x + last.mlp.c_proj(z)
-        x = F.layer_norm(x[:, 1:], (width,), visual.ln_post.weight, visual.ln_post.bias, visual.ln_post.eps)
-        x = x @ visual.proj
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
-        return F.normalize(x, dim=1)
+    return x, (h, w)
 
 
 # ------------------------------------------------------------------------------------------
@@ -449,3 +460,231 @@ def test_config_errors():
         load_teacher(TeacherConfig("RN50", "none"), CLASSES)
     with pytest.raises(ValueError):
         load_teacher(TINY_CFG, [])
+
+
+# ------------------------------------------------------------------------------------------
+# dense_outputs and the MaskCLIP refinements (key smoothing, prompt denoising)
+# ------------------------------------------------------------------------------------------
+
+FOUR_CLASSES = ("car", "traffic_cone", "vegetation", "road")
+
+
+def _refined_teacher(seed: int = 0, classes=FOUR_CLASSES, **refine) -> MaskCLIP:
+    return MaskCLIP.from_clip(_tiny_clip(seed), open_clip.get_tokenizer(TINY_MODEL_NAME), classes,
+                              templates=TEMPLATES[:2], image_size=(64, 96), **refine)
+
+
+def _cosines(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) x (C, D) -> (B, C, h, w) cosine similarities, by F.cosine_similarity."""
+    return F.cosine_similarity(feats[:, None], text[None, :, :, None, None], dim=2)
+
+
+def _hand_key_smoothing(visual, images, text, smoothing_threshold: float = 1.0) -> torch.Tensor:
+    """Key smoothing by hand from the model's weight matrices (float64, no shift tricks).
+
+    keys = key slice of the last block's in_proj applied to ln_1 of its input (patch tokens),
+    A = relu(cos(k_i, k_j)), W = A / row sums, P = softmax(100 s), P' = W P,
+    s' = (log P' + logsumexp(100 s)) / 100 where max_c P < threshold, else s.
+    """
+    feats = _reference_dense(visual, images)
+    s = _cosines(feats, text).double()  # (B, C, h, w)
+    b, c, h, w = s.shape
+    s = s.reshape(b, c, h * w)
+    x, _ = _reference_last_block_input(visual, images)
+    last = visual.transformer.resblocks[-1]
+    width = x.shape[-1]
+    with torch.no_grad():
+        y = F.layer_norm(x[:, 1:], (width,), last.ln_1.weight, last.ln_1.bias, last.ln_1.eps)
+        keys = y @ last.attn.in_proj_weight[width:2 * width].T + last.attn.in_proj_bias[width:2 * width]
+    out = torch.empty_like(s)
+    for i in range(b):
+        k = keys[i].double()
+        k = k / k.norm(dim=1, keepdim=True)
+        a = (k @ k.T).clamp_min(0)
+        wgt = a / a.sum(dim=1, keepdim=True)
+        z = 100.0 * s[i]  # (C, N)
+        prob = torch.softmax(z, dim=0)
+        smoothed = (torch.log(prob @ wgt.T) + torch.logsumexp(z, dim=0)) / 100.0
+        here = prob.max(dim=0).values < smoothing_threshold
+        out[i] = torch.where(here[None], smoothed, s[i])
+    return out.reshape(b, c, h, w).float()
+
+
+def test_refinement_defaults_off_and_constants():
+    cfg = TeacherConfig()
+    assert cfg.key_smoothing is False and cfg.prompt_denoising is False
+    assert cfg.denoise_threshold == 0.5 and cfg.smoothing_threshold == 1.0
+    assert REFINE_LOGIT_SCALE == 100.0
+    assert DENOISED_SCORE < -1.5 and float(torch.tensor(DENOISED_SCORE, dtype=torch.float16)) == DENOISED_SCORE
+
+
+def test_dense_outputs_without_refinements_are_cosines(teacher):
+    images = _images(2)
+    feats, logits = teacher.dense_outputs(images)
+    assert torch.equal(feats, teacher.dense_features(images))
+    assert logits.shape == (2, len(CLASSES), 4, 6) and logits.dtype == torch.float32
+    assert torch.allclose(logits, _cosines(feats, teacher.text_embeddings), atol=1e-6)
+    assert torch.equal(logits, teacher.logits(feats.movedim(1, -1)).movedim(-1, 1))
+    assert not logits.requires_grad and not logits.is_inference()
+
+
+def test_key_smoothing_matches_hand_reference():
+    t = _refined_teacher(key_smoothing=True)
+    images = _images(2)
+    feats, logits = t.dense_outputs(images)
+    assert torch.equal(feats, t.dense_features(images))  # features never change
+    ref = _hand_key_smoothing(t.visual, images, t.text_embeddings)
+    assert torch.allclose(logits, ref, atol=1e-5), (logits - ref).abs().max()
+    plain = _cosines(feats, t.text_embeddings)
+    assert (logits - plain).abs().max() > 1e-3, "smoothing must change the scores of this image"
+    # softmax(100 * smoothed) is the affinity-weighted average of the patch probabilities: rows sum to 1
+    p = torch.softmax(REFINE_LOGIT_SCALE * logits.double(), dim=1)
+    assert torch.allclose(p.sum(1), torch.ones_like(p.sum(1)))
+    assert logits.min() > -1.1 and logits.max() < 1.1
+
+
+def test_key_smoothing_threshold_selects_patches():
+    images = _images(1)
+    none = _refined_teacher(key_smoothing=True, smoothing_threshold=1e-9)  # no patch is that unsure
+    feats, logits = none.dense_outputs(images)
+    assert torch.allclose(logits, _cosines(feats, none.text_embeddings), atol=1e-6)
+    # a threshold between the patches' confidences: only the less confident patches change
+    conf = torch.softmax(REFINE_LOGIT_SCALE * _cosines(feats, none.text_embeddings), dim=1).amax(1)  # (1, 4, 6)
+    thr = float(conf.flatten().median())
+    mid = _refined_teacher(key_smoothing=True, smoothing_threshold=thr)  # same seed: same model
+    _, logits_mid = mid.dense_outputs(images)
+    ref = _hand_key_smoothing(mid.visual, images, mid.text_embeddings, smoothing_threshold=thr)
+    assert torch.allclose(logits_mid, ref, atol=1e-5)
+    unchanged = conf >= thr
+    assert unchanged.any() and (~unchanged).any()
+    plain = _cosines(feats, mid.text_embeddings)
+    assert torch.allclose(logits_mid.movedim(1, -1)[unchanged], plain.movedim(1, -1)[unchanged], atol=1e-6)
+
+
+def test_refine_scores_key_smoothing_limits():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(2, 5, 7, generator=g) * 0.1  # (B, C, N)
+    # orthogonal keys: every patch only sees itself -> scores unchanged
+    eye = torch.eye(7).expand(2, 7, 7)
+    out = refine_scores(scores, eye, key_smoothing=True, smoothing_threshold=2.0)
+    assert torch.allclose(out, scores, atol=1e-6)
+    # identical keys: every patch gets the image's mean probability
+    same = torch.ones(2, 7, 3)
+    out = refine_scores(scores, same, key_smoothing=True, smoothing_threshold=2.0)
+    mean_p = torch.softmax(100 * scores.double(), dim=1).mean(dim=2, keepdim=True).expand(-1, -1, 7)
+    assert torch.allclose(torch.softmax(100 * out.double(), dim=1), mean_p, atol=1e-6)
+    # anti-parallel keys get weight 0 (clamped), not a negative weight
+    k = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])
+    two = torch.tensor([[[0.3, 0.0], [0.0, 0.3]]])
+    assert torch.allclose(refine_scores(two, k, key_smoothing=True, smoothing_threshold=2.0), two, atol=1e-6)
+    with pytest.raises(ValueError, match="keys"):
+        refine_scores(scores, None, key_smoothing=True)
+    with pytest.raises(ValueError):
+        refine_scores(scores, same, key_smoothing=True, smoothing_threshold=0.0)
+    with pytest.raises(ValueError):
+        refine_scores(scores, prompt_denoising=True, denoise_threshold=1.5)
+
+
+def test_refine_scores_denoising_crafted():
+    # C = 3 classes, N = 4 patches; probabilities are softmax(100 * scores) over classes
+    scores = torch.tensor([[[0.30, 0.20, 0.26, 0.25],    # class 0: p = 0.993 at patch 0
+                            [0.20, 0.31, 0.26, 0.25],    # class 1: p = 0.9955 at patch 1
+                            [0.25, 0.25, 0.255, 0.25]]])  # class 2: never above 0.5
+    out = refine_scores(scores, prompt_denoising=True)
+    assert torch.equal(out[0, 2], torch.full((4,), DENOISED_SCORE))
+    assert torch.equal(out[0, :2], scores[0, :2])
+    assert torch.equal(refine_scores(scores, prompt_denoising=True, denoise_threshold=0.0), scores)
+    # threshold 1: every class is below it, but the most confident (patch 1's class 1) stays
+    out = refine_scores(scores, prompt_denoising=True, denoise_threshold=1.0)
+    assert torch.equal(out[0, 1], scores[0, 1])
+    assert (out[0, [0, 2]] == DENOISED_SCORE).all()
+    assert (out.argmax(1) == 1).all()
+
+
+def test_prompt_denoising_end_to_end_crafted_text():
+    t = _refined_teacher(prompt_denoising=True)
+    images = _images(2, seed=4)
+    feats = t.dense_features(images)
+    f = feats.flatten(2)  # (2, D, 24)
+    blend = F.normalize(f[0, :, 0] + f[1, :, 13] + f.mean(dim=(0, 2)), dim=0)
+    crafted = torch.stack([
+        f[0, :, 0],   # image 0's patch 0: cosine 1 there, so probability ~1
+        f[1, :, 13],  # image 1's patch 13: likewise
+        blend,        # classes 2 and 3 are the same prompt: they split every patch's
+        blend,        # probability equally, so neither can reach 0.5
+    ])
+    t.text_embeddings.copy_(F.normalize(crafted, dim=1))
+    _, logits = t.dense_outputs(images)
+    cos = _cosines(feats, t.text_embeddings)
+    class_max = torch.softmax(100 * cos.double().flatten(2), dim=1).amax(2)  # (2, C)
+    for i in range(2):
+        below = set(torch.nonzero(class_max[i] < 0.5).flatten().tolist())
+        below.discard(int(class_max[i].argmax()))
+        removed = {c for c in range(4) if (logits[i, c] == DENOISED_SCORE).all()}
+        assert removed == below
+        assert {2, 3} <= removed and i not in removed  # crafted: 2, 3 split; class i certain somewhere
+        kept = [c for c in range(4) if c not in removed]
+        assert torch.allclose(logits[i, kept], cos[i, kept], atol=1e-6)
+        assert not set(logits[i].argmax(0).flatten().tolist()) & removed
+
+
+def test_prompt_denoising_keeps_most_confident_patch_class():
+    """All classes below the threshold (near-identical prompts): only the argmax class of the
+    image's most confident patch survives, and it becomes every patch's pseudo-label."""
+    t = _refined_teacher(prompt_denoising=True, key_smoothing=True)
+    images = _images(2, seed=5)
+    feats = t.dense_features(images)
+    base = F.normalize(feats.mean(dim=(0, 2, 3)), dim=0)
+    g = torch.Generator().manual_seed(0)
+    near = F.normalize(base + 0.002 * torch.randn(4, base.numel(), generator=g), dim=1)
+    t.text_embeddings.copy_(near)
+    cos = _cosines(feats, near).double().flatten(2)  # (2, C, N)
+    prob = torch.softmax(100 * cos, dim=1)
+    assert (prob.amax(dim=(1, 2)) < 0.5).all(), "crafted: every class below the threshold"
+    _, logits = t.dense_outputs(images)
+    for i in range(2):
+        best_patch = prob[i].amax(0).argmax()
+        keep = int(prob[i, :, best_patch].argmax())
+        assert (logits[i, keep] > -1.5).all()
+        others = [c for c in range(4) if c != keep]
+        assert (logits[i, others] == DENOISED_SCORE).all()
+        assert (logits[i].argmax(0) == keep).all()
+
+
+def test_denoising_decided_on_raw_scores_before_smoothing():
+    images = _images(2, seed=6)
+    pd = _refined_teacher(prompt_denoising=True, denoise_threshold=0.9)
+    both = _refined_teacher(prompt_denoising=True, key_smoothing=True, denoise_threshold=0.9)
+    _, a = pd.dense_outputs(images)
+    _, b = both.dense_outputs(images)
+    removed_a = (a == DENOISED_SCORE).all(dim=(2, 3))
+    removed_b = (b == DENOISED_SCORE).all(dim=(2, 3))
+    assert torch.equal(removed_a, removed_b) and removed_a.any()
+    assert torch.isfinite(b).all() and b.min() >= DENOISED_SCORE
+    kept_b = b.masked_fill(removed_b[:, :, None, None], float("nan"))
+    assert torch.nanmean(kept_b) > -1.1
+    # removed classes are never a pseudo-label
+    labels = b.argmax(1)
+    for i in range(2):
+        assert not set(labels[i].flatten().tolist()) & set(torch.nonzero(removed_b[i]).flatten().tolist())
+
+
+def test_fingerprint_records_refinements(teacher):
+    fp = teacher.fingerprint
+    assert fp["key_smoothing"] is False and fp["prompt_denoising"] is False
+    assert fp["denoise_threshold"] == 0.5 and fp["smoothing_threshold"] == 1.0
+    cfg = TeacherConfig(TINY_MODEL_NAME, "none", (64, 96), key_smoothing=True, prompt_denoising=True,
+                        denoise_threshold=0.4, smoothing_threshold=0.9)
+    t = load_teacher(cfg, CLASSES, templates=FEW_TEMPLATES)
+    assert t.fingerprint["key_smoothing"] is True and t.fingerprint["prompt_denoising"] is True
+    assert t.fingerprint["denoise_threshold"] == 0.4 and t.fingerprint["smoothing_threshold"] == 0.9
+    assert t.fingerprint != teacher.fingerprint
+    json.dumps(t.fingerprint)
+    # same weights, same features; the refinements only change the logits
+    images = _images(1)
+    assert torch.equal(t.dense_features(images), teacher.dense_features(images))
+    assert not torch.equal(t.dense_outputs(images)[1], teacher.dense_outputs(images)[1])
+    with pytest.raises(ValueError, match="denoise_threshold"):
+        load_teacher(TeacherConfig(TINY_MODEL_NAME, "none", (64, 96), denoise_threshold=2.0), CLASSES)
+    with pytest.raises(ValueError, match="smoothing_threshold"):
+        load_teacher(TeacherConfig(TINY_MODEL_NAME, "none", (64, 96), smoothing_threshold=-1.0), CLASSES)

@@ -64,7 +64,9 @@ def test_cache_contents_match_dataset(sample, cache_path):
             assert not vis.any()
         feats = torch.from_numpy(scan.pair_features.astype(np.float32))
         np.testing.assert_allclose(feats.norm(dim=1), 1.0, atol=2e-3)
-        np.testing.assert_allclose(scan.pair_logits.astype(np.float32), (feats @ text.T).numpy(), atol=4e-3)
+        # logits are sampled from the dense logit map, so they agree with the features' argmax mostly
+        agree = (scan.pair_logits.astype(np.float32).argmax(1) == (feats @ text.T).numpy().argmax(1)).mean()
+        assert agree > 0.8, agree
 
 
 def test_features_are_teacher_output_at_the_pixel(sample, cache_path):
@@ -76,7 +78,8 @@ def test_features_are_teacher_output_at_the_pixel(sample, cache_path):
     teacher = load_teacher(TINY, cache.class_names)
     c = int(np.bincount(scan.pair_camera).argmax())
     cam = kf.cameras[c]
-    dense = teacher.dense_features(images_to_tensor([load_image(cam.path, cam.width, cam.height)], (64, 112)))[0]
+    dense, dense_logits = teacher.dense_outputs(images_to_tensor([load_image(cam.path, cam.width, cam.height)], (64, 112)))
+    dense, dense_logits = dense[0], dense_logits[0]
     d, h, w = dense.shape
     rows = np.flatnonzero(scan.pair_camera == c)[::97][:20]
     for r in rows:
@@ -88,10 +91,13 @@ def test_features_are_teacher_output_at_the_pixel(sample, cache_path):
         x0, y0 = int(np.floor(x)), int(np.floor(y))
         x1, y1 = min(x0 + 1, w - 1), min(y0 + 1, h - 1)
         ax, ay = x - x0, y - y0
-        f = ((1 - ax) * (1 - ay) * dense[:, y0, x0] + ax * (1 - ay) * dense[:, y0, x1]
-             + (1 - ax) * ay * dense[:, y1, x0] + ax * ay * dense[:, y1, x1])
-        f = F.normalize(f, dim=0).numpy()
+        def bilinear(m):
+            return ((1 - ax) * (1 - ay) * m[:, y0, x0] + ax * (1 - ay) * m[:, y0, x1]
+                    + (1 - ax) * ay * m[:, y1, x0] + ax * ay * m[:, y1, x1])
+
+        f = F.normalize(bilinear(dense), dim=0).numpy()
         np.testing.assert_allclose(scan.pair_features[r].astype(np.float32), f, atol=3e-3)
+        np.testing.assert_allclose(scan.pair_logits[r].astype(np.float32), bilinear(dense_logits).numpy(), atol=3e-3)
 
 
 def test_one_camera_per_point_farthest_from_border(sample, cache_path):

@@ -17,7 +17,8 @@ C, D = 3, 8
 META = dict(dataset=dict(name="nuscenes", version="v1.0-mini", dataroot="/d", split=None),
             teacher=dict(model="tiny", weights="none", weights_sha256="random", image_size=[32, 64],
                          class_names=["a", "b", "c"], templates_sha256="0" * 64, embed_dim=D, patch_size=16),
-            class_names=["a", "b", "c"], class_set="test", sweeps=1, cameras=["CAM_FRONT"])
+            class_names=["a", "b", "c"], eval_class_names=["a", "b", "c"], prompt_to_eval=[1, 2, 3], class_set="test",
+            sweeps=1, cameras=["CAM_FRONT"])
 
 
 def make_scan(rng, i, n, m, split="train"):
@@ -57,7 +58,7 @@ def test_format_is_pinned(tmp_path):
     root = json.loads((path / "zarr.json").read_text())
     assert root["zarr_format"] == 3 and root["node_type"] == "group"
     meta = root["attributes"]["clip2scene"]
-    assert meta["format"] == "clip2scene-cache" and meta["schema_version"] == 1 == schema.SCHEMA_VERSION
+    assert meta["format"] == "clip2scene-cache" and meta["schema_version"] == 2 == schema.SCHEMA_VERSION
     assert meta["status"] == "complete"
     assert set(schema.REQUIRED_META) <= set(meta)
     assert (meta["num_scans"], meta["num_points"], meta["num_pairs"]) == (3, 303, 123)

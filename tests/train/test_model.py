@@ -14,6 +14,7 @@ from spconv.core import ConvAlgo  # noqa: E402
 from spconv.pytorch.conv import SparseConvolution  # noqa: E402
 
 from clip2scene.train.model import (  # noqa: E402
+    KNOWN_ARCHS,
     MinkUNet,
     ModelConfig,
     build_model,
@@ -179,8 +180,32 @@ def test_batch_of_two_scans_does_not_mix_items():
 
 
 def test_unknown_arch_raises():
-    with pytest.raises(ValueError, match="pointnet"):
+    assert KNOWN_ARCHS == ("minkunet", "spvcnn")
+    with pytest.raises(ValueError, match="pointnet.*minkunet, spvcnn"):
         build_model(ModelConfig(arch="pointnet"))
+
+
+def test_forward_points_is_the_trainer_recipe():
+    """``forward_points`` == scatter_mean -> sparse tensor -> forward -> gather, bit for bit;
+    ``xyz`` is accepted and ignored; ``embed_points`` is the gathered ``embed``."""
+    torch.manual_seed(12)
+    model = build_model(SMALL).eval()
+    _randomise_bn_stats(model, 3)
+    xyz, intensity = _scan(900, 12)
+    feats = intensity[:, None]
+    vox = voxelize(xyz, torch.zeros(900, dtype=torch.int64), 0.1)
+    with torch.no_grad():
+        x = vox.sparse_tensor(scatter_mean(feats, vox.point2voxel, vox.num_voxels))
+        ref = model(x)[vox.point2voxel]
+        out = model.forward_points(vox, feats)
+        assert out.shape == (900, SMALL.out_channels)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+        torch.testing.assert_close(model.forward_points(vox, feats, xyz), ref, atol=0, rtol=0)
+        emb = model.embed_points(vox, feats)
+        torch.testing.assert_close(emb, model.embed(x)[vox.point2voxel], atol=0, rtol=0)
+    assert emb.shape == (900, model.embed_channels)
+    with pytest.raises(ValueError, match="point_features"):
+        model.forward_points(vox, feats[:-1])
 
 
 def test_config_validation():
@@ -210,12 +235,12 @@ def test_overfits_tiny_problem():
     xyz, intensity = _scan(500, 9, extent=6.0)
     labels = (xyz[:, 0] > 0).long() * 2 + (xyz[:, 2] > -2.9).long()  # 4 classes
     vox = voxelize(xyz, torch.zeros(500, dtype=torch.int64), 0.1)
-    x = vox.sparse_tensor(scatter_mean(intensity[:, None], vox.point2voxel, vox.num_voxels))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x)[vox.point2voxel], labels)
+        out = model.forward_points(vox, intensity[:, None])
+        loss = torch.nn.functional.cross_entropy(out, labels)
         loss.backward()
         opt.step()
         losses.append(loss.item())

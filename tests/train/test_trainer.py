@@ -22,7 +22,8 @@ def teacher_meta(sha="random"):
     return dict(dataset=dict(name="nuscenes", version="v1.0-mini", dataroot="/x", split=None),
                 teacher=dict(model="tiny", weights="none", weights_sha256=sha, quick_gelu=False, image_size=[64, 112],
                              class_names=names, templates_sha256="t" * 64, embed_dim=D, patch_size=16),
-                class_names=names, class_set="test", sweeps=1, cameras=["CAM_FRONT"])
+                class_names=names, eval_class_names=names, prompt_to_eval=[1, 2, 3], class_set="test",
+                sweeps=1, cameras=["CAM_FRONT"])
 
 
 def make_scan(rng, i, split):
