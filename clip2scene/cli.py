@@ -1,4 +1,4 @@
-"""The `clip2scene` command line: make-sample, precompute, train, evaluate, cache info, demo.
+"""The `clip2scene` command line: make-sample, precompute, train, evaluate, ablate, cache info, demo.
 
 Only this module prints. Library errors (clip2scene.errors) become one line on stderr and exit
 code 2, with no traceback. Run `clip2scene --help` or `clip2scene COMMAND --help`.
@@ -353,7 +353,7 @@ def demo(
     _print_precompute(meta)
     info = open_cache(cfg.out).info()
     typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per visible point)")
-    typer.echo(f"[3/4] train: MinkUNet (spconv) from the cache, {epochs} epochs")
+    typer.echo(f"[3/4] train: SPVCNN (spconv) from the cache, SCR + SSR + S3, {epochs} epochs")
     tcfg = _train_config(cfg.out, workdir / "run", epochs=epochs, batch_size=2, lr=0.05,
                          channels="16,16,32,64,128,128,64,48,48")
     _print_train(_run(run_train, tcfg))

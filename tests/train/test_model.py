@@ -30,18 +30,6 @@ SMALL = ModelConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to OpenMP spin contention when
-    the 2 cores are shared (BatchNorm on a (500, 16) tensor went from 30 us to 7 ms)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _scan(n: int, seed: int, extent: float = 8.0):
     """Synthetic scan: a ground plane plus a few boxes' surfaces; (xyz (n,3), intensity (n,))."""
     g = torch.Generator().manual_seed(seed)

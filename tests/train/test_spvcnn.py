@@ -38,17 +38,6 @@ SMALL = dict(out_channels=16, channels=(8, 8, 16, 16, 32, 32, 16, 16, 16), block
 VARIANTS = [("minkunet", False), ("spvcnn", False), ("spvcnn", True)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: faster for tiny tensors on 2 shared cores (see test_model.py)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _scan(n: int, seed: int, extent: float = 8.0):
     """Ground plane + 4 boxes; (xyz (n, 3) float32, intensity (n, 1) float32)."""
     g = torch.Generator().manual_seed(seed)
