@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -222,8 +222,3 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     log.info("precompute done: %d scans in %.1fs", len(keyframes), seconds)
     return result
 
-
-def config_dict(config: PrecomputeConfig) -> dict:
-    """JSON-friendly view of a PrecomputeConfig."""
-    d = asdict(config)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
