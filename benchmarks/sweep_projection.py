@@ -35,13 +35,11 @@ def main() -> None:
     root = make_sample(Path(tempfile.mkdtemp()) / "root",
                        SampleConfig(scenes=args.scenes, keyframes=args.keyframes, sweeps=max(args.sweeps - 1, 1)))
     ds = NuScenes(root, "v1.0-mini")
-    fine_of_point = {}  # per keyframe, fine labels
     hits = np.zeros(args.sweeps)
     total = np.zeros(args.sweeps)
     for kf in ds.keyframes(sweeps=args.sweeps):
         xyzi, sweep, n_key = merged_points(kf)
         fine = np.fromfile(kf.lidarseg, dtype=np.uint8)
-        fine_of_point[kf.sample_token] = fine
         key = torch.from_numpy(xyzi[:n_key, :3])
         d, nn = torch.cdist(torch.from_numpy(xyzi[n_key:, :3]), key).min(dim=1)
         cls = np.concatenate([fine, np.where(d.numpy() < 0.2, fine[nn.numpy()], 255)]).astype(np.int64)

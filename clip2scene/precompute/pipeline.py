@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from clip2scene.classes import get_class_set, get_eval_classes, prompt_to_eval
+from clip2scene.devices import resolve_device
 from clip2scene.errors import ConfigError, DataError
 from clip2scene.precompute.geometry import project_points, sensor_to_sensor
 from clip2scene.precompute.maskclip import MaskCLIP, TeacherConfig, load_teacher
@@ -187,12 +188,7 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         keyframes = keyframes[: config.limit]
     if not keyframes:
         raise DataError(f"no keyframes in {ds.dataroot / ds.version} for split {config.split!r}")
-    try:
-        device = torch.device(config.device)
-    except RuntimeError:
-        raise ConfigError(f"--device {config.device!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {config.device}: CUDA is not available on this machine")
+    device = resolve_device(config.device)
     try:
         teacher = load_teacher(config.teacher, class_names, device=device)
     except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower

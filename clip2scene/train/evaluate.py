@@ -30,7 +30,8 @@ from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.loss import text_logits
 from clip2scene.train.metrics import ConfusionMatrix
 from clip2scene.train.model import build_model
-from clip2scene.train.trainer import forward_points, resolve_device
+from clip2scene.devices import resolve_device
+from clip2scene.train.trainer import forward_points
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from clip2scene.devices import resolve_device
 from clip2scene.errors import ConfigError
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, text_logits
 from clip2scene.train.model import ModelConfig, build_model, count_parameters
-from clip2scene.train.voxelize import scatter_mean, voxelize
+from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,6 @@ class TrainConfig:
     switch_epoch: int | None = None  # first epoch (0-based) with S3 switching; None = epochs // 2
     switch_prob: float = 0.5  # probability of using the network's own prediction
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # student architecture
-
-
-def resolve_device(device: str) -> torch.device:
-    """torch.device for a --device value; ConfigError if CUDA is asked for but absent."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a torch device (use cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 def forward_points(model: torch.nn.Module, batch: dict, voxel_size: float, device: torch.device,

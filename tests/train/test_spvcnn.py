@@ -30,6 +30,7 @@ from clip2scene.train.spvcnn import (  # noqa: E402
     point_positions,
 )
 from clip2scene.train.voxelize import Voxels, scatter_mean, voxelize  # noqa: E402
+from tests.train.test_model import _scan as _model_scan  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,9 @@ VARIANTS = [("minkunet", False), ("spvcnn", False), ("spvcnn", True)]
 
 
 def _scan(n: int, seed: int, extent: float = 8.0):
-    """Ground plane + 4 boxes; (xyz (n, 3) float32, intensity (n, 1) float32)."""
-    g = torch.Generator().manual_seed(seed)
-    n_ground = n // 2
-    ground = torch.rand(n_ground, 3, generator=g) * torch.tensor([extent, extent, 0.05])
-    centres = torch.rand(4, 3, generator=g) * torch.tensor([extent, extent, 1.0])
-    which = torch.randint(0, 4, (n - n_ground,), generator=g)
-    objects = centres[which] + torch.rand(n - n_ground, 3, generator=g) * 1.5
-    xyz = torch.cat([ground, objects]) - extent / 2
-    return xyz.float(), torch.rand(n, 1, generator=g)
+    """test_model's ground plane + 4 boxes, intensity as a column: (xyz (n, 3), intensity (n, 1))."""
+    xyz, intensity = _model_scan(n, seed, extent)
+    return xyz, intensity[:, None]
 
 
 def _batch(scans, voxel_size: float = 0.1):
