@@ -37,13 +37,14 @@ def main() -> None:
     ds = NuScenes(root, "v1.0-mini")
     hits = np.zeros(args.sweeps)
     total = np.zeros(args.sweeps)
-    for kf in ds.keyframes(sweeps=args.sweeps):
+    for scan in ds.scans(sweeps=args.sweeps):
+        kf = scan.native
         xyzi, sweep, n_key = merged_points(kf)
         fine = np.fromfile(kf.lidarseg, dtype=np.uint8)
         key = torch.from_numpy(xyzi[:n_key, :3])
         d, nn = torch.cdist(torch.from_numpy(xyzi[n_key:, :3]), key).min(dim=1)
         cls = np.concatenate([fine, np.where(d.numpy() < 0.2, fine[nn.numpy()], 255)]).astype(np.int64)
-        idx, cams, uv = assign_cameras(xyzi[:, :3], kf)
+        idx, cams, uv = assign_cameras(xyzi[:, :3], ds, scan)
         classes = np.array(sorted(set(fine.tolist())))
         palette = np.array([CLASS_COLOURS[c] for c in classes], dtype=np.float64)
         palette /= np.linalg.norm(palette, axis=1, keepdims=True)

@@ -1,4 +1,5 @@
-"""The `clip2scene` command line: make-sample, precompute, train, evaluate, ablate, cache info, demo.
+"""The `clip2scene` command line: make-sample, precompute, train, evaluate, ablate, finetune,
+linear-probe, report, cache info, demo.
 
 Only this module prints. Library errors (clip2scene.errors) become one line on stderr and exit
 code 2, with no traceback. Run `clip2scene --help` or `clip2scene COMMAND --help`.
@@ -78,21 +79,46 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progr
 # ---------------------------------------------------------------------------------- make-sample
 @app.command("make-sample")
 def make_sample_cmd(
-    out: Path = typer.Option(..., help="Folder to write the synthetic nuScenes dataroot into (must not exist)."),
-    scenes: int = typer.Option(2, help="Number of scenes (<= 10: v1.0-mini names, else v1.0-trainval)."),
-    keyframes: int = typer.Option(4, help="Keyframes per scene."),
-    sweeps: int = typer.Option(3, help="Lidar sweeps stored before each keyframe."),
-    width: int = typer.Option(400, help="Camera image width (nuScenes is 1600)."),
-    height: int = typer.Option(225, help="Camera image height (nuScenes is 900)."),
+    out: Path = typer.Option(..., help="Folder to write the synthetic dataroot into (must not exist)."),
+    format: str = typer.Option("nuscenes", "--format", help="On-disk format: nuscenes, semantickitti or scannet."),
+    scenes: int = typer.Option(2, help="nuScenes scenes (<= 10: v1.0-mini names) / ScanNet train scenes (+1 val)."),
+    keyframes: int = typer.Option(4, help="Keyframes per scene (nuScenes) / frames per sequence (KITTI) / frames per scene (ScanNet)."),
+    sweeps: int = typer.Option(3, help="nuScenes: lidar sweeps stored before each keyframe."),
+    width: Optional[int] = typer.Option(None, help="Image width (default nuscenes 400, semantickitti 320, scannet 320)."),
+    height: Optional[int] = typer.Option(None, help="Image height (default nuscenes 225, semantickitti 96, scannet 240)."),
     seed: int = typer.Option(0, help="Random seed; the output is deterministic given it."),
 ) -> None:
-    """Write a small synthetic dataset in the exact nuScenes on-disk format."""
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    """Write a small synthetic dataset in the exact on-disk format of nuScenes, SemanticKITTI or ScanNet."""
+    try:
+        _make_sample(out, format, scenes, keyframes, sweeps, width, height, seed)
+    except ValueError as e:  # a bad generator setting
+        _fail(f"make-sample: {e}")
 
-    cfg = SampleConfig(scenes=scenes, keyframes=keyframes, sweeps=sweeps, image_width=width,
-                       image_height=height, seed=seed)
-    root = _run(make_sample, out, cfg)
-    typer.echo(f"wrote synthetic nuScenes sample: {root} ({scenes} scenes x {keyframes} keyframes)")
+
+def _make_sample(out: Path, format: str, scenes: int, keyframes: int, sweeps: int, width: Optional[int],
+                 height: Optional[int], seed: int) -> None:
+    if format == "nuscenes":
+        from clip2scene.precompute.synthetic import SampleConfig, make_sample
+
+        cfg = SampleConfig(scenes=scenes, keyframes=keyframes, sweeps=sweeps, image_width=width or 400,
+                           image_height=height or 225, seed=seed)
+        root = _run(make_sample, out, cfg)
+        typer.echo(f"wrote synthetic nuScenes sample: {root} ({scenes} scenes x {keyframes} keyframes)")
+    elif format == "semantickitti":
+        from clip2scene.precompute.synthetic_kitti import KittiSampleConfig, make_semantickitti_sample
+
+        cfg = KittiSampleConfig(frames=keyframes, image_width=width or 320, image_height=height or 96, seed=seed)
+        root = _run(make_semantickitti_sample, out, cfg)
+        typer.echo(f"wrote synthetic SemanticKITTI sample: {root} (sequences {', '.join(cfg.sequences)} x {keyframes} frames)")
+    elif format == "scannet":
+        from clip2scene.precompute.synthetic_scannet import ScanNetSampleConfig, make_scannet_sample
+
+        cfg = ScanNetSampleConfig(train_scenes=scenes, frames=keyframes * 2, image_width=width or 320,
+                                  image_height=height or 240, seed=seed)
+        root = _run(make_scannet_sample, out, cfg)
+        typer.echo(f"wrote synthetic ScanNet sample: {root} ({scenes} train + 1 val scenes x {cfg.frames} frames)")
+    else:
+        _fail(f"--format {format!r}: expected nuscenes, semantickitti or scannet")
 
 
 # ---------------------------------------------------------------------------------- precompute
@@ -111,6 +137,9 @@ def _print_precompute(meta: dict) -> None:
     t = meta["teacher"]
     typer.echo(f"cache: {meta.get('path', '')}")
     typer.echo(f"  scans {meta['num_scans']}, points {meta['num_points']}, camera-visible points {meta['num_pairs']}")
+    if t is None:
+        typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
+        return
     typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']}")
     typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
     if t["weights_sha256"] == "random":
@@ -121,28 +150,31 @@ def _print_precompute(meta: dict) -> None:
 def precompute(
     dataroot: Path = typer.Option(..., help="Dataset root folder."),
     out: Path = typer.Option(..., help="Cache folder to create (Zarr v3)."),
-    dataset: str = typer.Option("nuscenes", help="Dataset format."),
+    dataset: str = typer.Option("nuscenes", help="Dataset format: nuscenes, semantickitti, scannet."),
     version: str = typer.Option("v1.0-trainval", help="nuScenes version folder (v1.0-mini, v1.0-trainval)."),
     split: Optional[str] = typer.Option(None, help="Only this split (train/val); default all."),
     sweeps: int = typer.Option(3, help="Lidar frames per scan: keyframe + K-1 previous sweeps (1..10)."),
-    class_set: str = typer.Option("nuscenes", help="Prompt class set: nuscenes, semantickitti, cityscapes, scannet, all."),
-    clip_model: str = typer.Option("ViT-B-16", help="open_clip model name."),
+    class_set: Optional[str] = typer.Option(None, help="Prompt class set: nuscenes, semantickitti, cityscapes, scannet, all (default: the dataset's)."),
+    clip_model: str = typer.Option("ViT-B-16", help="open_clip model name, or none: cache points and labels only (no teacher)."),
     clip_weights: str = typer.Option("openai", help="open_clip tag, checkpoint file, local-dir:DIR, or none (random)."),
-    image_size: str = typer.Option("224x416", help="Teacher input size HxW."),
+    image_size: Optional[str] = typer.Option(None, help="Teacher input size HxW (default per dataset: nuscenes 224x416, semantickitti 128x416, scannet 240x320)."),
     key_smoothing: bool = typer.Option(False, help="MaskCLIP key smoothing of the class scores."),
     prompt_denoising: bool = typer.Option(False, help="MaskCLIP prompt denoising (drop classes absent from an image)."),
     denoise_threshold: float = typer.Option(0.5, help="Prompt-denoising threshold on a class's max probability."),
     device: str = typer.Option("cpu", help="Teacher device (cpu, cuda)."),
     overwrite: bool = typer.Option(False, help="Replace an existing cache."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N keyframes."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N scans."),
 ) -> None:
-    """Stage one: run MaskCLIP once per keyframe and write the per-point cache."""
-    from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
+    """Stage one: run MaskCLIP once per scan and write the per-point cache."""
+    from clip2scene.precompute.pipeline import DATASETS, DEFAULT_IMAGE_SIZE, PrecomputeConfig, run_precompute
 
+    if dataset not in DATASETS:
+        _fail(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE[dataset]))
+    teacher = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
+                                                                prompt_denoising, denoise_threshold)
     cfg = PrecomputeConfig(dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
-                           sweeps=sweeps, class_set=class_set,
-                           teacher=_teacher_config(clip_model, clip_weights, image_size, key_smoothing,
-                                                   prompt_denoising, denoise_threshold),
+                           sweeps=sweeps, class_set=class_set or dataset, teacher=teacher,
                            device=device, overwrite=overwrite, limit=limit)
     meta = _run(run_precompute, cfg)
     meta["path"] = str(out)
@@ -181,7 +213,7 @@ def _training_options(
     batch_size: int = typer.Option(4, help="Scans per step."),
     lr: float = typer.Option(0.1, help="SGD learning rate (momentum 0.9, weight decay 1e-4, cosine schedule)."),
     tau: float = typer.Option(0.5, help="SCR temperature."),
-    voxel_size: float = typer.Option(0.1, help="Voxel size in metres."),
+    voxel_size: Optional[float] = typer.Option(None, help="Voxel size in metres (default: the dataset's, 0.1 outdoor, 0.05 ScanNet)."),
     arch: str = typer.Option("spvcnn", help="Student: spvcnn (paper) or minkunet."),
     channels: Optional[str] = typer.Option(None, help="9 comma-separated widths (default 32,32,64,128,256,256,128,96,96)."),
     sweeps: Optional[int] = typer.Option(None, help="Use the first K cached lidar frames per scan (default all)."),
@@ -270,18 +302,124 @@ def _print_eval(r: dict) -> None:
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., help="checkpoint.pt from train."),
+    checkpoint: Path = typer.Option(..., help="checkpoint.pt from train, finetune or linear-probe."),
     cache: Path = typer.Option(..., help="Cache with ground-truth labels."),
     split: str = typer.Option("val", help="Cached split to evaluate."),
     out: Optional[Path] = typer.Option(None, help="JSON result path (default next to the checkpoint)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
-    """Annotation-free mIoU (devkit protocol) of a checkpoint on a cached split."""
-    from clip2scene.train.evaluate import EvalConfig, evaluate as run_eval
+    """mIoU (the dataset's protocol) of a checkpoint on a cached split: annotation-free for a
+    distillation checkpoint (text embeddings), classifier argmax for a fine-tuned one."""
 
+    from clip2scene.train.checkpoint import load_checkpoint
+    from clip2scene.train.evaluate import EvalConfig, evaluate as run_eval
+    from clip2scene.train.finetune import SEGMENTER_KIND, evaluate_segmenter
+
+    if _run(load_checkpoint, checkpoint).get("kind") == SEGMENTER_KIND:
+        r = _run(evaluate_segmenter, checkpoint, str(cache), split, device)
+        path = out or checkpoint.parent / f"eval_{split}.json"
+        path.write_text(json.dumps(r, indent=2))
+        typer.echo(f"{split}: {r['scans']} scans, {r['points']} points; mIoU {_fmt(r['miou'])}")
+        for name, v in r["per_class_iou"].items():
+            typer.echo(f"  {name:22s} {_fmt(v)}")
+        typer.echo(f"  result: {path}")
+        return
     cfg = EvalConfig(checkpoint=str(checkpoint), cache=str(cache), split=split,
                      out=str(out) if out else None, device=device)
     _print_eval(_run(run_eval, cfg))
+
+
+# ---------------------------------------------------------------------------------- finetune
+def _print_finetune(r: dict) -> None:
+    typer.echo(f"run: {r['run']}  ({r['mode']}, init {r['init']}, {r['trainable_parameters'] / 1e6:.2f}M trainable)")
+    typer.echo(f"  labelled scans {r['labelled_scans']} of {r['train_scans']} (fraction {r['label_fraction']:g}), "
+               f"{r['epochs']} epochs in {r['seconds']:.1f} s")
+    if "miou" in r:
+        typer.echo(f"  {r['eval_split']}: mIoU {_fmt(r['miou'])} over {r['eval_scans']} scans")
+    typer.echo(f"  result: {r['json']}")
+
+
+def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_fraction: float, epochs: int,
+                  batch_size: int, lr: float, head_lr_mult: float, lovasz_weight: float, eval_split: str,
+                  voxel_size: Optional[float], arch: str, channels: Optional[str], device: str, workers: int, seed: int,
+                  augment: bool) -> None:
+    from clip2scene.train.finetune import FinetuneConfig, finetune
+    from clip2scene.train.model import ModelConfig
+
+    try:
+        model = ModelConfig(arch=arch)
+        chans = _parse_channels(channels)
+        if chans is not None:
+            model = replace(model, channels=chans)
+    except ValueError as e:
+        _fail(f"--arch {arch!r} / --channels {channels!r}: {e}")
+    cfg = FinetuneConfig(cache=str(cache), out=str(out), checkpoint=None if checkpoint == "none" else checkpoint,
+                         mode=mode, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
+                         head_lr_mult=head_lr_mult, lovasz_weight=lovasz_weight,
+                         eval_split=None if eval_split == "none" else eval_split, voxel_size=voxel_size,
+                         device=device, workers=workers, seed=seed, augment=augment, model=model)
+    _print_finetune(_run(finetune, cfg))
+
+
+@app.command()
+def finetune(
+    checkpoint: str = typer.Option(..., help="Pre-trained checkpoint.pt from train, or none (random init baseline)."),
+    cache: Path = typer.Option(..., help="Cache with labels (a labels-only cache from --clip-model none works)."),
+    out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, result.json)."),
+    label_fraction: float = typer.Option(1.0, help="Labelled fraction of the training scans: 0.01 = every 100th scan."),
+    epochs: int = typer.Option(24, help="Epochs."),
+    batch_size: int = typer.Option(8, help="Scans per step."),
+    lr: float = typer.Option(0.02, help="Backbone SGD learning rate (cosine)."),
+    head_lr_mult: float = typer.Option(100.0, help="Classifier learning rate = lr x this."),
+    lovasz_weight: float = typer.Option(1.0, help="Weight of Lovasz-softmax next to cross-entropy."),
+    eval_split: str = typer.Option("val", help="Split to evaluate at the end (none = skip)."),
+    voxel_size: Optional[float] = typer.Option(None, help="Voxel size (default: the checkpoint's, else the dataset's)."),
+    arch: str = typer.Option("spvcnn", help="Architecture for random init: spvcnn or minkunet."),
+    channels: Optional[str] = typer.Option(None, help="9 widths for random init (default the paper's)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    workers: int = typer.Option(0, help="DataLoader workers."),
+    seed: int = typer.Option(0, help="Random seed."),
+    augment: bool = typer.Option(True, help="Random z-rotation and flips."),
+) -> None:
+    """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone."""
+    _finetune_cmd("finetune", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
+                  lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment)
+
+
+@app.command("linear-probe")
+def linear_probe(
+    checkpoint: str = typer.Option(..., help="Pre-trained checkpoint.pt from train."),
+    cache: Path = typer.Option(..., help="Cache with labels."),
+    out: Path = typer.Option(..., help="Run folder."),
+    label_fraction: float = typer.Option(1.0, help="Labelled fraction of the training scans."),
+    epochs: int = typer.Option(24, help="Epochs."),
+    batch_size: int = typer.Option(8, help="Scans per step."),
+    lr: float = typer.Option(0.02, help="Base learning rate; the linear head trains at lr x head-lr-mult."),
+    head_lr_mult: float = typer.Option(100.0, help="Classifier learning rate = lr x this."),
+    lovasz_weight: float = typer.Option(1.0, help="Weight of Lovasz-softmax next to cross-entropy."),
+    eval_split: str = typer.Option("val", help="Split to evaluate at the end (none = skip)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    workers: int = typer.Option(0, help="DataLoader workers."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Linear probe: frozen pre-trained backbone, a linear classifier trained on labels."""
+    _finetune_cmd("linear", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
+                  lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True)
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders (searched for result.json) or result.json files."),
+    out: Optional[Path] = typer.Option(None, help="Also write the table to this Markdown file."),
+) -> None:
+    """One table of fine-tuning / linear-probe results, shaped like the paper's Table 1."""
+    from clip2scene.train.report import format_table, gather
+
+    table = format_table(_run(gather, runs))
+    typer.echo(table)
+    if out:
+        out.write_text(table + "\n")
+        typer.echo(f"written: {out}")
 
 
 # ---------------------------------------------------------------------------------- cache info

@@ -60,7 +60,7 @@ def test_bad_inputs_are_one_line_errors(sample, tmp_path):
     assert_one_line_error(run("precompute", "--dataroot", tmp_path / "nope", "--out", tmp_path / "c1", *TINY),
                           "dataroot not found", "nope")
     assert_one_line_error(run("precompute", "--dataset", "waymo", "--dataroot", sample, "--out", tmp_path / "c2", *TINY),
-                          "unknown dataset 'waymo'")
+                          "--dataset 'waymo'")
     assert_one_line_error(run("precompute", "--dataroot", sample, "--version", "v1.0-mini", "--class-set", "coco",
                               "--out", tmp_path / "c3", *TINY), "unknown class set 'coco'")
     assert_one_line_error(run("precompute", "--dataroot", sample, "--version", "v1.0-mini", "--out", tmp_path / "c3",

@@ -25,7 +25,8 @@ import numpy as np
 
 from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.errors import DataError
-from clip2scene.precompute.geometry import Pose
+from clip2scene.precompute.dataset import ScanRef, View
+from clip2scene.precompute.geometry import Pose, project_points, sensor_to_sensor
 from clip2scene.precompute.splits import scene_split
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,9 @@ class NuScenes:
     """Index over the nuScenes tables of one version under a dataroot."""
 
     name = "nuscenes"
+    cameras = CAMERAS
+    point_features = ("intensity",)
+    voxel_size = 0.1
 
     def __init__(self, dataroot: str | Path, version: str = "v1.0-trainval"):
         self.dataroot = Path(dataroot)
@@ -276,3 +280,46 @@ class NuScenes:
         if fine.shape[0] != num_points:
             raise DataError(f"{keyframe.lidarseg}: {fine.shape[0]} labels for {num_points} points in {keyframe.lidar.path}")
         return self.label_map[fine]
+
+    # -- the precompute.dataset.Dataset protocol ------------------------------------------------
+    def scans(self, split: str | None = None, sweeps: int = 1) -> list[ScanRef]:
+        """Keyframes as ScanRefs (native = the Keyframe)."""
+        return [ScanRef(token=kf.sample_token, scene=kf.scene, split=kf.split, timestamp=kf.timestamp,
+                        lidar_path=str(kf.lidar.path.relative_to(self.dataroot)), native=kf)
+                for kf in self.keyframes(split=split, sweeps=sweeps)]
+
+    def points(self, scan: ScanRef) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """xyz (n, 3) float32 keyframe lidar frame, intensity / 255 (n, 1) float32 in 0..1, sweep (n,) uint8, n_key."""
+        xyzi, sweep, n_key = merged_points(scan.native)
+        return np.ascontiguousarray(xyzi[:, :3]), xyzi[:, 3:4] / np.float32(255.0), sweep, n_key
+
+    def labels(self, scan: ScanRef, n_key: int) -> np.ndarray:
+        return self.load_labels(scan.native, n_key)
+
+    def views(self, scan: ScanRef) -> list[View]:
+        return [View(c.channel, c.path, c.width, c.height) for c in scan.native.cameras]
+
+    def project(self, scan: ScanRef, view: int, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Devkit-exact projection of keyframe-lidar points into camera `view` (see geometry)."""
+        kf = scan.native
+        cam = kf.cameras[view]
+        uv, _, vis = project_points(xyz, kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib, cam.intrinsic,
+                                    cam.width, cam.height)
+        return uv, vis
+
+
+def merged_points(kf: Keyframe) -> tuple[np.ndarray, np.ndarray, int]:
+    """Keyframe + previous sweeps in the keyframe lidar frame.
+
+    Returns xyzi (n, 4) float32, sweep (n,) uint8 (0 = keyframe) and the keyframe point count.
+    """
+    key = load_points(kf.lidar.path)
+    if len(key) == 0:
+        raise DataError(f"{kf.lidar.path}: scan has no points")
+    parts, sweep_ids = [key[:, :4]], [np.zeros(len(key), np.uint8)]
+    for j, sw in enumerate(kf.sweeps, start=1):
+        pts = load_points(sw.path)
+        xyz = sensor_to_sensor(pts[:, :3], sw.calib, sw.ego, kf.lidar.ego, kf.lidar.calib)
+        parts.append(np.concatenate([xyz, pts[:, 3:4]], axis=1))
+        sweep_ids.append(np.full(len(pts), j, np.uint8))
+    return np.concatenate(parts).astype(np.float32), np.concatenate(sweep_ids), len(key)

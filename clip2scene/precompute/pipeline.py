@@ -1,17 +1,21 @@
-"""Stage one: run the MaskCLIP teacher once per keyframe and write the Zarr cache.
+"""Stage one: run the MaskCLIP teacher once per scan and write the Zarr cache.
 
-For every keyframe: read the lidar scan (+ K-1 previous sweeps moved into the keyframe's lidar
-frame through both ego poses), decode the six camera images, run MaskCLIP on all six as one
-batch, project every point (keyframe and sweep points alike, in the keyframe frame) into the
-keyframe's cameras with the devkit chain, keep for each visible point the camera where it lies
-farthest from the image border (deterministic; ties -> lower camera index), sample the teacher's
-dense features and class logits there bilinearly, and store them per visible point. Sweep points
-use the keyframe's images (see docs/architecture.md for why and what it costs on moving objects).
+Works on any `precompute.dataset.Dataset` (nuScenes, SemanticKITTI, ScanNet). For every scan:
+read its points (nuScenes/KITTI: keyframe + K-1 previous sweeps moved into the keyframe's lidar
+frame through the ego poses; ScanNet: the scene's mesh vertices), decode its images (six
+nuScenes cameras, KITTI image_2, ScanNet posed frames), run MaskCLIP on them in batches,
+project every point into every view with the dataset's own chain (devkit-exact for nuScenes,
+P2 @ Tr for KITTI, pinhole + depth-occlusion test for ScanNet), keep for each visible point the
+view where it lies farthest from the image border (deterministic; ties -> lower view index),
+sample the teacher's dense features and class logits there bilinearly, and store them per
+visible point. Sweep points use the keyframe's images (see docs/architecture.md for why and
+what it costs on moving objects). With no teacher (`--clip-model none`) only points and labels
+are cached, for fine-tuning without CLIP.
 
     from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
     meta = run_precompute(PrecomputeConfig(dataroot="data/nuscenes", version="v1.0-mini", out="cache.zarr"))
 
-CLI: `clip2scene precompute --dataset nuscenes --dataroot D --version v1.0-mini --out ./zarr`.
+CLI: `clip2scene precompute --dataset nuscenes|semantickitti|scannet --dataroot D --out ./zarr`.
 """
 
 from __future__ import annotations
@@ -30,29 +34,33 @@ from tqdm.auto import tqdm
 from clip2scene.classes import get_class_set, get_eval_classes, prompt_to_eval
 from clip2scene.devices import resolve_device
 from clip2scene.errors import ConfigError, DataError
-from clip2scene.precompute.geometry import project_points, sensor_to_sensor
 from clip2scene.precompute.maskclip import MaskCLIP, TeacherConfig, load_teacher
-from clip2scene.precompute.nuscenes import CAMERAS, Keyframe, NuScenes, load_points
+from clip2scene.precompute.dataset import Dataset, ScanRef
+from clip2scene.precompute.nuscenes import NuScenes, merged_points  # noqa: F401  (re-exported)
 from clip2scene.storage import CacheWriter, ScanRecord
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("nuscenes",)
+DATASETS = ("nuscenes", "semantickitti", "scannet")
+# Teacher input (H, W) per dataset: multiples of 16 close to the cameras' aspect ratios
+# (nuScenes 1600x900, KITTI image_2 1241x376, ScanNet 25k colour 640x480).
+DEFAULT_IMAGE_SIZE = {"nuscenes": (224, 416), "semantickitti": (128, 416), "scannet": (240, 320)}
 
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    dataroot: Path  # dataset root (the folder holding samples/, sweeps/, <version>/)
+    dataroot: Path  # dataset root (nuScenes: holds samples/, sweeps/, <version>/; KITTI: sequences/; ScanNet: scans/)
     out: Path  # cache folder to create (a Zarr v3 group)
-    dataset: str = "nuscenes"  # dataset format; only nuscenes for now
-    version: str = "v1.0-trainval"  # nuScenes version folder under dataroot
+    dataset: str = "nuscenes"  # dataset format: nuscenes, semantickitti or scannet
+    version: str = "v1.0-trainval"  # nuScenes version folder under dataroot (ignored by the others)
     split: str | None = None  # cache only this split's scenes (train/val/...), None = all
     sweeps: int = 3  # K lidar frames per scan: the keyframe + K-1 previous sweeps (paper: 3)
     class_set: str = "nuscenes"  # prompt class names (clip2scene.classes)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # MaskCLIP model and weights
+    teacher: TeacherConfig | None = field(default_factory=TeacherConfig)  # MaskCLIP model and weights; None = labels only
     device: str = "cpu"  # torch device for the teacher
     overwrite: bool = False  # replace an existing cache at `out`
-    limit: int | None = None  # only the first N keyframes (smoke runs)
+    limit: int | None = None  # only the first N scans (smoke runs)
+    view_batch: int = 6  # images per teacher forward pass
 
 
 def load_image(path: Path, width: int, height: int) -> Image.Image:
@@ -77,37 +85,23 @@ def images_to_tensor(images: list[Image.Image], size: tuple[int, int]) -> torch.
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def merged_points(kf: Keyframe) -> tuple[np.ndarray, np.ndarray, int]:
-    """Keyframe + previous sweeps in the keyframe lidar frame.
+def assign_cameras(xyz: np.ndarray, ds: Dataset, scan: ScanRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pick one view per visible point: the one where it lies farthest from the image border.
 
-    Returns xyzi (n, 4) float32, sweep (n,) uint8 (0 = keyframe) and the keyframe point count.
-    """
-    key = load_points(kf.lidar.path)
-    if len(key) == 0:
-        raise DataError(f"{kf.lidar.path}: scan has no points")
-    parts, sweep_ids = [key[:, :4]], [np.zeros(len(key), np.uint8)]
-    for j, sw in enumerate(kf.sweeps, start=1):
-        pts = load_points(sw.path)
-        xyz = sensor_to_sensor(pts[:, :3], sw.calib, sw.ego, kf.lidar.ego, kf.lidar.calib)
-        parts.append(np.concatenate([xyz, pts[:, 3:4]], axis=1))
-        sweep_ids.append(np.full(len(pts), j, np.uint8))
-    return np.concatenate(parts).astype(np.float32), np.concatenate(sweep_ids), len(key)
-
-
-def assign_cameras(xyz: np.ndarray, kf: Keyframe) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pick one camera per visible point: the one where it is farthest from the image border.
-
-    xyz: (n, 3) float32 in the keyframe lidar frame. Returns point index (m,) int32 ascending,
-    camera (m,) uint8, uv (m, 2) float32 pixel coordinates in that camera's original image.
+    xyz: (n, 3) float32 in the scan's frame. Returns point index (m,) int32 ascending, view
+    (m,) uint8 (ties -> lower view index), uv (m, 2) float32 pixel coordinates in that view's
+    original image.
     """
     n = len(xyz)
     best_margin = np.full(n, -np.inf)
     best_cam = np.zeros(n, np.uint8)
     best_uv = np.zeros((n, 2), np.float64)
-    for c, cam in enumerate(kf.cameras):
-        uv, _, vis = project_points(xyz, kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
-                                    cam.intrinsic, cam.width, cam.height)
-        margin = np.minimum.reduce([uv[:, 0] - 1, cam.width - 1 - uv[:, 0], uv[:, 1] - 1, cam.height - 1 - uv[:, 1]])
+    views = ds.views(scan)
+    if len(views) > 255:
+        raise DataError(f"scan {scan.token}: {len(views)} views, at most 255 fit the cache's uint8 view index")
+    for c, view in enumerate(views):
+        uv, vis = ds.project(scan, c, xyz)
+        margin = np.minimum.reduce([uv[:, 0] - 1, view.width - 1 - uv[:, 0], uv[:, 1] - 1, view.height - 1 - uv[:, 1]])
         margin = np.where(vis, margin, -np.inf)
         better = margin > best_margin
         best_margin[better] = margin[better]
@@ -139,27 +133,50 @@ def sample_maps(dense: torch.Tensor, cams: np.ndarray, uv: np.ndarray, sizes: li
 
 
 @torch.inference_mode()
-def process_keyframe(ds: NuScenes, kf: Keyframe, teacher: MaskCLIP, device: torch.device) -> ScanRecord:
-    """Teacher outputs for one keyframe as a ScanRecord (see storage.writer)."""
-    xyzi, sweep, n_key = merged_points(kf)
+def process_scan(ds: Dataset, scan: ScanRef, teacher: MaskCLIP | None, device: torch.device,
+                 view_batch: int = 6) -> ScanRecord:
+    """Teacher outputs for one scan as a ScanRecord (see storage.writer); labels only without a teacher.
+
+    Views are run through the teacher `view_batch` at a time, and each chunk's dense maps are
+    sampled at the points assigned to it before the next chunk runs (ScanNet scenes have dozens).
+    """
+    xyz, feat, sweep, n_key = ds.points(scan)
     label = None
     if ds.has_labels:
-        label = np.zeros(len(xyzi), np.uint8)
-        label[:n_key] = ds.load_labels(kf, n_key)
-    images = [load_image(cam.path, cam.width, cam.height) for cam in kf.cameras]
-    batch = images_to_tensor(images, tuple(teacher.fingerprint["image_size"])).to(device)
-    dense, dense_logits = teacher.dense_outputs(batch)  # (6, D, h, w), (6, C, h, w)
-    idx, cams, uv = assign_cameras(xyzi[:, :3], kf)
-    sizes = [(c.width, c.height) for c in kf.cameras]
-    feats = F.normalize(sample_maps(dense, cams, uv, sizes), dim=-1)
-    logits = sample_maps(dense_logits, cams, uv, sizes)
+        label = np.zeros(len(xyz), np.uint8)
+        if not scan.split.endswith("test"):  # test splits ship without labels (all 0 = ignore)
+            label[:n_key] = ds.labels(scan, n_key)
+    if teacher is None:
+        empty = np.zeros(0, np.int32)
+        return ScanRecord(token=scan.token, scene=scan.scene, split=scan.split, timestamp=scan.timestamp,
+                          lidar_path=scan.lidar_path, xyz=xyz, feat=feat, sweep=sweep, label=label,
+                          pair_point=empty, pair_camera=empty.astype(np.uint8), pair_uv=np.zeros((0, 2), np.float32))
+    idx, cams, uv = assign_cameras(xyz, ds, scan)
+    views = ds.views(scan)
+    feats = torch.zeros(len(idx), teacher.embed_dim, dtype=torch.float32, device=device)
+    logits = torch.zeros(len(idx), len(teacher.class_names), dtype=torch.float32, device=device)
+    for v0 in range(0, len(views), view_batch):
+        chunk = views[v0 : v0 + view_batch]
+        rows = np.flatnonzero((cams >= v0) & (cams < v0 + len(chunk)))
+        if len(rows) == 0:
+            continue
+        images = [load_image(v.path, v.width, v.height) for v in chunk]
+        batch = images_to_tensor(images, tuple(teacher.fingerprint["image_size"])).to(device)
+        dense, dense_logits = teacher.dense_outputs(batch)  # (V, D, h, w), (V, C, h, w)
+        sizes = [(v.width, v.height) for v in chunk]
+        local = cams[rows] - v0
+        r = torch.from_numpy(rows).to(device)
+        feats[r] = sample_maps(dense, local, uv[rows], sizes)
+        logits[r] = sample_maps(dense_logits, local, uv[rows], sizes)
+    feats = F.normalize(feats, dim=-1)
     return ScanRecord(
-        token=kf.sample_token,
-        scene=kf.scene,
-        split=kf.split,
-        timestamp=kf.timestamp,
-        lidar_path=str(kf.lidar.path.relative_to(ds.dataroot)),
-        xyzi=xyzi,
+        token=scan.token,
+        scene=scan.scene,
+        split=scan.split,
+        timestamp=scan.timestamp,
+        lidar_path=scan.lidar_path,
+        xyz=xyz,
+        feat=feat,
         sweep=sweep,
         label=label,
         pair_point=idx,
@@ -170,11 +187,19 @@ def process_keyframe(ds: NuScenes, kf: Keyframe, teacher: MaskCLIP, device: torc
     )
 
 
-def open_dataset(config: PrecomputeConfig) -> NuScenes:
-    """Open the configured dataset (ConfigError for an unknown dataset name)."""
-    if config.dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {config.dataset!r}; supported: {', '.join(DATASETS)}")
-    return NuScenes(config.dataroot, config.version)
+def open_dataset(name: str, dataroot: Path | str, version: str | None = None) -> Dataset:
+    """Open a dataset reader by format name (ConfigError for an unknown name)."""
+    if name == "nuscenes":
+        return NuScenes(dataroot, version or "v1.0-trainval")
+    if name == "semantickitti":
+        from clip2scene.precompute.semantickitti import SemanticKITTI
+
+        return SemanticKITTI(dataroot)
+    if name == "scannet":
+        from clip2scene.precompute.scannet import ScanNet
+
+        return ScanNet(dataroot)
+    raise ConfigError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS)}")
 
 
 def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
@@ -182,39 +207,48 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     if not 1 <= config.sweeps <= 10:
         raise ConfigError(f"--sweeps must be between 1 and 10, got {config.sweeps}")
     class_names = get_class_set(config.class_set)
-    ds = open_dataset(config)
-    keyframes = ds.keyframes(split=config.split, sweeps=config.sweeps)
+    ds = open_dataset(config.dataset, config.dataroot, config.version)
+    scans = ds.scans(split=config.split, sweeps=config.sweeps)
     if config.limit is not None:
-        keyframes = keyframes[: config.limit]
-    if not keyframes:
-        raise DataError(f"no keyframes in {ds.dataroot / ds.version} for split {config.split!r}")
+        scans = scans[: config.limit]
+    if not scans:
+        raise DataError(f"no scans in {ds.dataroot} ({ds.name} {ds.version}) for split {config.split!r}")
+    if config.teacher is None and not ds.has_labels:
+        raise ConfigError(f"{ds.dataroot} has no labels and --clip-model none asks for no teacher: nothing to cache")
     device = resolve_device(config.device)
-    try:
-        teacher = load_teacher(config.teacher, class_names, device=device)
-    except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower
-        raise ConfigError(f"teacher --clip-model {config.teacher.model!r} --image-size "
-                          f"{config.teacher.image_size[0]}x{config.teacher.image_size[1]}: {e}") from None
+    teacher = None
+    if config.teacher is not None:
+        try:
+            teacher = load_teacher(config.teacher, class_names, device=device)
+        except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower
+            raise ConfigError(f"teacher --clip-model {config.teacher.model!r} --image-size "
+                              f"{config.teacher.image_size[0]}x{config.teacher.image_size[1]}: {e}") from None
     meta = dict(
         dataset=dict(name=ds.name, version=ds.version, dataroot=str(Path(config.dataroot).resolve()), split=config.split),
-        teacher=teacher.fingerprint,
+        teacher=teacher.fingerprint if teacher is not None else None,
         class_names=list(class_names),
         class_set=config.class_set,
         eval_class_names=list(get_eval_classes(ds.name)),
         prompt_to_eval=list(prompt_to_eval(config.class_set, ds.name)),
         sweeps=config.sweeps,
-        cameras=list(CAMERAS),
+        cameras=list(ds.cameras),
         camera_choice="farthest-from-border",
+        point_features=list(ds.point_features),
+        voxel_size=ds.voxel_size,
     )
     t0 = time.perf_counter()
-    with CacheWriter(config.out, meta, len(class_names), teacher.embed_dim, ds.has_labels, config.overwrite) as writer:
-        bar = tqdm(keyframes, desc="precompute", unit="scan", disable=not progress)
-        for kf in bar:
-            writer.append(process_keyframe(ds, kf, teacher, device))
-        writer.set_text_embeddings(teacher.text_embeddings.cpu().numpy())
+    images = 0
+    embed_dim = teacher.embed_dim if teacher is not None else None
+    with CacheWriter(config.out, meta, len(class_names), embed_dim, ds.has_labels, config.overwrite) as writer:
+        bar = tqdm(scans, desc="precompute", unit="scan", disable=not progress)
+        for scan in bar:
+            writer.append(process_scan(ds, scan, teacher, device, config.view_batch))
+            images += len(ds.views(scan)) if teacher is not None else 0
+        if teacher is not None:
+            writer.set_text_embeddings(teacher.text_embeddings.cpu().numpy())
     seconds = time.perf_counter() - t0
     result = dict(writer.meta)
     result["seconds"] = seconds
-    result["images_per_second"] = len(keyframes) * len(CAMERAS) / max(seconds, 1e-9)
-    log.info("precompute done: %d scans in %.1fs", len(keyframes), seconds)
+    result["images_per_second"] = images / max(seconds, 1e-9)
+    log.info("precompute done: %d scans in %.1fs", len(scans), seconds)
     return result
-

@@ -32,14 +32,15 @@ class ScanData:
     token: str
     scene: str
     split: str
-    xyzi: np.ndarray  # (n, 4) float32
+    xyz: np.ndarray  # (n, 3) float32
+    feat: np.ndarray  # (n, F) float32 input channels (Cache.point_features)
     sweep: np.ndarray  # (n,) uint8
     label: np.ndarray | None  # (n,) uint8, 0 = ignore
     pair_point: np.ndarray  # (m,) int32 into the scan's points
     pair_camera: np.ndarray  # (m,) uint8
     pair_uv: np.ndarray  # (m, 2) float32
-    pair_logits: np.ndarray  # (m, C) float16
-    pair_features: np.ndarray | None  # (m, D) float16, None unless requested
+    pair_logits: np.ndarray | None  # (m, C) float16, None for a labels-only cache
+    pair_features: np.ndarray | None  # (m, D) float16, None unless requested (and a teacher exists)
 
 
 class Cache:
@@ -72,7 +73,8 @@ class Cache:
         self.scene = np.asarray(group["scans/scene"][...], dtype=object)
         self.split = np.asarray(group["scans/split"][...], dtype=object)
         self.lidar_path = np.asarray(group["scans/lidar_path"][...], dtype=object)
-        self.text_embeddings = np.asarray(group["text/embeddings"][...], dtype=np.float32)
+        self.text_embeddings = (np.asarray(group["text/embeddings"][...], dtype=np.float32)
+                                if self.has_teacher else None)  # (C, D) float32, None without a teacher
 
     # Zarr handles are reopened lazily in DataLoader worker processes.
     def __getstate__(self):
@@ -102,7 +104,22 @@ class Cache:
 
     @property
     def fingerprint(self) -> dict:
-        return dict(self.meta["teacher"])
+        return dict(self.meta["teacher"] or {})
+
+    @property
+    def has_teacher(self) -> bool:
+        """False for a labels-only cache (precompute --teacher none)."""
+        return bool(self.meta.get("has_teacher", True))
+
+    @property
+    def point_features(self) -> list[str]:
+        """Names of the input channels stored in points/feat."""
+        return list(self.meta["point_features"])
+
+    @property
+    def voxel_size(self) -> float:
+        """The dataset's usual training voxel size in metres."""
+        return float(self.meta["voxel_size"])
 
     @property
     def num_scans(self) -> int:
@@ -130,14 +147,15 @@ class Cache:
             token=str(self.token[i]),
             scene=str(self.scene[i]),
             split=str(self.split[i]),
-            xyzi=g["points/xyzi"][p0:p1],
+            xyz=g["points/xyz"][p0:p1],
+            feat=g["points/feat"][p0:p1],
             sweep=g["points/sweep"][p0:p1],
             label=g["points/label"][p0:p1] if self.has_labels else None,
             pair_point=g["pairs/point"][q0:q1],
             pair_camera=g["pairs/camera"][q0:q1],
             pair_uv=g["pairs/uv"][q0:q1],
-            pair_logits=g["pairs/logits"][q0:q1],
-            pair_features=g["pairs/features"][q0:q1] if features else None,
+            pair_logits=g["pairs/logits"][q0:q1] if self.has_teacher else None,
+            pair_features=g["pairs/features"][q0:q1] if features and self.has_teacher else None,
         )
 
     def array_info(self) -> list[dict]:

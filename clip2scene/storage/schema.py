@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ATTR_KEY = "clip2scene"  # group attribute holding all our metadata
 FORMAT_NAME = "clip2scene-cache"
 
@@ -23,14 +23,15 @@ class ArraySpec:
 
     name: str
     dtype: str
-    trailing: tuple[str | int, ...]  # symbolic sizes: "C" classes, "D" feature dim
+    trailing: tuple[str | int, ...]  # symbolic sizes: "C" classes, "D" feature dim, "F" input channels
     chunk_rows: int
     shard_rows: int
     axis: str  # "points" (row per point), "pairs" (row per camera-visible point), "scans", "classes"
 
 
 POINT_ARRAYS: tuple[ArraySpec, ...] = (
-    ArraySpec("points/xyzi", "float32", (4,), 65536, 1048576, "points"),
+    ArraySpec("points/xyz", "float32", (3,), 65536, 1048576, "points"),
+    ArraySpec("points/feat", "float32", ("F",), 65536, 1048576, "points"),  # input channels (meta point_features)
     ArraySpec("points/sweep", "uint8", (), 65536, 1048576, "points"),
     ArraySpec("points/label", "uint8", (), 65536, 1048576, "points"),  # only when labelled
 )
@@ -38,8 +39,8 @@ PAIR_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("pairs/point", "int32", (), 65536, 1048576, "pairs"),
     ArraySpec("pairs/camera", "uint8", (), 65536, 1048576, "pairs"),
     ArraySpec("pairs/uv", "float32", (2,), 65536, 1048576, "pairs"),
-    ArraySpec("pairs/logits", "float16", ("C",), 16384, 262144, "pairs"),
-    ArraySpec("pairs/features", "float16", ("D",), 2048, 32768, "pairs"),
+    ArraySpec("pairs/logits", "float16", ("C",), 16384, 262144, "pairs"),  # only with a teacher
+    ArraySpec("pairs/features", "float16", ("D",), 2048, 32768, "pairs"),  # only with a teacher
 )
 SCAN_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("scans/point_offset", "int64", (), 4096, 65536, "scans+1"),
@@ -51,14 +52,15 @@ SCAN_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("scans/lidar_path", "string", (), 4096, 65536, "scans"),
 )
 TEXT_ARRAYS: tuple[ArraySpec, ...] = (
-    ArraySpec("text/embeddings", "float32", ("D",), 4096, 4096, "classes"),
+    ArraySpec("text/embeddings", "float32", ("D",), 4096, 4096, "classes"),  # only with a teacher
 )
+TEACHER_ARRAYS = ("pairs/logits", "pairs/features", "text/embeddings")  # absent when has_teacher is false
 ALL_ARRAYS: tuple[ArraySpec, ...] = POINT_ARRAYS + PAIR_ARRAYS + SCAN_ARRAYS + TEXT_ARRAYS
 
 
-def resolve_trailing(spec: ArraySpec, num_classes: int, feature_dim: int) -> tuple[int, ...]:
-    """Concrete trailing shape of `spec` for a cache with C classes and D-dim features."""
-    sizes = {"C": num_classes, "D": feature_dim}
+def resolve_trailing(spec: ArraySpec, num_classes: int, feature_dim: int, point_channels: int = 1) -> tuple[int, ...]:
+    """Concrete trailing shape of `spec` for a cache with C classes, D-dim features, F input channels."""
+    sizes = {"C": num_classes, "D": feature_dim, "F": point_channels}
     return tuple(sizes[t] if isinstance(t, str) else t for t in spec.trailing)
 
 
@@ -66,5 +68,5 @@ def resolve_trailing(spec: ArraySpec, num_classes: int, feature_dim: int) -> tup
 REQUIRED_META = (
     "format", "schema_version", "status", "tool_version", "created", "dataset", "teacher",
     "class_names", "eval_class_names", "prompt_to_eval", "num_scans", "num_points", "num_pairs",
-    "has_labels", "sweeps", "cameras",
+    "has_labels", "has_teacher", "sweeps", "cameras", "point_features", "voxel_size",
 )

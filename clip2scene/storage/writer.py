@@ -4,6 +4,7 @@
         for scan in scans:
             w.append(scan)          # a ScanRecord
         w.set_text_embeddings(text) # (C, D) float32
+    # feature_dim=None writes a labels-only cache (no teacher: no logits, features or text).
     # leaving the block commits: status "complete" and the counts. An exception instead marks
     # the cache "failed" with the reason, so a half-written cache never looks complete.
 
@@ -45,14 +46,15 @@ class ScanRecord:
     split: str  # "train" / "val" / ...
     timestamp: int  # keyframe timestamp, microseconds
     lidar_path: str  # keyframe lidar file, relative to the dataroot
-    xyzi: np.ndarray  # (n, 4) float32: x, y, z in the keyframe lidar frame, intensity
+    xyz: np.ndarray  # (n, 3) float32: x, y, z in the scan's frame (keyframe lidar / scene)
+    feat: np.ndarray  # (n, F) float32 input channels, meta point_features (intensity / r, g, b)
     sweep: np.ndarray  # (n,) uint8: 0 = keyframe, k = k-th previous sweep
     label: np.ndarray | None  # (n,) uint8 evaluation label, 0 = ignore; None when unlabelled
     pair_point: np.ndarray  # (m,) int32 index into the scan's points, ascending
-    pair_camera: np.ndarray  # (m,) uint8 camera index (precompute.nuscenes.CAMERAS order)
+    pair_camera: np.ndarray  # (m,) uint8 view index (meta cameras order; per-scan frame order for ScanNet)
     pair_uv: np.ndarray  # (m, 2) float32 pixel coordinates in the original image
-    pair_logits: np.ndarray  # (m, C) float16 cosine logits over the prompt classes
-    pair_features: np.ndarray  # (m, D) float16 L2-normalised teacher features
+    pair_logits: np.ndarray | None = None  # (m, C) float16 cosine logits over the prompt classes (None: no teacher)
+    pair_features: np.ndarray | None = None  # (m, D) float16 L2-normalised teacher features (None: no teacher)
 
 
 def _check(name: str, arr: np.ndarray | None, dtype: str, shape: tuple) -> None:
@@ -106,7 +108,7 @@ class CacheWriter:
         path: str | Path,
         meta: dict,
         num_classes: int,
-        feature_dim: int,
+        feature_dim: int | None,
         has_labels: bool,
         overwrite: bool = False,
     ):
@@ -117,7 +119,11 @@ class CacheWriter:
             shutil.rmtree(self.path)
         self.num_classes = num_classes
         self.feature_dim = feature_dim
+        self.has_teacher = feature_dim is not None
         self.has_labels = has_labels
+        self.point_channels = len(meta.get("point_features", ()))
+        if self.point_channels < 1:
+            raise ValueError("cache metadata needs point_features (the input channel names)")
         self.meta = dict(meta)
         self.meta.update(
             format=schema.FORMAT_NAME,
@@ -127,6 +133,7 @@ class CacheWriter:
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             created_by=f"{getpass.getuser()}@{platform.node()}",
             has_labels=has_labels,
+            has_teacher=self.has_teacher,
             num_scans=0,
             num_points=0,
             num_pairs=0,
@@ -142,7 +149,9 @@ class CacheWriter:
         for spec in schema.POINT_ARRAYS + schema.PAIR_ARRAYS:
             if spec.name == "points/label" and not has_labels:
                 continue
-            trailing = schema.resolve_trailing(spec, num_classes, feature_dim)
+            if spec.name in schema.TEACHER_ARRAYS and not self.has_teacher:
+                continue
+            trailing = schema.resolve_trailing(spec, num_classes, feature_dim or 0, self.point_channels)
             arr = self.group.create_array(
                 spec.name,
                 shape=(0,) + trailing,
@@ -161,24 +170,27 @@ class CacheWriter:
 
     def append(self, scan: ScanRecord) -> None:
         """Append one scan; shapes and dtypes are checked (ValueError names the field)."""
-        n = scan.xyzi.shape[0]
+        n = scan.xyz.shape[0]
         m = scan.pair_point.shape[0]
-        _check("xyzi", scan.xyzi, "float32", (n, 4))
+        _check("xyz", scan.xyz, "float32", (n, 3))
+        _check("feat", scan.feat, "float32", (n, self.point_channels))
         _check("sweep", scan.sweep, "uint8", (n,))
         if self.has_labels:
             _check("label", scan.label, "uint8", (n,))
         _check("pair_point", scan.pair_point, "int32", (m,))
         _check("pair_camera", scan.pair_camera, "uint8", (m,))
         _check("pair_uv", scan.pair_uv, "float32", (m, 2))
-        _check("pair_logits", scan.pair_logits, "float16", (m, self.num_classes))
-        _check("pair_features", scan.pair_features, "float16", (m, self.feature_dim))
+        if self.has_teacher:
+            _check("pair_logits", scan.pair_logits, "float16", (m, self.num_classes))
+            _check("pair_features", scan.pair_features, "float16", (m, self.feature_dim))
         if m and (scan.pair_point.min() < 0 or scan.pair_point.max() >= n):
             raise ValueError(f"ScanRecord.pair_point out of range for scan {scan.token} with {n} points")
         rows = {
-            "points/xyzi": scan.xyzi, "points/sweep": scan.sweep, "pairs/point": scan.pair_point,
-            "pairs/camera": scan.pair_camera, "pairs/uv": scan.pair_uv,
-            "pairs/logits": scan.pair_logits, "pairs/features": scan.pair_features,
+            "points/xyz": scan.xyz, "points/feat": scan.feat, "points/sweep": scan.sweep,
+            "pairs/point": scan.pair_point, "pairs/camera": scan.pair_camera, "pairs/uv": scan.pair_uv,
         }
+        if self.has_teacher:
+            rows.update({"pairs/logits": scan.pair_logits, "pairs/features": scan.pair_features})
         if self.has_labels:
             rows["points/label"] = scan.label
         for name, data in rows.items():
@@ -190,6 +202,8 @@ class CacheWriter:
 
     def set_text_embeddings(self, text: np.ndarray) -> None:
         """(C, D) float32 text embeddings of the prompt classes (rows L2-normalised)."""
+        if not self.has_teacher:
+            raise ValueError("a labels-only cache (feature_dim=None) has no text embeddings")
         text = np.asarray(text, dtype=np.float32)
         if text.shape != (self.num_classes, self.feature_dim):
             raise ValueError(f"text embeddings shape {text.shape}, expected {(self.num_classes, self.feature_dim)}")
@@ -219,7 +233,7 @@ class CacheWriter:
             return self.meta
         if self.num_scans == 0:
             raise CacheError(f"{self.path}: no scans were written")
-        if self._text is None:
+        if self.has_teacher and self._text is None:
             raise CacheError(f"{self.path}: text embeddings were not set")
         for app in self._appenders.values():
             app.finish()
@@ -228,7 +242,8 @@ class CacheWriter:
         self._write_whole("scans/timestamp", np.asarray(self._scans["timestamp"], dtype=np.int64), "int64")
         for key in ("token", "scene", "split", "lidar_path"):
             self._write_whole(f"scans/{key}", np.asarray(self._scans[key], dtype=object), "string")
-        self._write_whole("text/embeddings", self._text, "float32")
+        if self.has_teacher:
+            self._write_whole("text/embeddings", self._text, "float32")
         self.meta.update(
             status=schema.STATUS_COMPLETE,
             num_scans=self.num_scans,

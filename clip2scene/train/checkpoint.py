@@ -34,7 +34,7 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, model_config: ModelCo
         train_config=train_config,
         teacher=cache.fingerprint,
         class_names=cache.class_names,
-        text_embeddings=torch.from_numpy(cache.text_embeddings),
+        text_embeddings=torch.from_numpy(cache.text_embeddings) if cache.text_embeddings is not None else None,
         dataset=cache.meta.get("dataset"),
         epoch=epoch,
         state_dict=model.state_dict(),

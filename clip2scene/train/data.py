@@ -1,7 +1,7 @@
 """Training data from the cache: one item per scan, batched for the sparse network.
 
 Each item holds the scan's points (keyframe + cached sweeps, optionally only the first K lidar
-frames), the input feature (intensity / 255), the MaskCLIP pseudo-label of every camera-visible
+frames), the input features (cached scaled to 0..1: intensity, or RGB), the MaskCLIP pseudo-label of every camera-visible
 point (argmax of the cached logits; -1 for points no camera sees), the visible points' cached
 logits and (when asked, for SSR) teacher features, and the ground-truth label when the cache has
 one. Training-time augmentation: random rotation about z and random flips of x and y.
@@ -43,17 +43,18 @@ class ScanDataset(Dataset):
     def __getitem__(self, item: int) -> dict:
         index = int(self.indices[item])
         scan = self.cache.read_scan(index, features=self.features)
-        xyzi, pair_point = scan.xyzi, scan.pair_point.astype(np.int64)
+        xyz, feat, pair_point = scan.xyz, scan.feat, scan.pair_point.astype(np.int64)
         pair_logits, pair_features, label = scan.pair_logits, scan.pair_features, scan.label
         if self.sweeps is not None and scan.sweep.max(initial=0) >= self.sweeps:
             keep = scan.sweep < self.sweeps
             new_index = np.cumsum(keep) - 1
             rows = keep[pair_point]
-            xyzi, pair_point = xyzi[keep], new_index[pair_point[rows]]
-            pair_logits = pair_logits[rows]
+            xyz, feat, pair_point = xyz[keep], feat[keep], new_index[pair_point[rows]]
+            pair_logits = pair_logits[rows] if pair_logits is not None else None
             pair_features = pair_features[rows] if pair_features is not None else None
             label = label[keep] if label is not None else None
-        xyz = xyzi[:, :3].astype(np.float32)
+        xyz = xyz.astype(np.float32, copy=True)
+        feat = feat.astype(np.float32, copy=False)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             theta = rng.uniform(0, 2 * np.pi)
@@ -64,32 +65,32 @@ class ScanDataset(Dataset):
             xyz[:, 0] *= -1 if flips[0] else 1
             xyz[:, 1] *= -1 if flips[1] else 1
         target = np.full(len(xyz), -1, dtype=np.int64)
-        if len(pair_point):
+        if len(pair_point) and pair_logits is not None:
             target[pair_point] = pair_logits.astype(np.float32).argmax(axis=1)
         label = label.astype(np.int64) if label is not None else np.zeros(len(xyz), np.int64)
         item = dict(
             index=index,
             xyz=torch.from_numpy(xyz),
-            feat=torch.from_numpy(xyzi[:, 3:4] / np.float32(255.0)),
+            feat=torch.from_numpy(np.ascontiguousarray(feat)),
             target=torch.from_numpy(target),
             label=torch.from_numpy(label),
             visible=torch.from_numpy(target >= 0),
             pair_point=torch.from_numpy(pair_point),
-            pair_logits=torch.from_numpy(np.ascontiguousarray(pair_logits)),
         )
+        if pair_logits is not None:
+            item["pair_logits"] = torch.from_numpy(np.ascontiguousarray(pair_logits))
         if self.features:
             item["pair_features"] = torch.from_numpy(np.ascontiguousarray(pair_features))
         return item
 
 
 def collate(items: list[dict]) -> dict:
-    """Concatenate items: xyz (N, 3) float32, feat (N, 1) float32, target (N,) int64 (-1 = none),
+    """Concatenate items: xyz (N, 3) float32, feat (N, F) float32, target (N,) int64 (-1 = none),
     label (N,) int64 (0 = ignore), visible (N,) bool, batch (N,) int64 item index, index (B,) scan
-    ids, pair_point (M,) int64 index into the batch's points, pair_logits (M, C) float16 and, when
-    read, pair_features (M, D) float16."""
-    keys = ["xyz", "feat", "target", "label", "visible", "pair_logits"]
-    if "pair_features" in items[0]:
-        keys.append("pair_features")
+    ids, pair_point (M,) int64 index into the batch's points, pair_logits (M, C) float16 (caches
+    with a teacher) and, when read, pair_features (M, D) float16."""
+    keys = ["xyz", "feat", "target", "label", "visible"]
+    keys += [k for k in ("pair_logits", "pair_features") if k in items[0]]
     out = {k: torch.cat([it[k] for it in items]) for k in keys}
     out["batch"] = torch.cat([torch.full((len(it["xyz"]),), b, dtype=torch.int64) for b, it in enumerate(items)])
     starts = np.cumsum([0] + [len(it["xyz"]) for it in items[:-1]])

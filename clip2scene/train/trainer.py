@@ -52,7 +52,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # SGD weight decay
     tau: float = 0.5  # SCR temperature
-    voxel_size: float = 0.1  # metres
+    voxel_size: float | None = None  # metres; None = the cache's dataset default (0.1 outdoor, 0.05 ScanNet)
     augment: bool = True  # random z-rotation and x/y flips
     device: str = "cpu"  # "cpu" or "cuda[:i]"
     workers: int = 0  # DataLoader worker processes
@@ -152,11 +152,17 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     if config.epochs < 1 or config.batch_size < 1:
         raise ConfigError(f"--epochs and --batch-size must be >= 1 (got {config.epochs}, {config.batch_size})")
     cache = open_cache(config.cache)
+    if not cache.has_teacher:
+        raise ConfigError(f"cache {cache.path} has no teacher outputs (built with --clip-model none): "
+                          "distillation needs them; use `clip2scene finetune` on it")
+    if config.voxel_size is None:
+        config = replace(config, voxel_size=cache.voxel_size)
     indices = cache.indices(config.split)
     if len(indices) == 0:
         counts = ", ".join(f"{k}={int((cache.split == k).sum())}" for k in sorted(set(cache.split.tolist())))
         raise ConfigError(f"cache {cache.path} has no scans in split {config.split!r} (it has {counts})")
-    model_config = replace(config.model, out_channels=cache.text_embeddings.shape[1])
+    model_config = replace(config.model, out_channels=cache.text_embeddings.shape[1],
+                           in_channels=len(cache.point_features))
 
     torch.manual_seed(config.seed)
     model = build_model(model_config, device)

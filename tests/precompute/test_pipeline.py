@@ -42,9 +42,10 @@ def test_cache_contents_match_dataset(sample, cache_path):
         assert scan.token == kf.sample_token
         key = load_points(kf.lidar.path)
         n_key = len(key)
-        np.testing.assert_array_equal(scan.xyzi[:n_key], key[:, :4])  # keyframe points unchanged
+        np.testing.assert_array_equal(scan.xyz[:n_key], key[:, :3])  # keyframe points unchanged
+        np.testing.assert_allclose(scan.feat[:n_key, 0], key[:, 3] / 255.0, rtol=1e-6)
         n_sweeps = sum(len(load_points(s.path)) for s in kf.sweeps)
-        assert len(scan.xyzi) == n_key + n_sweeps
+        assert len(scan.xyz) == n_key + n_sweeps
         assert np.bincount(scan.sweep).tolist()[0] == n_key and scan.sweep.max() == 2
         np.testing.assert_array_equal(scan.label[:n_key], ds.load_labels(kf, n_key))
         assert not scan.label[n_key:].any()
@@ -52,14 +53,14 @@ def test_cache_contents_match_dataset(sample, cache_path):
         assert np.all(np.diff(scan.pair_point) > 0)
         for c, cam in enumerate(kf.cameras):
             rows = scan.pair_camera == c
-            uv, _, vis = project_points(scan.xyzi[:, :3], kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
+            uv, _, vis = project_points(scan.xyz, kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
                                         cam.intrinsic, cam.width, cam.height)
             assert vis[scan.pair_point[rows]].all()
             np.testing.assert_allclose(scan.pair_uv[rows], uv[scan.pair_point[rows]], atol=1e-3)
         # a point with no pair is visible in no camera
-        unpaired = np.setdiff1d(np.arange(len(scan.xyzi)), scan.pair_point)
+        unpaired = np.setdiff1d(np.arange(len(scan.xyz)), scan.pair_point)
         for cam in kf.cameras:
-            _, _, vis = project_points(scan.xyzi[unpaired, :3], kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
+            _, _, vis = project_points(scan.xyz[unpaired], kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
                                        cam.intrinsic, cam.width, cam.height)
             assert not vis.any()
         feats = torch.from_numpy(scan.pair_features.astype(np.float32))
@@ -106,7 +107,7 @@ def test_one_camera_per_point_farthest_from_border(sample, cache_path):
     scan = open_cache(cache_path).read_scan(0)
     margins = []
     for cam in kf.cameras:
-        uv, _, vis = project_points(scan.xyzi[:, :3], kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
+        uv, _, vis = project_points(scan.xyz, kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
                                     cam.intrinsic, cam.width, cam.height)
         m = np.minimum.reduce([uv[:, 0] - 1, cam.width - 1 - uv[:, 0], uv[:, 1] - 1, cam.height - 1 - uv[:, 1]])
         margins.append(np.where(vis, m, -np.inf))

@@ -18,13 +18,13 @@ META = dict(dataset=dict(name="nuscenes", version="v1.0-mini", dataroot="/d", sp
             teacher=dict(model="tiny", weights="none", weights_sha256="random", image_size=[32, 64],
                          class_names=["a", "b", "c"], templates_sha256="0" * 64, embed_dim=D, patch_size=16),
             class_names=["a", "b", "c"], eval_class_names=["a", "b", "c"], prompt_to_eval=[1, 2, 3], class_set="test",
-            sweeps=1, cameras=["CAM_FRONT"])
+            sweeps=1, cameras=["CAM_FRONT"], point_features=["intensity"], voxel_size=0.1)
 
 
 def make_scan(rng, i, n, m, split="train"):
     return ScanRecord(
         token=f"tok{i}", scene=f"scene-{i:04d}", split=split, timestamp=1000 + i, lidar_path=f"samples/x{i}.bin",
-        xyzi=rng.normal(size=(n, 4)).astype(np.float32), sweep=(np.arange(n) % 2).astype(np.uint8),
+        xyz=rng.normal(size=(n, 3)).astype(np.float32), feat=rng.random((n, 1)).astype(np.float32), sweep=(np.arange(n) % 2).astype(np.uint8),
         label=rng.integers(0, 17, n).astype(np.uint8),
         pair_point=np.sort(rng.choice(n, m, replace=False)).astype(np.int32),
         pair_camera=rng.integers(0, 6, m).astype(np.uint8), pair_uv=rng.random((m, 2)).astype(np.float32),
@@ -40,7 +40,8 @@ def write_cache(path, scans):
 
 
 EXPECTED = {  # name: (dtype, trailing shape, chunk rows, shard rows)
-    "points/xyzi": ("float32", (4,), 65536, 1048576),
+    "points/xyz": ("float32", (3,), 65536, 1048576),
+    "points/feat": ("float32", (1,), 65536, 1048576),
     "points/sweep": ("uint8", (), 65536, 1048576),
     "points/label": ("uint8", (), 65536, 1048576),
     "pairs/point": ("int32", (), 65536, 1048576),
@@ -58,7 +59,7 @@ def test_format_is_pinned(tmp_path):
     root = json.loads((path / "zarr.json").read_text())
     assert root["zarr_format"] == 3 and root["node_type"] == "group"
     meta = root["attributes"]["clip2scene"]
-    assert meta["format"] == "clip2scene-cache" and meta["schema_version"] == 2 == schema.SCHEMA_VERSION
+    assert meta["format"] == "clip2scene-cache" and meta["schema_version"] == 3 == schema.SCHEMA_VERSION
     assert meta["status"] == "complete"
     assert set(schema.REQUIRED_META) <= set(meta)
     assert (meta["num_scans"], meta["num_points"], meta["num_pairs"]) == (3, 303, 123)
@@ -96,7 +97,7 @@ def test_roundtrip(tmp_path):
     for i, s in enumerate(scans):
         r = cache.read_scan(i, features=True)
         assert r.token == s.token and r.scene == s.scene
-        for f in ("xyzi", "sweep", "label", "pair_point", "pair_camera", "pair_uv", "pair_logits", "pair_features"):
+        for f in ("xyz", "feat", "sweep", "label", "pair_point", "pair_camera", "pair_uv", "pair_logits", "pair_features"):
             np.testing.assert_array_equal(getattr(r, f), getattr(s, f))
     assert cache.read_scan(0).pair_features is None
     info = cache.info()
@@ -107,16 +108,17 @@ def test_many_shards_roundtrip(tmp_path, monkeypatch):
     """Shrink shards so a small cache spans many of them; the data must come back intact."""
     small = tuple(schema.ArraySpec(s.name, s.dtype, s.trailing, 16, 64, s.axis)
                   for s in schema.POINT_ARRAYS + schema.PAIR_ARRAYS)
-    monkeypatch.setattr(schema, "POINT_ARRAYS", small[:3])
-    monkeypatch.setattr(schema, "PAIR_ARRAYS", small[3:])
+    monkeypatch.setattr(schema, "POINT_ARRAYS", small[:4])
+    monkeypatch.setattr(schema, "PAIR_ARRAYS", small[4:])
     rng = np.random.default_rng(2)
     scans = [make_scan(rng, i, int(rng.integers(30, 200)), 25) for i in range(7)]
     cache = open_cache(write_cache(tmp_path / "c.zarr", scans))
-    xyz = np.concatenate([s.xyzi for s in scans])
-    np.testing.assert_array_equal(cache.group["points/xyzi"][...], xyz)
-    assert len(list((tmp_path / "c.zarr" / "points" / "xyzi" / "c").iterdir())) == -(-len(xyz) // 64)
+    xyz = np.concatenate([s.xyz for s in scans])
+    np.testing.assert_array_equal(cache.group["points/xyz"][...], xyz)
+    assert len(list((tmp_path / "c.zarr" / "points" / "xyz" / "c").iterdir())) == -(-len(xyz) // 64)
     for i in (0, 3, 6):
-        np.testing.assert_array_equal(cache.read_scan(i).xyzi, scans[i].xyzi)
+        np.testing.assert_array_equal(cache.read_scan(i).xyz, scans[i].xyz)
+        np.testing.assert_array_equal(cache.read_scan(i).feat, scans[i].feat)
 
 
 class _Recorder:
@@ -170,3 +172,33 @@ def test_refuses_existing_and_bad_records(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(CacheError):
         open_cache(tmp_path / "plain")
+
+
+def test_labels_only_cache(tmp_path):
+    """feature_dim=None: no teacher arrays, no text; points, labels and (empty) pairs read back."""
+    rng = np.random.default_rng(3)
+    meta = dict(META, teacher=None, point_features=["red", "green", "blue"], voxel_size=0.05)
+    scans = []
+    for i in range(2):
+        n = 30 + i
+        scans.append(ScanRecord(token=f"t{i}", scene="s", split="train", timestamp=i, lidar_path="x",
+                                xyz=rng.normal(size=(n, 3)).astype(np.float32), feat=rng.random((n, 3)).astype(np.float32),
+                                sweep=np.zeros(n, np.uint8), label=rng.integers(0, 4, n).astype(np.uint8),
+                                pair_point=np.zeros(0, np.int32), pair_camera=np.zeros(0, np.uint8),
+                                pair_uv=np.zeros((0, 2), np.float32)))
+    with CacheWriter(tmp_path / "l.zarr", meta, C, None, has_labels=True) as w:
+        for s in scans:
+            w.append(s)
+        with pytest.raises(ValueError, match="labels-only"):
+            w.set_text_embeddings(np.eye(C, D, dtype=np.float32))
+    root = json.loads((tmp_path / "l.zarr" / "zarr.json").read_text())["attributes"]["clip2scene"]
+    assert root["has_teacher"] is False and root["teacher"] is None
+    for name in schema.TEACHER_ARRAYS:
+        assert not (tmp_path / "l.zarr" / name).exists(), name
+    am = json.loads((tmp_path / "l.zarr" / "points" / "feat" / "zarr.json").read_text())
+    assert tuple(am["shape"]) == (61, 3)
+    cache = open_cache(tmp_path / "l.zarr")
+    assert not cache.has_teacher and cache.text_embeddings is None and cache.voxel_size == 0.05
+    r = cache.read_scan(1, features=True)
+    np.testing.assert_array_equal(r.feat, scans[1].feat)
+    assert r.pair_logits is None and r.pair_features is None and len(r.pair_point) == 0

@@ -47,7 +47,8 @@ def build_noisy_cache(root, out, seed=0):
                              image_size=[0, 0], class_names=list(NUSCENES_CLASSES), templates_sha256="-",
                              embed_dim=D, patch_size=0),
                 class_names=list(NUSCENES_CLASSES), eval_class_names=list(NUSCENES_CLASSES),
-                prompt_to_eval=list(range(1, C + 1)), class_set="nuscenes", sweeps=3, cameras=[])
+                prompt_to_eval=list(range(1, C + 1)), class_set="nuscenes", sweeps=3, cameras=[],
+                point_features=["intensity"], voxel_size=0.1)
     noisy_cm = ConfusionMatrix(C + 1, 0)
     scans = []
     for kf in ds.keyframes(sweeps=3):
@@ -72,7 +73,7 @@ def build_noisy_cache(root, out, seed=0):
             feats = text[noisy] + rng.normal(scale=PIXEL_NOISE, size=(len(idx), D)).astype(np.float32)
             feats /= np.linalg.norm(feats, axis=1, keepdims=True)
             w.append(ScanRecord(token=kf.sample_token, scene=kf.scene, split="train", timestamp=kf.timestamp,
-                                lidar_path="", xyzi=xyzi, sweep=sweep, label=label, pair_point=idx,
+                                lidar_path="", xyz=xyzi[:, :3].copy(), feat=xyzi[:, 3:4] / np.float32(255.0), sweep=sweep, label=label, pair_point=idx,
                                 pair_camera=np.zeros(len(idx), np.uint8), pair_uv=np.zeros((len(idx), 2), np.float32),
                                 pair_logits=np.eye(C, dtype=np.float16)[noisy],
                                 pair_features=feats.astype(np.float16)))

@@ -23,7 +23,7 @@ def teacher_meta(sha="random"):
                 teacher=dict(model="tiny", weights="none", weights_sha256=sha, quick_gelu=False, image_size=[64, 112],
                              class_names=names, templates_sha256="t" * 64, embed_dim=D, patch_size=16),
                 class_names=names, eval_class_names=names, prompt_to_eval=[1, 2, 3], class_set="test",
-                sweeps=1, cameras=["CAM_FRONT"])
+                sweeps=1, cameras=["CAM_FRONT"], point_features=["intensity"], voxel_size=0.1)
 
 
 def make_scan(rng, i, split):
@@ -35,7 +35,7 @@ def make_scan(rng, i, split):
     vis = np.sort(rng.choice(n, n // 2, replace=False)).astype(np.int32)
     logits = np.eye(C, dtype=np.float16)[cls[vis]]
     return ScanRecord(token=f"t{i}", scene=f"scene-{i}", split=split, timestamp=i, lidar_path=f"x{i}",
-                      xyzi=np.concatenate([xyz, inten[:, None]], 1), sweep=np.zeros(n, np.uint8),
+                      xyz=xyz, feat=inten[:, None] / np.float32(255.0), sweep=np.zeros(n, np.uint8),
                       label=(cls + 1).astype(np.uint8), pair_point=vis, pair_camera=np.zeros(len(vis), np.uint8),
                       pair_uv=np.zeros((len(vis), 2), np.float32), pair_logits=logits,
                       pair_features=np.zeros((len(vis), D), np.float16))

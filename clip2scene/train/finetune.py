@@ -1,0 +1,289 @@
+"""Annotation-efficient learning: fine-tuning and linear probing with ground-truth labels.
+
+`finetune` starts from a distillation checkpoint (`clip2scene train`) or from random weights
+(`checkpoint=None`, the baseline), replaces the text-space head by a linear classifier over the
+dataset's evaluation classes, and trains on a fraction of the labelled training scans with
+cross-entropy + Lovasz-softmax (method.md section 5: SGD lr 0.02, the new head at 100x the
+learning rate, 24 epochs, cosine). `mode="linear"` is the linear probe: the backbone is frozen
+(weights and BatchNorm statistics) and only the classifier trains. At the end the model is
+evaluated on the evaluation split with the devkit mIoU and `result.json` is written for
+`clip2scene report` (train/report.py).
+
+The label fraction follows SLidR: the 1% split is every 100th training scan (in cache order:
+scene, then time), so it is the same on every run and machine.
+
+    from clip2scene.train.finetune import FinetuneConfig, finetune
+    result = finetune(FinetuneConfig(cache="cache.zarr", out="runs/ft1", checkpoint="runs/pre/checkpoint.pt",
+                                     label_fraction=0.01))
+
+CLI: `clip2scene finetune --checkpoint PRE|none --cache Z --label-fraction 0.01`,
+`clip2scene linear-probe --checkpoint PRE --cache Z`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from clip2scene.devices import resolve_device
+from clip2scene.errors import CacheError, ConfigError
+from clip2scene.storage import Cache, open_cache
+from clip2scene.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_config_of
+from clip2scene.train.data import ScanDataset, collate
+from clip2scene.train.lovasz import lovasz_softmax
+from clip2scene.train.metrics import ConfusionMatrix
+from clip2scene.train.model import ModelConfig, build_model, count_parameters
+from clip2scene.train.voxelize import voxelize
+
+log = logging.getLogger(__name__)
+
+SEGMENTER_KIND = "segmenter"  # checkpoint["kind"] of a fine-tuned / linear-probed model
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    cache: str  # cache with ground-truth labels (a teacher is not needed)
+    out: str  # run folder: checkpoint.pt, metrics.jsonl, result.json
+    checkpoint: str | None = None  # distillation checkpoint to start from; None = random init
+    mode: str = "finetune"  # "finetune" (all weights) or "linear" (frozen backbone, linear head)
+    label_fraction: float = 1.0  # fraction of training scans with labels: every round(1/f)-th scan
+    split: str = "train"  # scans to train on
+    eval_split: str | None = "val"  # scans to evaluate on at the end (None = skip)
+    epochs: int = 24  # passes over the labelled scans
+    batch_size: int = 8  # scans per step
+    lr: float = 0.02  # SGD learning rate of the backbone (cosine-annealed to 0)
+    head_lr_mult: float = 100.0  # the new classifier's learning rate = lr * head_lr_mult
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
+    lovasz_weight: float = 1.0  # weight of the Lovasz-softmax term (cross-entropy has weight 1)
+    voxel_size: float | None = None  # metres; None = the checkpoint's, else the cache's dataset default
+    augment: bool = True  # random z-rotation and x/y flips
+    device: str = "cpu"  # "cpu" or "cuda[:i]"
+    workers: int = 0  # DataLoader worker processes (spawn)
+    seed: int = 0  # head init (and backbone init for random), shuffling, augmentation
+    precise_bn_batches: int = 16  # re-estimate BatchNorm statistics after training (finetune mode)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # used for random init only
+
+
+class Segmenter(nn.Module):
+    """A student backbone with a linear classifier over K evaluation classes on its point features."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.embed_channels, num_classes)
+
+    def forward_points(self, vox, point_features: torch.Tensor) -> torch.Tensor:
+        """(N, K) float32 class logits of every point (label k + 1 = logit column k)."""
+        return self.classifier(self.backbone.embed_points(vox, point_features))
+
+
+def label_subset(indices: np.ndarray, fraction: float) -> np.ndarray:
+    """The labelled training scans: every round(1 / fraction)-th of `indices` (SLidR: 1% = every
+    100th), starting with the first. (S,) int64 -> (S',) int64."""
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"--label-fraction {fraction}: must lie in (0, 1]")
+    step = max(1, round(1.0 / fraction))
+    return np.asarray(indices, dtype=np.int64)[::step]
+
+
+def _segmenter_from(config: FinetuneConfig, cache: Cache, device: torch.device) -> tuple[Segmenter, dict]:
+    """Build the backbone (pretrained or random) and a fresh classifier; returns (model, init info)."""
+    in_channels = len(cache.point_features)
+    num_classes = len(cache.eval_class_names)
+    torch.manual_seed(config.seed)
+    if config.checkpoint is None:
+        model_config = replace(config.model, in_channels=in_channels)
+        backbone = build_model(model_config, device)
+        init = dict(init="random", checkpoint=None, voxel_size=None)
+    else:
+        ckpt = load_checkpoint(config.checkpoint)
+        if ckpt.get("kind") == SEGMENTER_KIND:
+            raise ConfigError(f"{config.checkpoint} is already a fine-tuned model; start from a `clip2scene train` checkpoint")
+        model_config = model_config_of(ckpt)
+        if model_config.in_channels != in_channels:
+            raise ConfigError(f"{config.checkpoint} takes {model_config.in_channels} input channel(s), cache "
+                              f"{cache.path} has {in_channels} ({', '.join(cache.point_features)})")
+        backbone = build_model(model_config, device)
+        backbone.load_state_dict(ckpt["state_dict"])
+        init = dict(init="pretrained", checkpoint=str(config.checkpoint),
+                    voxel_size=ckpt["train_config"].get("voxel_size"), teacher=ckpt.get("teacher"))
+    model = Segmenter(backbone, num_classes).to(device)
+    init["model_config"] = asdict(model_config)
+    return model, init
+
+
+def _forward(model: Segmenter, batch: dict, voxel_size: float, device: torch.device) -> torch.Tensor:
+    vox = voxelize(batch["xyz"].to(device), batch["batch"].to(device), voxel_size)
+    return model.forward_points(vox, batch["feat"].to(device))
+
+
+def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, lovasz_weight: float) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy + lovasz_weight * Lovasz-softmax. logits (N, K), label (N,) int64 in 0..K (0 = ignore)."""
+    target = label - 1  # -1 = ignore
+    if not bool((target >= 0).any()):
+        zero = logits.sum() * 0.0
+        return zero, dict(ce=0.0, lovasz=0.0)
+    ce = F.cross_entropy(logits, target, ignore_index=-1)
+    lov = lovasz_softmax(F.softmax(logits, dim=1), target, ignore=-1) if lovasz_weight else logits.sum() * 0.0
+    return ce + lovasz_weight * lov, dict(ce=float(ce.detach()), lovasz=float(lov.detach()))
+
+
+@torch.no_grad()
+def _precise_bn(model: nn.Module, loader, num_batches: int, voxel_size: float, device: torch.device) -> None:
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or num_batches <= 0:
+        return
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    for i, batch in enumerate(loader):
+        if i >= num_batches:
+            break
+        _forward(model, batch, voxel_size, device)
+    for bn in bns:
+        bn.momentum = 0.1
+
+
+def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
+    """Train per `config`, save the model, evaluate on `eval_split`; returns (and writes) result.json."""
+    if config.mode not in ("finetune", "linear"):
+        raise ConfigError(f"mode {config.mode!r}: expected finetune or linear")
+    if config.mode == "linear" and config.checkpoint is None:
+        raise ConfigError("a linear probe of a random backbone measures nothing: give --checkpoint")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise ConfigError(f"--epochs and --batch-size must be >= 1 (got {config.epochs}, {config.batch_size})")
+    device = resolve_device(config.device)
+    cache = open_cache(config.cache)
+    if not cache.has_labels:
+        raise CacheError(f"cache {cache.path} has no ground-truth labels: fine-tuning needs them")
+    all_train = cache.indices(config.split)
+    if len(all_train) == 0:
+        raise ConfigError(f"cache {cache.path} has no scans in split {config.split!r}")
+    indices = label_subset(all_train, config.label_fraction)
+    model, init = _segmenter_from(config, cache, device)
+    voxel_size = config.voxel_size or init.get("voxel_size") or cache.voxel_size
+    config = replace(config, voxel_size=voxel_size)
+
+    head = list(model.classifier.parameters())
+    if config.mode == "linear":
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        groups = [dict(params=head, lr=config.lr * config.head_lr_mult)]
+    else:
+        groups = [dict(params=[p for p in model.backbone.parameters()], lr=config.lr),
+                  dict(params=head, lr=config.lr * config.head_lr_mult)]
+    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(indices) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = asdict(config)
+    cfg_dict["model"]["channels"] = list(cfg_dict["model"]["channels"])
+    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+    dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed)
+    log.info("%s: %d of %d training scans labelled (fraction %g), %d steps, init %s",
+             config.mode, len(indices), len(all_train), config.label_fraction, total, init["init"])
+    t0 = time.perf_counter()
+    losses = []
+    with (out / "metrics.jsonl").open("w") as mf:
+        for epoch in range(config.epochs):
+            dataset.set_epoch(epoch)
+            gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+            loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen,
+                                collate_fn=collate, num_workers=config.workers,
+                                multiprocessing_context="spawn" if config.workers > 0 else None)
+            model.train()
+            if config.mode == "linear":
+                model.backbone.eval()  # frozen: BatchNorm keeps its pre-trained statistics
+            epoch_losses = []
+            for batch in tqdm(loader, desc=f"{config.mode} {epoch + 1}/{config.epochs}", unit="step", disable=not progress):
+                logits = _forward(model, batch, voxel_size, device)
+                loss, terms = segmentation_loss(logits, batch["label"].to(device), config.lovasz_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                epoch_losses.append(float(loss.detach()))
+                mf.write(json.dumps(dict(epoch=epoch + 1, loss=epoch_losses[-1], **terms,
+                                         lr=optimizer.param_groups[0]["lr"])) + "\n")
+            losses.append(float(np.mean(epoch_losses)))
+            log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
+        if config.mode == "finetune":
+            _precise_bn(model, loader, config.precise_bn_batches, voxel_size, device)
+    seconds = time.perf_counter() - t0
+    ckpt_path = out / "checkpoint.pt"
+    state = dict(format=CHECKPOINT_FORMAT, version=1, kind=SEGMENTER_KIND, model_config=init["model_config"],
+                 num_classes=len(cache.eval_class_names), eval_class_names=cache.eval_class_names,
+                 point_features=cache.point_features, voxel_size=voxel_size, train_config=cfg_dict,
+                 init=init["init"], pretrained=init["checkpoint"], dataset=cache.meta.get("dataset"),
+                 epoch=config.epochs, state_dict=model.state_dict())
+    tmp = ckpt_path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    tmp.replace(ckpt_path)
+    result = dict(run=str(out), checkpoint=str(ckpt_path), mode=config.mode, init=init["init"],
+                  pretrained=init["checkpoint"], label_fraction=config.label_fraction,
+                  labelled_scans=int(len(indices)), train_scans=int(len(all_train)), epochs=config.epochs,
+                  epoch_losses=losses, seconds=seconds,
+                  trainable_parameters=count_parameters(model, trainable_only=True),
+                  dataset=(cache.meta.get("dataset") or {}).get("name"))
+    if config.eval_split is not None:
+        ev = evaluate_segmenter(ckpt_path, cache, config.eval_split, device=config.device, progress=progress)
+        result.update(eval_split=config.eval_split, miou=ev["miou"], per_class_iou=ev["per_class_iou"],
+                      eval_scans=ev["scans"], eval_points=ev["points"])
+    (out / "result.json").write_text(json.dumps(result, indent=2, allow_nan=False))
+    result["json"] = str(out / "result.json")
+    return result
+
+
+@torch.inference_mode()
+def evaluate_segmenter(checkpoint: str | Path, cache: Cache | str, split: str, device: str = "cpu",
+                       progress: bool = True) -> dict:
+    """Devkit mIoU of a fine-tuned model (argmax over the K classifier outputs) on a cache split."""
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("kind") != SEGMENTER_KIND:
+        raise ConfigError(f"{checkpoint} is not a fine-tuned model (use `clip2scene evaluate` for distillation checkpoints)")
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    if not cache.has_labels:
+        raise CacheError(f"cache {cache.path} has no ground-truth labels to evaluate against")
+    if list(ckpt["eval_class_names"]) != cache.eval_class_names:
+        raise CacheError(f"evaluation classes differ: {checkpoint} has {len(ckpt['eval_class_names'])}, "
+                         f"cache {cache.path} has {len(cache.eval_class_names)} ({cache.meta['dataset']['name']})")
+    indices = cache.indices(split)
+    if len(indices) == 0:
+        raise ConfigError(f"cache {cache.path} has no scans in split {split!r}")
+    cfg = dict(ckpt["model_config"])
+    cfg["channels"] = tuple(cfg["channels"])
+    model = Segmenter(build_model(ModelConfig(**cfg), dev), ckpt["num_classes"]).to(dev)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    names = cache.eval_class_names
+    cm = ConfusionMatrix(len(names) + 1, 0)
+    loader = DataLoader(ScanDataset(cache, indices), batch_size=1, shuffle=False, collate_fn=collate)
+    points = 0
+    for batch in tqdm(loader, desc=f"evaluate {split}", unit="scan", disable=not progress):
+        pred = _forward(model, batch, ckpt["voxel_size"], dev).argmax(dim=1).cpu().numpy() + 1
+        cm.update(batch["label"].numpy(), pred)
+        points += len(pred)
+    iou = cm.per_class_iou()
+    miou = cm.miou()
+    return dict(checkpoint=str(checkpoint), cache=str(cache.path), split=split, scans=int(len(indices)),
+                points=int(points), class_names=names,
+                miou=None if math.isnan(miou) else float(miou),
+                per_class_iou={n: (None if math.isnan(v) else float(v)) for n, v in zip(names, iou[1:])},
+                confusion_matrix=cm.matrix.tolist())
