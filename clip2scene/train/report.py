@@ -44,11 +44,15 @@ def gather(paths: list[str | Path]) -> list[dict]:
     return rows
 
 
-def _column(r: dict) -> tuple[int, float, str]:
-    if r["mode"] == "linear":
-        return (0, r["label_fraction"], f"linear probe {r['label_fraction']:.0%}" if r["label_fraction"] < 1 else "linear probe")
+def _column(r: dict, multi: bool) -> tuple[str, int, float, str]:
+    """(dataset, kind, fraction, header): linear probes first, then fractions small to large."""
     frac = r["label_fraction"]
-    return (1, frac, f"{frac * 100:g}%")
+    if r["mode"] == "linear":
+        kind, label = 0, ("linear probe" if frac >= 1 else f"linear probe {frac * 100:g}%")
+    else:
+        kind, label = 1, f"{frac * 100:g}%"
+    ds = str(r.get("dataset"))
+    return (ds, kind, frac, f"{ds} {label}" if multi else label)
 
 
 def _row(r: dict) -> str:
@@ -56,17 +60,20 @@ def _row(r: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table: rows = initialisations, columns = settings, cells = mIoU % (last run wins)."""
-    cols = sorted({_column(r) for r in rows})
+    """Markdown table: rows = initialisations, columns = (dataset,) setting, cells = mIoU %
+    (the run found last wins a duplicate cell)."""
+    datasets = sorted({str(r.get("dataset")) for r in rows})
+    multi = len(datasets) > 1
+    cols = sorted({_column(r, multi) for r in rows})
     names = sorted({_row(r) for r in rows}, key=lambda n: (n != "random init", n))
     cell: dict[tuple[str, str], str] = {}
     for r in rows:
         v = r.get("miou")
-        cell[(_row(r), _column(r)[2])] = "n/a" if v is None else f"{100 * v:.1f}"
-    datasets = sorted({str(r.get("dataset")) for r in rows})
-    lines = [f"mIoU (%) on {', '.join(sorted({r.get('eval_split', '?') for r in rows}))} ({', '.join(datasets)})", "",
-             "| initialisation | " + " | ".join(c[2] for c in cols) + " |",
+        cell[(_row(r), _column(r, multi)[3])] = "n/a" if v is None else f"{100 * v:.1f}"
+    splits = sorted({str(r.get("eval_split", "?")) for r in rows})
+    lines = [f"mIoU (%) on {', '.join(splits)} ({', '.join(datasets)})", "",
+             "| initialisation | " + " | ".join(c[3] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(cell.get((n, c[2]), "") for c in cols) + " |")
+        lines.append(f"| {n} | " + " | ".join(cell.get((n, c[3]), "") for c in cols) + " |")
     return "\n".join(lines)

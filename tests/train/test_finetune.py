@@ -122,3 +122,18 @@ def test_cli_finetune_report_and_errors(cache, pretrained, tmp_path):
     assert r.exit_code == 2 and "nope.pt" in r.stderr
     r = runner.invoke(app, ["report", str(tmp_path / "empty_nothing")])
     assert r.exit_code == 2 and "empty_nothing" in r.stderr
+
+
+def test_report_table_layout():
+    """Rows: random init first; columns per dataset: linear probe, then fractions small to large."""
+    def res(init, mode, frac, miou, ds="nuscenes"):
+        return dict(init=init, pretrained=None if init == "random" else "pre.pt", mode=mode, label_fraction=frac,
+                    miou=miou, dataset=ds, eval_split="val")
+    rows = [res("pretrained", "finetune", 1.0, 0.715), res("random", "finetune", 0.01, 0.422),
+            res("random", "finetune", 1.0, 0.691), res("pretrained", "finetune", 0.01, 0.563),
+            res("pretrained", "linear", 1.0, 0.3), res("random", "finetune", 0.01, 0.325, "semantickitti")]
+    lines = format_table(rows).splitlines()
+    assert lines[2] == ("| initialisation | nuscenes linear probe | nuscenes 1% | nuscenes 100% "
+                        "| semantickitti 1% |")
+    assert lines[4] == "| random init |  | 42.2 | 69.1 | 32.5 |"
+    assert lines[5] == "| pretrained (pre.pt) | 30.0 | 56.3 | 71.5 |  |"
