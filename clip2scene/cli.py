@@ -44,6 +44,15 @@ def _run(fn, *args, **kwargs):
         _fail(str(e))
 
 
+_STORAGE_HELP = "fsspec option for a cache URL, key=value (repeatable), e.g. client_kwargs.endpoint_url=http://host:9000."
+
+
+def _storage(options: Optional[list[str]]) -> dict:
+    from clip2scene.storage import parse_storage_options
+
+    return _run(parse_storage_options, options)
+
+
 def _parse_size(value: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in value.lower().split("x"))
@@ -141,7 +150,11 @@ def _print_precompute(meta: dict) -> None:
         typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
         return
     typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']}")
+    if meta.get("resumed_blocks"):
+        typer.echo(f"  resumed: {meta['resumed_blocks']} of {meta['num_blocks']} blocks were already done")
     typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
+    if meta.get("num_skipped"):
+        typer.echo(f"  skipped {meta['num_skipped']} bad sample(s): see `clip2scene cache info`")
     if t["weights_sha256"] == "random":
         typer.echo("  WARNING: the teacher is randomly initialised (no CLIP weights): pseudo-labels are meaningless.")
 
@@ -149,7 +162,7 @@ def _print_precompute(meta: dict) -> None:
 @app.command()
 def precompute(
     dataroot: Path = typer.Option(..., help="Dataset root folder."),
-    out: Path = typer.Option(..., help="Cache folder to create (Zarr v3)."),
+    out: str = typer.Option(..., help="Cache to create: folder or fsspec URL (s3://bucket/c.zarr)."),
     dataset: str = typer.Option("nuscenes", help="Dataset format: nuscenes, semantickitti, scannet."),
     version: str = typer.Option("v1.0-trainval", help="nuScenes version folder (v1.0-mini, v1.0-trainval)."),
     split: Optional[str] = typer.Option(None, help="Only this split (train/val); default all."),
@@ -164,8 +177,13 @@ def precompute(
     device: str = typer.Option("cpu", help="Teacher device (cpu, cuda)."),
     overwrite: bool = typer.Option(False, help="Replace an existing cache."),
     limit: Optional[int] = typer.Option(None, help="Only the first N scans."),
+    workers: int = typer.Option(0, help="Run blocks on a local Dask cluster of N worker processes (0 = in this process)."),
+    scheduler: Optional[str] = typer.Option(None, help="Run blocks on an existing Dask scheduler, tcp://HOST:PORT."),
+    block_size: int = typer.Option(16, help="Scans per block (unit of work, writing and resuming)."),
+    on_error: str = typer.Option("stop", help="A bad sample: stop (error naming the file) or skip (recorded in the manifest)."),
+    storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
-    """Stage one: run MaskCLIP once per scan and write the per-point cache."""
+    """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
     from clip2scene.precompute.pipeline import DATASETS, DEFAULT_IMAGE_SIZE, PrecomputeConfig, run_precompute
 
     if dataset not in DATASETS:
@@ -175,7 +193,8 @@ def precompute(
                                                                 prompt_denoising, denoise_threshold)
     cfg = PrecomputeConfig(dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
                            sweeps=sweeps, class_set=class_set or dataset, teacher=teacher,
-                           device=device, overwrite=overwrite, limit=limit)
+                           device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
+                           block_size=block_size, on_error=on_error, storage_options=_storage(storage_option))
     meta = _run(run_precompute, cfg)
     meta["path"] = str(out)
     _print_precompute(meta)
@@ -424,31 +443,69 @@ def report(
 
 # ---------------------------------------------------------------------------------- cache info
 @cache_app.command("info")
-def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
-               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Print a cache's metadata, counts and bytes per point."""
+def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://bucket/c.zarr)."),
+               as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+               storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP)) -> None:
+    """Print a cache's metadata (who built it, when, from what), counts, bytes per point, skipped samples."""
     from clip2scene.storage import open_cache
 
-    info = _run(lambda: open_cache(path).info())
+    info = _run(lambda: open_cache(path, _storage(storage_option)).info())
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
     m, t = info["meta"], info["meta"]["teacher"]
     typer.echo(f"cache {info['path']}  (schema {m['schema_version']}, clip2scene {m['tool_version']}, {m['status']})")
-    typer.echo(f"  built {m['created']} by {m.get('created_by', '?')}")
+    typer.echo(f"  built {m['created']} by {m.get('created_by', '?')}, {m.get('num_blocks', '?')} blocks")
+    for src in m.get("merged_from", []):
+        typer.echo(f"  merged from {src['path']} ({src['num_scans']} scans, built {src['created']} by {src['created_by']})")
     d = m["dataset"]
     typer.echo(f"  dataset {d['name']} {d['version']} from {d['dataroot']}")
-    typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
-    typer.echo(f"          image {t['image_size']}, dim {t['embed_dim']}, templates {t['templates_sha256'][:12]}")
+    if t is None:
+        typer.echo("  teacher: none (labels-only cache)")
+    else:
+        typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
+        typer.echo(f"          image {t['image_size']}, dim {t['embed_dim']}, templates {t['templates_sha256'][:12]}")
     typer.echo(f"  classes ({len(m['class_names'])}): {', '.join(m['class_names'])}")
     typer.echo(f"  scans {m['num_scans']} ({', '.join(f'{k}={v}' for k, v in info['splits'].items())}), "
-               f"sweeps per scan {m['sweeps']}")
+               f"sweeps per scan {m['sweeps']}, input {', '.join(m['point_features'])}")
     typer.echo(f"  points {m['num_points']}, camera-visible {m['num_pairs']} "
                f"({100 * m['num_pairs'] / max(m['num_points'], 1):.1f}%), labels: {'yes' if m['has_labels'] else 'no'}")
     typer.echo(f"  stored {info['stored_bytes'] / 2**20:.2f} MiB = {info['bytes_per_point']:.1f} B/point, "
                f"{info['bytes_per_visible_point']:.1f} B/visible point")
     for a in info["arrays"]:
         typer.echo(f"    {a['name']:<22}{str(a['shape']):<18}{a['dtype']:<9}{a['stored_bytes'] / 2**20:9.2f} MiB")
+    typer.echo(f"  skipped samples: {len(info['skipped'])}")
+    for sk in info["skipped"]:
+        typer.echo(f"    {sk['token']} ({sk['scene']}): {sk['reason']}")
+
+
+@cache_app.command("verify")
+def cache_verify(path: str = typer.Argument(..., help="Cache folder or URL."),
+                 storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP)) -> None:
+    """Re-hash every stored file against manifest.json; exit 1 naming each corrupt or missing file."""
+    from tqdm.auto import tqdm
+
+    from clip2scene.storage.tools import verify
+
+    problems = _run(verify, path, _storage(storage_option), lambda it: tqdm(it, desc="verify", unit="file"))
+    for p in problems:
+        typer.echo(p)
+    if problems:
+        typer.echo(f"{path}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{path}: every file matches its sha256 in the manifest")
+
+
+@cache_app.command("merge")
+def cache_merge(caches: list[str] = typer.Argument(..., help="Two or more caches (folders or URLs)."),
+                out: str = typer.Option(..., help="Cache to create."),
+                overwrite: bool = typer.Option(False, help="Replace an existing cache at --out."),
+                storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP)) -> None:
+    """Combine caches built on different scans with the same teacher, without recomputing."""
+    from clip2scene.storage.tools import merge
+
+    meta = _run(merge, caches, out, _storage(storage_option), overwrite)
+    typer.echo(f"merged {len(caches)} caches into {out}: {meta['num_scans']} scans, {meta['num_points']} points")
 
 
 # ---------------------------------------------------------------------------------- demo

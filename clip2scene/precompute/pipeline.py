@@ -20,6 +20,8 @@ CLI: `clip2scene precompute --dataset nuscenes|semantickitti|scannet --dataroot 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,11 +35,11 @@ from tqdm.auto import tqdm
 
 from clip2scene.classes import get_class_set, get_eval_classes, prompt_to_eval
 from clip2scene.devices import resolve_device
-from clip2scene.errors import ConfigError, DataError
+from clip2scene.errors import CacheError, ConfigError, DataError
 from clip2scene.precompute.maskclip import MaskCLIP, TeacherConfig, load_teacher
 from clip2scene.precompute.dataset import Dataset, ScanRef
 from clip2scene.precompute.nuscenes import NuScenes, merged_points  # noqa: F401  (re-exported)
-from clip2scene.storage import CacheWriter, ScanRecord
+from clip2scene.storage import CacheWriter, Layout, Location, ScanRecord, open_cache, write_block
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ DEFAULT_IMAGE_SIZE = {"nuscenes": (224, 416), "semantickitti": (128, 416), "scan
 @dataclass(frozen=True)
 class PrecomputeConfig:
     dataroot: Path  # dataset root (nuScenes: holds samples/, sweeps/, <version>/; KITTI: sequences/; ScanNet: scans/)
-    out: Path  # cache folder to create (a Zarr v3 group)
+    out: Path | str  # cache to create: a folder or an fsspec URL (s3://bucket/c.zarr)
     dataset: str = "nuscenes"  # dataset format: nuscenes, semantickitti or scannet
     version: str = "v1.0-trainval"  # nuScenes version folder under dataroot (ignored by the others)
     split: str | None = None  # cache only this split's scenes (train/val/...), None = all
@@ -61,6 +63,11 @@ class PrecomputeConfig:
     overwrite: bool = False  # replace an existing cache at `out`
     limit: int | None = None  # only the first N scans (smoke runs)
     view_batch: int = 6  # images per teacher forward pass
+    block_size: int = 16  # scans per block: the unit of work, of writing (whole shards) and of resuming
+    storage_options: dict = field(default_factory=dict)  # fsspec options for `out` (endpoint_url, key, ...)
+    workers: int = 0  # >0: run blocks on a local Dask cluster of this many worker processes
+    scheduler: str | None = None  # tcp://HOST:PORT of an existing Dask scheduler to run blocks on
+    on_error: str = "stop"  # a bad sample: "stop" (error naming the file) or "skip" (recorded in the manifest)
 
 
 def load_image(path: Path, width: int, height: int) -> Image.Image:
@@ -202,27 +209,149 @@ def open_dataset(name: str, dataroot: Path | str, version: str | None = None) ->
     raise ConfigError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS)}")
 
 
+_PROCESS_CACHE: dict = {}  # per worker process: dataset reader, scan list, teacher
+
+
+def _cached(key, make):
+    if key not in _PROCESS_CACHE:
+        _PROCESS_CACHE[key] = make()
+    return _PROCESS_CACHE[key]
+
+
+def _dataset_and_scans(config: PrecomputeConfig) -> tuple[Dataset, list[ScanRef]]:
+    key = ("scans", config.dataset, str(config.dataroot), config.version, config.split, config.sweeps, config.limit)
+
+    def make():
+        ds = open_dataset(config.dataset, config.dataroot, config.version)
+        scans = ds.scans(split=config.split, sweeps=config.sweeps)
+        return ds, scans[: config.limit] if config.limit is not None else scans
+
+    return _cached(key, make)
+
+
+def _worker_device(config: PrecomputeConfig) -> torch.device:
+    """The task's device: in a Dask worker with several GPUs, worker k uses cuda:k mod count."""
+    if config.device.startswith("cuda") and ":" not in config.device and torch.cuda.device_count() > 1:
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+            k = name if isinstance(name, int) else sum(map(ord, str(name)))
+            return resolve_device(f"cuda:{k % torch.cuda.device_count()}")
+        except (ImportError, ValueError):
+            pass
+    return resolve_device(config.device)
+
+
+def _teacher(config: PrecomputeConfig, class_names: tuple[str, ...], device: torch.device) -> MaskCLIP | None:
+    if config.teacher is None:
+        return None
+
+    def make():
+        try:
+            return load_teacher(config.teacher, class_names, device=device)
+        except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower
+            raise ConfigError(f"teacher --clip-model {config.teacher.model!r} --image-size "
+                              f"{config.teacher.image_size[0]}x{config.teacher.image_size[1]}: {e}") from None
+
+    return _cached(("teacher", config.teacher, tuple(class_names), str(device)), make)
+
+
+def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layout: Layout,
+              threads: int | None = None) -> dict:
+    """Process scans [start, stop) of the configured dataset as block `index` and write it.
+
+    Runs in the coordinator or in a Dask worker (everything it needs is in its arguments; the
+    reader and teacher are built once per process). A bad sample raises DataError naming it, or
+    with on_error="skip" is left out and listed in the block summary. Returns the summary.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    ds, scans = _dataset_and_scans(config)
+    device = _worker_device(config)
+    teacher = _teacher(config, get_class_set(config.class_set), device)
+    records, skipped = [], []
+    for scan in scans[start:stop]:
+        try:
+            records.append(process_scan(ds, scan, teacher, device, config.view_batch))
+        except DataError as e:
+            if config.on_error != "skip":
+                raise
+            log.warning("skipping %s: %s", scan.token, e)
+            skipped.append(dict(token=scan.token, scene=scan.scene, reason=str(e)))
+    summary = write_block(Location.parse(config.out, config.storage_options), index, records, layout, skipped)
+    summary["teacher_sha256"] = teacher.fingerprint["weights_sha256"] if teacher is not None else None
+    return summary
+
+
+def _resume_key(config: PrecomputeConfig, meta: dict, scans: list[ScanRef]) -> dict:
+    tokens = hashlib.sha256("\n".join(s.token for s in scans).encode()).hexdigest()
+    return dict(dataset=meta["dataset"], teacher=meta["teacher"], class_set=config.class_set, sweeps=config.sweeps,
+                limit=config.limit, block_size=config.block_size, on_error=config.on_error, scans=len(scans),
+                scan_tokens_sha256=tokens)
+
+
+def _run_blocks(config: PrecomputeConfig, todo: list[tuple[int, int, int]], layout: Layout, writer: CacheWriter,
+                expected_sha: str | None, progress: bool) -> None:
+    """Run the pending blocks inline or on Dask; record each as it completes."""
+    def record(summary: dict) -> None:
+        if summary.get("teacher_sha256") != expected_sha:
+            raise ConfigError(f"block {summary['index']} was computed with teacher weights sha256 "
+                              f"{summary.get('teacher_sha256')}, the coordinator has {expected_sha}: "
+                              "every worker must see the same CLIP weights")
+        writer.record_block(summary)
+
+    bar = tqdm(total=len(todo), desc="precompute", unit="block", disable=not progress)
+    if not (config.workers or config.scheduler):
+        for index, start, stop in todo:
+            record(run_block(config, index, start, stop, layout))
+            bar.update()
+        bar.close()
+        return
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if config.scheduler:
+        client = Client(config.scheduler)
+    else:
+        cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        threads = 1 if not config.scheduler else None
+        futures = [client.submit(run_block, config, index, start, stop, layout, threads, key=f"block-{index}-{start}",
+                                 pure=False) for index, start, stop in todo]
+        for fut in as_completed(futures):
+            record(fut.result())  # a worker's DataError is re-raised here
+            bar.update()
+    finally:
+        bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
 def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
-    """Build the cache described by `config`; returns its metadata plus timing numbers."""
+    """Build (or resume) the cache described by `config`; returns its metadata plus timing numbers.
+
+    Scans are cut into blocks of `block_size`; each block is processed and written whole by one
+    task (inline, or on a Dask cluster with `workers` / `scheduler`), and recorded by this
+    process, the single coordinator. Rerunning after a crash resumes: recorded blocks are kept,
+    the others redone, and the result is the same cache as an uninterrupted run.
+    """
     if not 1 <= config.sweeps <= 10:
         raise ConfigError(f"--sweeps must be between 1 and 10, got {config.sweeps}")
+    if config.on_error not in ("stop", "skip"):
+        raise ConfigError(f"--on-error {config.on_error!r}: expected stop or skip")
+    if config.block_size < 1:
+        raise ConfigError(f"--block-size must be >= 1, got {config.block_size}")
     class_names = get_class_set(config.class_set)
-    ds = open_dataset(config.dataset, config.dataroot, config.version)
-    scans = ds.scans(split=config.split, sweeps=config.sweeps)
-    if config.limit is not None:
-        scans = scans[: config.limit]
+    ds, scans = _dataset_and_scans(config)
     if not scans:
         raise DataError(f"no scans in {ds.dataroot} ({ds.name} {ds.version}) for split {config.split!r}")
     if config.teacher is None and not ds.has_labels:
         raise ConfigError(f"{ds.dataroot} has no labels and --clip-model none asks for no teacher: nothing to cache")
-    device = resolve_device(config.device)
-    teacher = None
-    if config.teacher is not None:
-        try:
-            teacher = load_teacher(config.teacher, class_names, device=device)
-        except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower
-            raise ConfigError(f"teacher --clip-model {config.teacher.model!r} --image-size "
-                              f"{config.teacher.image_size[0]}x{config.teacher.image_size[1]}: {e}") from None
+    teacher = _teacher(config, class_names, resolve_device(config.device))
     meta = dict(
         dataset=dict(name=ds.name, version=ds.version, dataroot=str(Path(config.dataroot).resolve()), split=config.split),
         teacher=teacher.fingerprint if teacher is not None else None,
@@ -235,20 +364,39 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         camera_choice="farthest-from-border",
         point_features=list(ds.point_features),
         voxel_size=ds.voxel_size,
+        on_error=config.on_error,
     )
-    t0 = time.perf_counter()
-    images = 0
     embed_dim = teacher.embed_dim if teacher is not None else None
-    with CacheWriter(config.out, meta, len(class_names), embed_dim, ds.has_labels, config.overwrite) as writer:
-        bar = tqdm(scans, desc="precompute", unit="scan", disable=not progress)
-        for scan in bar:
-            writer.append(process_scan(ds, scan, teacher, device, config.view_batch))
-            images += len(ds.views(scan)) if teacher is not None else 0
+    layout = Layout(len(class_names), embed_dim, len(ds.point_features), ds.has_labels)
+    blocks = [(i, a, min(a + config.block_size, len(scans))) for i, a in enumerate(range(0, len(scans), config.block_size))]
+    key = _resume_key(config, meta, scans)
+    if not config.overwrite:
+        try:
+            existing = open_cache(config.out, config.storage_options)
+        except CacheError:
+            existing = None
+        if existing is not None and existing.meta.get("resume_key") == json.loads(json.dumps(key)):
+            log.info("%s is already complete for this configuration: nothing to do", config.out)
+            return dict(existing.meta, seconds=0.0, resumed_blocks=len(blocks), images_per_second=float("nan"),
+                        already_complete=True)
+    t0 = time.perf_counter()
+    writer = CacheWriter(config.out, meta, len(class_names), embed_dim, ds.has_labels, config.overwrite,
+                         storage_options=config.storage_options, block_size=config.block_size,
+                         resume_key=key)
+    with writer:
+        done = writer.done_blocks()
+        todo = [b for b in blocks if b[0] not in done]
+        if writer.resumed:
+            log.info("resuming: %d of %d blocks already done", len(blocks) - len(todo), len(blocks))
+        _run_blocks(config, todo, layout, writer, teacher.fingerprint["weights_sha256"] if teacher else None, progress)
         if teacher is not None:
             writer.set_text_embeddings(teacher.text_embeddings.cpu().numpy())
+        writer.commit(num_blocks=len(blocks))
     seconds = time.perf_counter() - t0
     result = dict(writer.meta)
     result["seconds"] = seconds
-    result["images_per_second"] = images / max(seconds, 1e-9)
+    result["resumed_blocks"] = len(blocks) - len(todo)
+    images = sum(len(ds.views(s)) for s in scans) if teacher is not None else 0
+    result["images_per_second"] = images / max(seconds, 1e-9) if not writer.resumed else float("nan")
     log.info("precompute done: %d scans in %.1fs", len(scans), seconds)
     return result

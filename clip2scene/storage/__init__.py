@@ -6,6 +6,8 @@ imports neither torch-heavy stage: `CacheWriter` writes whole shards only, `Cach
 
 from clip2scene.storage.reader import Cache, ScanData, open_cache
 from clip2scene.storage.schema import SCHEMA_VERSION
-from clip2scene.storage.writer import CacheWriter, ScanRecord
+from clip2scene.storage.store import Location, parse_storage_options
+from clip2scene.storage.writer import CacheWriter, Layout, ScanRecord, write_block
 
-__all__ = ["Cache", "CacheWriter", "ScanData", "ScanRecord", "SCHEMA_VERSION", "open_cache"]
+__all__ = ["Cache", "CacheWriter", "Layout", "Location", "ScanData", "ScanRecord", "SCHEMA_VERSION", "open_cache",
+           "parse_storage_options", "write_block"]

@@ -1,12 +1,13 @@
 """Cache: read a complete cache, scan by scan, without loading it whole.
 
-    cache = open_cache("./zarr")              # CacheError if missing, incomplete or of another schema
+    cache = open_cache("./zarr")              # or "s3://bucket/c.zarr", storage_options={...}
     idx = cache.indices("train")              # (S_train,) int64 scan indices
     scan = cache.read_scan(int(idx[0]))       # ScanData with numpy arrays
     cache.text_embeddings                     # (C, D) float32
 
-Per-scan offsets are loaded once (small); points and pairs are sliced from the sharded arrays,
-so a scan read touches only the chunks it needs.
+Per-scan tables are loaded once (small); a scan's points and pairs are sliced from its block's
+sharded arrays, so a scan read touches only the chunks it needs (streamed, never the whole
+cache in memory). CacheError if missing, incomplete (no manifest.json) or of another schema.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import zarr
 
 from clip2scene.errors import CacheError
 from clip2scene.storage import schema
+from clip2scene.storage.store import Location
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +46,15 @@ class ScanData:
 
 
 class Cache:
-    """A complete clip2scene cache opened for reading."""
+    """A complete clip2scene cache opened for reading (local folder or fsspec URL)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
+    def __init__(self, path: str | Path, storage_options: dict | None = None):
+        self.loc = Location.parse(path, storage_options)
+        self.path = self.loc.url
+        if not self.loc.exists(""):
             raise CacheError(f"cache not found: {self.path}")
         try:
-            group = zarr.open_group(str(self.path), mode="r")
+            group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r")
         except Exception as e:  # zarr raises several types for a non-group folder
             raise CacheError(f"{self.path}: not a Zarr group ({type(e).__name__})") from None
         meta = dict(group.attrs).get(schema.ATTR_KEY)
@@ -61,13 +64,16 @@ class Cache:
             raise CacheError(
                 f"{self.path}: cache schema version {meta.get('schema_version')} but this clip2scene reads {schema.SCHEMA_VERSION}"
             )
-        if meta.get("status") != schema.STATUS_COMPLETE:
+        if meta.get("status") != schema.STATUS_COMPLETE or not self.loc.exists(schema.MANIFEST):
             why = f": {meta['error']}" if meta.get("error") else ""
-            raise CacheError(f"{self.path}: cache is {meta.get('status')!r}, not complete{why}; rerun precompute")
+            raise CacheError(f"{self.path}: cache is {meta.get('status')!r}, not complete{why}; rerun precompute to finish it")
         self.meta = meta
         self._group: zarr.Group | None = group
-        self.point_offset = group["scans/point_offset"][...]
-        self.pair_offset = group["scans/pair_offset"][...]
+        self.block = group["scans/block"][...]
+        self.point_start = group["scans/point_start"][...]
+        self.point_count = group["scans/point_count"][...]
+        self.pair_start = group["scans/pair_start"][...]
+        self.pair_count = group["scans/pair_count"][...]
         self.timestamp = group["scans/timestamp"][...]
         self.token = np.asarray(group["scans/token"][...], dtype=object)
         self.scene = np.asarray(group["scans/scene"][...], dtype=object)
@@ -75,17 +81,24 @@ class Cache:
         self.lidar_path = np.asarray(group["scans/lidar_path"][...], dtype=object)
         self.text_embeddings = (np.asarray(group["text/embeddings"][...], dtype=np.float32)
                                 if self.has_teacher else None)  # (C, D) float32, None without a teacher
+        self._blocks: dict[int, zarr.Group] = {}
 
     # Zarr handles are reopened lazily in DataLoader worker processes.
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_group"] = None
+        state["_blocks"] = {}
         return state
+
+    def block_group(self, b: int) -> zarr.Group:
+        if b not in self._blocks:
+            self._blocks[b] = self.group[schema.block_path(b)]
+        return self._blocks[b]
 
     @property
     def group(self) -> zarr.Group:
         if self._group is None:
-            self._group = zarr.open_group(str(self.path), mode="r")
+            self._group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r")
         return self._group
 
     @property
@@ -139,9 +152,11 @@ class Cache:
         """Read scan `i`; teacher features (the largest array) only when `features`."""
         if not 0 <= i < self.num_scans:
             raise IndexError(f"scan index {i} out of range 0..{self.num_scans - 1}")
-        g = self.group
-        p0, p1 = int(self.point_offset[i]), int(self.point_offset[i + 1])
-        q0, q1 = int(self.pair_offset[i]), int(self.pair_offset[i + 1])
+        g = self.block_group(int(self.block[i]))
+        p0 = int(self.point_start[i])
+        p1 = p0 + int(self.point_count[i])
+        q0 = int(self.pair_start[i])
+        q1 = q0 + int(self.pair_count[i])
         return ScanData(
             index=i,
             token=str(self.token[i]),
@@ -158,24 +173,26 @@ class Cache:
             pair_features=g["pairs/features"][q0:q1] if features and self.has_teacher else None,
         )
 
+    def manifest(self) -> dict:
+        """manifest.json: blocks, skipped samples, sha256 per stored file."""
+        return self.loc.read_json(schema.MANIFEST)
+
     def array_info(self) -> list[dict]:
-        """Per array: name, shape, dtype, chunk and shard shape, stored bytes."""
-        out = []
-        for spec in schema.ALL_ARRAYS:
-            if spec.name not in self.group:
+        """Per array name (summed over blocks): shape, dtype, chunk and shard shape, stored bytes."""
+        out: dict[str, dict] = {}
+        names = [(spec, schema.block_path(b) + "/" + spec.name) for b in sorted(set(self.block.tolist()))
+                 for spec in schema.BLOCK_ARRAYS]
+        names += [(spec, spec.name) for spec in schema.SCAN_ARRAYS + schema.TEXT_ARRAYS]
+        for spec, path in names:
+            if path not in self.group:
                 continue
-            arr = self.group[spec.name]
-            out.append(
-                dict(
-                    name=spec.name,
-                    shape=list(arr.shape),
-                    dtype=spec.dtype,
-                    chunks=list(arr.chunks),
-                    shards=list(arr.shards) if arr.shards else None,
-                    stored_bytes=int(arr.nbytes_stored()),
-                )
-            )
-        return out
+            arr = self.group[path]
+            row = out.setdefault(spec.name, dict(name=spec.name, shape=[0] + list(arr.shape[1:]), dtype=spec.dtype,
+                                                 chunks=list(arr.chunks), shards=list(arr.shards) if arr.shards else None,
+                                                 stored_bytes=0))
+            row["shape"][0] += int(arr.shape[0])
+            row["stored_bytes"] += int(arr.nbytes_stored())
+        return list(out.values())
 
     def info(self) -> dict:
         """Metadata plus counts, per-split scan counts and bytes per point."""
@@ -192,9 +209,10 @@ class Cache:
             stored_bytes=total,
             bytes_per_point=total / n,
             bytes_per_visible_point=total / m,
+            skipped=self.manifest().get("skipped", []),
         )
 
 
-def open_cache(path: str | Path) -> Cache:
-    """Open a complete cache for reading (CacheError with the reason otherwise)."""
-    return Cache(path)
+def open_cache(path: str | Path, storage_options: dict | None = None) -> Cache:
+    """Open a complete cache (local path or fsspec URL) for reading (CacheError with the reason otherwise)."""
+    return Cache(path, storage_options)

@@ -1,6 +1,9 @@
 """The cache format, pinned: array names, dtypes, trailing shapes and shard geometry.
 
-Every array of a cache is listed here; docs/cache-format.md explains each one and
+Point and pair arrays live per block (`blocks/NNNNNN/points/xyz`, ...): a block is a run of
+consecutive scans written by one task, whole, once; the scan tables (`scans/...`) and the text
+embeddings sit at the root and are written by the coordinator at commit. Every array of a
+cache is listed here; docs/cache-format.md explains each one and
 tests/storage/test_format.py pins it. Change this file only with a SCHEMA_VERSION bump.
 """
 
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ATTR_KEY = "clip2scene"  # group attribute holding all our metadata
 FORMAT_NAME = "clip2scene-cache"
 
@@ -28,6 +31,14 @@ class ArraySpec:
     shard_rows: int
     axis: str  # "points" (row per point), "pairs" (row per camera-visible point), "scans", "classes"
 
+BLOCK_PREFIX = "blocks"  # blocks/{index:06d}/points/..., blocks/{index:06d}/pairs/...
+MANIFEST = "manifest.json"  # written last at commit: blocks, per-file sha256, skipped samples
+BLOCK_RECORDS = "manifest/blocks"  # manifest/blocks/{index:06d}.json: a block is done when this exists
+
+
+def block_path(index: int) -> str:
+    return f"{BLOCK_PREFIX}/{index:06d}"
+
 
 POINT_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("points/xyz", "float32", (3,), 65536, 1048576, "points"),
@@ -43,8 +54,11 @@ PAIR_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("pairs/features", "float16", ("D",), 2048, 32768, "pairs"),  # only with a teacher
 )
 SCAN_ARRAYS: tuple[ArraySpec, ...] = (
-    ArraySpec("scans/point_offset", "int64", (), 4096, 65536, "scans+1"),
-    ArraySpec("scans/pair_offset", "int64", (), 4096, 65536, "scans+1"),
+    ArraySpec("scans/block", "int32", (), 4096, 65536, "scans"),  # block holding the scan's rows
+    ArraySpec("scans/point_start", "int64", (), 4096, 65536, "scans"),  # first point row within the block
+    ArraySpec("scans/point_count", "int64", (), 4096, 65536, "scans"),
+    ArraySpec("scans/pair_start", "int64", (), 4096, 65536, "scans"),  # first pair row within the block
+    ArraySpec("scans/pair_count", "int64", (), 4096, 65536, "scans"),
     ArraySpec("scans/timestamp", "int64", (), 4096, 65536, "scans"),
     ArraySpec("scans/token", "string", (), 4096, 65536, "scans"),
     ArraySpec("scans/scene", "string", (), 4096, 65536, "scans"),
@@ -55,6 +69,7 @@ TEXT_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("text/embeddings", "float32", ("D",), 4096, 4096, "classes"),  # only with a teacher
 )
 TEACHER_ARRAYS = ("pairs/logits", "pairs/features", "text/embeddings")  # absent when has_teacher is false
+BLOCK_ARRAYS: tuple[ArraySpec, ...] = POINT_ARRAYS + PAIR_ARRAYS  # names relative to blocks/NNNNNN/
 ALL_ARRAYS: tuple[ArraySpec, ...] = POINT_ARRAYS + PAIR_ARRAYS + SCAN_ARRAYS + TEXT_ARRAYS
 
 
@@ -70,3 +85,6 @@ REQUIRED_META = (
     "class_names", "eval_class_names", "prompt_to_eval", "num_scans", "num_points", "num_pairs",
     "has_labels", "has_teacher", "sweeps", "cameras", "point_features", "voxel_size",
 )
+# Meta fields two caches must share to be merged (and a resumed precompute must match).
+COMPATIBLE_META = ("schema_version", "teacher", "class_names", "class_set", "eval_class_names", "prompt_to_eval",
+                   "has_labels", "has_teacher", "sweeps", "cameras", "point_features", "voxel_size")

@@ -1,27 +1,27 @@
-"""CacheWriter: append scans, write whole shards only, commit the metadata last.
+"""Writing a cache: blocks of scans written whole by one task each, committed by one coordinator.
 
     with CacheWriter(path, meta, num_classes=16, feature_dim=512, has_labels=True) as w:
         for scan in scans:
-            w.append(scan)          # a ScanRecord
+            w.append(scan)          # a ScanRecord; every `block_size` scans become one block
         w.set_text_embeddings(text) # (C, D) float32
+    # leaving the block commits: scan tables, text, manifest.json with a sha256 per stored file,
+    # status "complete". An exception instead marks the cache "failed" (resumable), never complete.
     # feature_dim=None writes a labels-only cache (no teacher: no logits, features or text).
-    # leaving the block commits: status "complete" and the counts. An exception instead marks
-    # the cache "failed" with the reason, so a half-written cache never looks complete.
 
-Rows are buffered per array and written one full shard at a time (a shard is written exactly
-once, by one writer); the last, partial shard of each array is written at commit. The writer is
-the single coordinator that creates and resizes arrays.
+Distributed precompute uses the two halves separately: any process calls `write_block(loc,
+index, records, layout)` for the blocks it is given (it owns every object under
+`blocks/NNNNNN/`, so no two writers ever touch one shard), and the coordinator
+(`CacheWriter`) records each returned block summary with `record_block` (an atomic
+`manifest/blocks/NNNNNN.json`; a block without one is redone on resume) and finally `commit`s.
+A `Lock` keeps a second coordinator off the cache.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import getpass
+import json
 import logging
-import platform
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -30,6 +30,7 @@ from zarr.codecs import ZstdCodec
 from clip2scene import __version__
 from clip2scene.errors import CacheError
 from clip2scene.storage import schema
+from clip2scene.storage.store import Location, Lock, node_name
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,30 @@ class ScanRecord:
     pair_features: np.ndarray | None = None  # (m, D) float16 L2-normalised teacher features (None: no teacher)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Array sizes of one cache: classes C, teacher feature dim D (None = no teacher), input channels F."""
+
+    num_classes: int
+    feature_dim: int | None
+    point_channels: int
+    has_labels: bool
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.feature_dim is not None
+
+    def arrays(self) -> list[tuple[schema.ArraySpec, tuple[int, ...]]]:
+        out = []
+        for spec in schema.BLOCK_ARRAYS:
+            if spec.name == "points/label" and not self.has_labels:
+                continue
+            if spec.name in schema.TEACHER_ARRAYS and not self.has_teacher:
+                continue
+            out.append((spec, schema.resolve_trailing(spec, self.num_classes, self.feature_dim or 0, self.point_channels)))
+        return out
+
+
 def _check(name: str, arr: np.ndarray | None, dtype: str, shape: tuple) -> None:
     if arr is None:
         raise ValueError(f"ScanRecord.{name} is missing")
@@ -66,200 +91,272 @@ def _check(name: str, arr: np.ndarray | None, dtype: str, shape: tuple) -> None:
         raise ValueError(f"ScanRecord.{name}: shape {arr.shape}, expected {shape}")
 
 
-class _ShardedAppender:
-    """Buffers rows of one array and writes them a whole shard at a time."""
+def check_record(rec: ScanRecord, layout: Layout) -> None:
+    """Shapes and dtypes of a record against the cache layout (ValueError names the field)."""
+    n, m = rec.xyz.shape[0], rec.pair_point.shape[0]
+    _check("xyz", rec.xyz, "float32", (n, 3))
+    _check("feat", rec.feat, "float32", (n, layout.point_channels))
+    _check("sweep", rec.sweep, "uint8", (n,))
+    if layout.has_labels:
+        _check("label", rec.label, "uint8", (n,))
+    _check("pair_point", rec.pair_point, "int32", (m,))
+    _check("pair_camera", rec.pair_camera, "uint8", (m,))
+    _check("pair_uv", rec.pair_uv, "float32", (m, 2))
+    if layout.has_teacher:
+        _check("pair_logits", rec.pair_logits, "float16", (m, layout.num_classes))
+        _check("pair_features", rec.pair_features, "float16", (m, layout.feature_dim))
+    if m and (rec.pair_point.min() < 0 or rec.pair_point.max() >= n):
+        raise ValueError(f"ScanRecord.pair_point out of range for scan {rec.token} with {n} points")
 
-    def __init__(self, array: zarr.Array, shard_rows: int):
-        self.array = array
-        self.shard_rows = shard_rows
-        self.written = 0
-        self._parts: list[np.ndarray] = []
-        self._buffered = 0
 
-    def append(self, rows: np.ndarray) -> None:
-        if len(rows):
-            self._parts.append(rows)
-            self._buffered += len(rows)
-        while self._buffered >= self.shard_rows:
-            block = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
-            self._write(block[: self.shard_rows])
-            rest = block[self.shard_rows:]
-            self._parts = [rest] if len(rest) else []
-            self._buffered = len(rest)
+def _geometry(rows: int, chunk_rows: int, shard_rows: int) -> tuple[int, int]:
+    """(chunk, shard) rows for an array of `rows`: the spec's sizes, shrunk for small arrays; the
+    shard stays a multiple of the chunk."""
+    chunk = min(chunk_rows, max(rows, 1))
+    return chunk, min(shard_rows, -(-max(rows, 1) // chunk) * chunk)
 
-    def _write(self, block: np.ndarray) -> None:
-        end = self.written + len(block)
-        self.array.resize((end,) + self.array.shape[1:])
-        self.array[self.written:end] = block
-        self.written = end
 
-    def finish(self) -> int:
-        if self._buffered:
-            self._write(np.concatenate(self._parts))
-            self._parts, self._buffered = [], 0
-        return self.written
+_FIELDS = {"points/xyz": "xyz", "points/feat": "feat", "points/sweep": "sweep", "points/label": "label",
+           "pairs/point": "pair_point", "pairs/camera": "pair_camera", "pairs/uv": "pair_uv",
+           "pairs/logits": "pair_logits", "pairs/features": "pair_features"}
+
+
+def write_block(loc: Location, index: int, records: list[ScanRecord], layout: Layout,
+                skipped: list[dict] | None = None) -> dict:
+    """Write one block (whole arrays, each shard once) under blocks/NNNNNN/, replacing any partial
+    earlier attempt. Returns the block summary the coordinator records: per scan its identity and
+    row counts, and the sha256 of every object written."""
+    for rec in records:
+        check_record(rec, layout)
+    prefix = schema.block_path(index)
+    loc.remove(prefix)  # a crashed earlier attempt of this block
+    group = zarr.open_group(loc.zarr_store(), path=prefix, mode="w")
+    for spec, trailing in layout.arrays():
+        attr = _FIELDS[spec.name]
+        parts = [getattr(r, attr) for r in records]
+        data = np.concatenate(parts) if parts else np.zeros((0,) + trailing, dtype=spec.dtype)
+        chunk, shard = _geometry(len(data), spec.chunk_rows, spec.shard_rows)
+        arr = group.create_array(spec.name, shape=data.shape, dtype=spec.dtype,
+                                 chunks=(chunk,) + trailing, shards=(shard,) + trailing,
+                                 compressors=ZstdCodec(level=3), fill_value=0)
+        if len(data):
+            arr[...] = data
+    scans = [dict(token=r.token, scene=r.scene, split=r.split, timestamp=int(r.timestamp), lidar_path=r.lidar_path,
+                  points=int(len(r.xyz)), pairs=int(len(r.pair_point))) for r in records]
+    return dict(index=index, scans=scans, files=loc.checksums(prefix), skipped=list(skipped or []))
 
 
 class CacheWriter:
-    """Create a cache at `path` and append scans to it (see the module docstring)."""
+    """The coordinator: creates (or resumes) a cache, records blocks, commits (see module docstring).
 
-    def __init__(
-        self,
-        path: str | Path,
-        meta: dict,
-        num_classes: int,
-        feature_dim: int | None,
-        has_labels: bool,
-        overwrite: bool = False,
-    ):
-        self.path = Path(path)
-        if self.path.exists():
-            if not overwrite:
-                raise CacheError(f"cache already exists: {self.path} (pass --overwrite to replace it)")
-            shutil.rmtree(self.path)
-        self.num_classes = num_classes
-        self.feature_dim = feature_dim
-        self.has_teacher = feature_dim is not None
-        self.has_labels = has_labels
-        self.point_channels = len(meta.get("point_features", ()))
-        if self.point_channels < 1:
+    `resume_key`: a dict describing what is being built (dataset, teacher, options); an existing
+    unfinished cache with the same key is resumed (its recorded blocks are kept), one with a
+    different key is refused naming the field. Without a key an existing cache needs `overwrite`.
+    """
+
+    def __init__(self, path, meta: dict, num_classes: int, feature_dim: int | None, has_labels: bool,
+                 overwrite: bool = False, storage_options: dict | None = None, block_size: int = 16,
+                 resume_key: dict | None = None):
+        self.loc = Location.parse(path, storage_options)
+        self.path = self.loc.url
+        resume_key = json.loads(json.dumps(resume_key)) if resume_key is not None else None  # as stored
+        self.block_size = block_size
+        self.layout = Layout(num_classes, feature_dim, len(meta.get("point_features", ())), has_labels)
+        if self.layout.point_channels < 1:
             raise ValueError("cache metadata needs point_features (the input channel names)")
         self.meta = dict(meta)
         self.meta.update(
-            format=schema.FORMAT_NAME,
-            schema_version=schema.SCHEMA_VERSION,
-            status=schema.STATUS_WRITING,
-            tool_version=__version__,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            created_by=f"{getpass.getuser()}@{platform.node()}",
-            has_labels=has_labels,
-            has_teacher=self.has_teacher,
-            num_scans=0,
-            num_points=0,
-            num_pairs=0,
+            format=schema.FORMAT_NAME, schema_version=schema.SCHEMA_VERSION, status=schema.STATUS_WRITING,
+            tool_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            created_by=node_name(), has_labels=has_labels, has_teacher=self.layout.has_teacher,
+            num_scans=0, num_points=0, num_pairs=0, resume_key=resume_key, block_size=block_size,
         )
         missing = [k for k in schema.REQUIRED_META if k not in self.meta]
         if missing:
             raise ValueError(f"cache metadata lacks {', '.join(missing)}")
         if len(self.meta["prompt_to_eval"]) != num_classes:
             raise ValueError(f"prompt_to_eval has {len(self.meta['prompt_to_eval'])} entries for {num_classes} classes")
-        self.group = zarr.open_group(str(self.path), mode="w-")
-        self.group.attrs[schema.ATTR_KEY] = self.meta
-        self._appenders: dict[str, _ShardedAppender] = {}
-        for spec in schema.POINT_ARRAYS + schema.PAIR_ARRAYS:
-            if spec.name == "points/label" and not has_labels:
-                continue
-            if spec.name in schema.TEACHER_ARRAYS and not self.has_teacher:
-                continue
-            trailing = schema.resolve_trailing(spec, num_classes, feature_dim or 0, self.point_channels)
-            arr = self.group.create_array(
-                spec.name,
-                shape=(0,) + trailing,
-                dtype=spec.dtype,
-                chunks=(spec.chunk_rows,) + trailing,
-                shards=(spec.shard_rows,) + trailing,
-                compressors=ZstdCodec(level=3),
-                fill_value=0,
-            )
-            self._appenders[spec.name] = _ShardedAppender(arr, spec.shard_rows)
-        self._scans: dict[str, list] = {k: [] for k in ("token", "scene", "split", "timestamp", "lidar_path")}
-        self._point_offsets = [0]
-        self._pair_offsets = [0]
+        self.lock = Lock(self.loc)
+        self.lock.acquire()
+        try:
+            self.resumed = self._open_or_create(overwrite, resume_key)
+        except BaseException:
+            self.lock.release()
+            raise
+        self._pending: list[ScanRecord] = []
+        self._next_block = len(self.done_blocks()) if self.resumed else 0
         self._text: np.ndarray | None = None
         self._closed = False
 
+    # -- creation / resume ---------------------------------------------------------------------
+    def _existing_meta(self) -> dict | None:
+        try:
+            return dict(zarr.open_group(self.loc.zarr_store(read_only=True), mode="r").attrs).get(schema.ATTR_KEY)
+        except Exception:  # a torn or absent root zarr.json
+            return None
+
+    def _open_or_create(self, overwrite: bool, resume_key: dict | None) -> bool:
+        existing = [f for f in self.loc.list_files("") if not f.endswith(Lock.NAME)]
+        if existing and overwrite:
+            for f in self.loc.fs.ls(self.loc.root, detail=False):
+                if not f.rstrip("/").endswith(Lock.NAME):
+                    self.loc.fs.rm(f, recursive=True)
+        elif existing:
+            old = self._existing_meta()
+            if old is not None and old.get("status") == schema.STATUS_COMPLETE and self.loc.exists(schema.MANIFEST):
+                raise CacheError(f"cache already exists: {self.path} (pass --overwrite to replace it)")
+            recorded = self._recorded_key()
+            if resume_key is None or recorded is None:
+                raise CacheError(f"{self.path} exists and is not a complete cache (pass --overwrite to replace it)")
+            for k in sorted(set(recorded) | set(resume_key)):
+                if recorded.get(k) != resume_key.get(k):
+                    raise CacheError(f"cannot resume {self.path}: {k} was {recorded.get(k)!r}, now "
+                                     f"{resume_key.get(k)!r} (pass --overwrite to start again)")
+            self._write_root()
+            log.info("resuming %s: %d blocks already done", self.path, len(self.done_blocks()))
+            return True
+        self.loc.write_json("manifest/key.json", dict(resume_key=resume_key))
+        self._write_root()
+        return False
+
+    def _recorded_key(self) -> dict | None:
+        try:
+            return self.loc.read_json("manifest/key.json").get("resume_key")
+        except CacheError:
+            return None
+
+    def _write_root(self) -> None:
+        store = self.loc.zarr_store()
+        try:
+            group = zarr.open_group(store, mode="a")
+        except Exception:  # torn root metadata from a crash: rewrite it
+            self.loc.remove("zarr.json")
+            group = zarr.open_group(store, mode="a")
+        group.attrs[schema.ATTR_KEY] = self.meta
+        zarr.open_group(store, path=schema.BLOCK_PREFIX, mode="a")
+
+    # -- blocks --------------------------------------------------------------------------------
+    def done_blocks(self) -> dict[int, dict]:
+        """Recorded block summaries by index."""
+        out = {}
+        for f in self.loc.list_files(schema.BLOCK_RECORDS):
+            if f.endswith(".json"):
+                rec = self.loc.read_json(f)
+                out[int(rec["index"])] = rec
+        return out
+
+    def record_block(self, summary: dict) -> None:
+        """Mark a written block done (atomic object write)."""
+        self.loc.write_json(f"{schema.BLOCK_RECORDS}/{summary['index']:06d}.json", summary)
+
     def append(self, scan: ScanRecord) -> None:
-        """Append one scan; shapes and dtypes are checked (ValueError names the field)."""
-        n = scan.xyz.shape[0]
-        m = scan.pair_point.shape[0]
-        _check("xyz", scan.xyz, "float32", (n, 3))
-        _check("feat", scan.feat, "float32", (n, self.point_channels))
-        _check("sweep", scan.sweep, "uint8", (n,))
-        if self.has_labels:
-            _check("label", scan.label, "uint8", (n,))
-        _check("pair_point", scan.pair_point, "int32", (m,))
-        _check("pair_camera", scan.pair_camera, "uint8", (m,))
-        _check("pair_uv", scan.pair_uv, "float32", (m, 2))
-        if self.has_teacher:
-            _check("pair_logits", scan.pair_logits, "float16", (m, self.num_classes))
-            _check("pair_features", scan.pair_features, "float16", (m, self.feature_dim))
-        if m and (scan.pair_point.min() < 0 or scan.pair_point.max() >= n):
-            raise ValueError(f"ScanRecord.pair_point out of range for scan {scan.token} with {n} points")
-        rows = {
-            "points/xyz": scan.xyz, "points/feat": scan.feat, "points/sweep": scan.sweep,
-            "pairs/point": scan.pair_point, "pairs/camera": scan.pair_camera, "pairs/uv": scan.pair_uv,
-        }
-        if self.has_teacher:
-            rows.update({"pairs/logits": scan.pair_logits, "pairs/features": scan.pair_features})
-        if self.has_labels:
-            rows["points/label"] = scan.label
-        for name, data in rows.items():
-            self._appenders[name].append(data)
-        for key in self._scans:
-            self._scans[key].append(getattr(scan, key))
-        self._point_offsets.append(self._point_offsets[-1] + n)
-        self._pair_offsets.append(self._pair_offsets[-1] + m)
+        """Queue one scan; every `block_size` scans are written as one block."""
+        check_record(scan, self.layout)
+        self._pending.append(scan)
+        if len(self._pending) >= self.block_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.record_block(write_block(self.loc, self._next_block, self._pending, self.layout))
+            self._next_block += 1
+            self._pending = []
 
     def set_text_embeddings(self, text: np.ndarray) -> None:
         """(C, D) float32 text embeddings of the prompt classes (rows L2-normalised)."""
-        if not self.has_teacher:
+        if not self.layout.has_teacher:
             raise ValueError("a labels-only cache (feature_dim=None) has no text embeddings")
         text = np.asarray(text, dtype=np.float32)
-        if text.shape != (self.num_classes, self.feature_dim):
-            raise ValueError(f"text embeddings shape {text.shape}, expected {(self.num_classes, self.feature_dim)}")
+        want = (self.layout.num_classes, self.layout.feature_dim)
+        if text.shape != want:
+            raise ValueError(f"text embeddings shape {text.shape}, expected {want}")
         self._text = text
 
     @property
     def num_scans(self) -> int:
-        return len(self._point_offsets) - 1
+        return sum(len(b["scans"]) for b in self.done_blocks().values()) + len(self._pending)
 
-    def _write_whole(self, name: str, data: np.ndarray, dtype: str) -> None:
-        spec = next(s for s in schema.ALL_ARRAYS if s.name == name)
+    # -- commit --------------------------------------------------------------------------------
+    def _write_table(self, group: zarr.Group, name: str, data: np.ndarray, dtype: str) -> None:
+        chunk, shard = _geometry(len(data), 4096, 65536)
         trailing = data.shape[1:]
-        rows = max(len(data), 1)
-        self.group.create_array(
-            name,
-            shape=data.shape,
-            dtype=dtype,
-            chunks=(min(spec.chunk_rows, rows),) + trailing,
-            shards=(min(spec.shard_rows, rows),) + trailing,
-            compressors=ZstdCodec(level=3) if dtype != "string" else "auto",
-            fill_value=0 if dtype != "string" else "",
-        )[...] = data
+        arr = group.create_array(name, shape=data.shape, dtype=dtype, chunks=(chunk,) + trailing,
+                                 shards=(shard,) + trailing,
+                                 compressors=ZstdCodec(level=3) if dtype != "string" else "auto",
+                                 fill_value=0 if dtype != "string" else "", overwrite=True)
+        if len(data):
+            arr[...] = data
 
-    def commit(self) -> dict:
-        """Write the tails, per-scan tables and text; mark the cache complete. Returns the metadata."""
+    def commit(self, num_blocks: int | None = None) -> dict:
+        """Write scan tables, text and manifest.json; mark complete. `num_blocks`: blocks 0..n-1
+        must all be recorded (default: those written through `append`)."""
         if self._closed:
             return self.meta
-        if self.num_scans == 0:
+        self._flush()
+        blocks = self.done_blocks()
+        n = self._next_block if num_blocks is None else num_blocks
+        missing = [i for i in range(n) if i not in blocks]
+        if missing:
+            raise CacheError(f"{self.path}: blocks {missing[:5]} were never written")
+        ordered = [blocks[i] for i in range(n)]
+        scans = [(b["index"], s) for b in ordered for s in b["scans"]]
+        if not scans:
             raise CacheError(f"{self.path}: no scans were written")
-        if self.has_teacher and self._text is None:
+        if self.layout.has_teacher and self._text is None:
             raise CacheError(f"{self.path}: text embeddings were not set")
-        for app in self._appenders.values():
-            app.finish()
-        self._write_whole("scans/point_offset", np.asarray(self._point_offsets, dtype=np.int64), "int64")
-        self._write_whole("scans/pair_offset", np.asarray(self._pair_offsets, dtype=np.int64), "int64")
-        self._write_whole("scans/timestamp", np.asarray(self._scans["timestamp"], dtype=np.int64), "int64")
+        group = zarr.open_group(self.loc.zarr_store(), mode="a")
+        for prefix in ("scans", "text"):
+            self.loc.remove(prefix)
+        block_idx = np.array([b for b, _ in scans], np.int32)
+        pts = np.array([s["points"] for _, s in scans], np.int64)
+        prs = np.array([s["pairs"] for _, s in scans], np.int64)
+        starts = {}
+        for name, counts in (("point", pts), ("pair", prs)):
+            start = np.zeros(len(scans), np.int64)
+            for b in np.unique(block_idx):
+                rows = np.flatnonzero(block_idx == b)
+                start[rows] = np.concatenate([[0], np.cumsum(counts[rows])[:-1]])
+            starts[name] = start
+        self._write_table(group, "scans/block", block_idx, "int32")
+        self._write_table(group, "scans/point_start", starts["point"], "int64")
+        self._write_table(group, "scans/point_count", pts, "int64")
+        self._write_table(group, "scans/pair_start", starts["pair"], "int64")
+        self._write_table(group, "scans/pair_count", prs, "int64")
+        self._write_table(group, "scans/timestamp", np.array([s["timestamp"] for _, s in scans], np.int64), "int64")
         for key in ("token", "scene", "split", "lidar_path"):
-            self._write_whole(f"scans/{key}", np.asarray(self._scans[key], dtype=object), "string")
-        if self.has_teacher:
-            self._write_whole("text/embeddings", self._text, "float32")
-        self.meta.update(
-            status=schema.STATUS_COMPLETE,
-            num_scans=self.num_scans,
-            num_points=int(self._point_offsets[-1]),
-            num_pairs=int(self._pair_offsets[-1]),
-        )
-        self.group.attrs[schema.ATTR_KEY] = self.meta
+            self._write_table(group, f"scans/{key}", np.array([s[key] for _, s in scans], dtype=object), "string")
+        if self.layout.has_teacher:
+            self._write_table(group, "text/embeddings", self._text, "float32")
+        skipped = [s for b in ordered for s in b.get("skipped", [])]
+        self.meta.update(status=schema.STATUS_COMPLETE, num_scans=len(scans), num_points=int(pts.sum()),
+                         num_pairs=int(prs.sum()), num_blocks=n, num_skipped=len(skipped))
+        self.meta.pop("error", None)
+        group.attrs[schema.ATTR_KEY] = self.meta
+        files = {}
+        for b in ordered:
+            files.update(b["files"])
+        for prefix in ("scans", "text"):
+            files.update(self.loc.checksums(prefix))
+        for f in ("zarr.json", f"{schema.BLOCK_PREFIX}/zarr.json"):
+            files.update({f: self.loc.checksums(f)[f]})
+        manifest = dict(format=schema.FORMAT_NAME, schema_version=schema.SCHEMA_VERSION, complete=True,
+                        blocks=[dict(index=b["index"], scans=len(b["scans"]),
+                                     points=sum(s["points"] for s in b["scans"])) for b in ordered],
+                        skipped=skipped, sha256=files)
+        self.loc.write_json(schema.MANIFEST, manifest)  # last: the cache is complete from here on
         self._closed = True
-        log.info("cache committed: %s (%d scans, %d points)", self.path, self.num_scans, self.meta["num_points"])
+        self.lock.release()
+        log.info("cache committed: %s (%d scans, %d points)", self.path, len(scans), self.meta["num_points"])
         return self.meta
 
     def fail(self, reason: str) -> None:
-        """Mark the cache failed (never complete) with a reason."""
+        """Mark the cache failed (never complete) with a reason; blocks done so far stay for a resume."""
         self.meta.update(status=schema.STATUS_FAILED, error=reason)
-        self.group.attrs[schema.ATTR_KEY] = self.meta
-        self._closed = True
+        try:
+            zarr.open_group(self.loc.zarr_store(), mode="a").attrs[schema.ATTR_KEY] = self.meta
+        finally:
+            self._closed = True
+            self.lock.release()
 
     def __enter__(self) -> "CacheWriter":
         return self

@@ -132,8 +132,16 @@ def test_bad_input_leaves_no_complete_cache(sample, tmp_path):
     with pytest.raises(DataError, match="cannot decode image"):
         run_precompute(PrecomputeConfig(dataroot=root, out=out, version="v1.0-mini", teacher=TINY, overwrite=True),
                        progress=False)
+    # --on-error skip: the bad sample is left out, named in the manifest and in `cache info`
+    skip = tmp_path / "skip.zarr"
+    meta = run_precompute(PrecomputeConfig(dataroot=root, out=skip, version="v1.0-mini", teacher=TINY, on_error="skip",
+                                           block_size=2), progress=False)
+    assert meta["num_skipped"] == 1 and meta["num_scans"] == 3
+    (skipped,) = open_cache(skip).info()["skipped"]
+    assert skipped["token"] == kf.sample_token and "cannot decode image" in skipped["reason"]
+    assert kf.sample_token not in open_cache(skip).token.tolist()
     with pytest.raises(CacheError, match="already exists"):
-        run_precompute(PrecomputeConfig(dataroot=root, out=out, version="v1.0-mini", teacher=TINY), progress=False)
+        run_precompute(PrecomputeConfig(dataroot=root, out=skip, version="v1.0-mini", teacher=TINY), progress=False)
     with pytest.raises(ConfigError, match="unknown dataset 'kitti'"):
         run_precompute(PrecomputeConfig(dataroot=root, out=tmp_path / "x", dataset="kitti", teacher=TINY))
     with pytest.raises(ConfigError, match="unknown class set 'coco'"):

@@ -11,7 +11,6 @@ import zarr
 
 from clip2scene.errors import CacheError
 from clip2scene.storage import CacheWriter, ScanRecord, open_cache, schema
-from clip2scene.storage.writer import _ShardedAppender
 
 C, D = 3, 8
 META = dict(dataset=dict(name="nuscenes", version="v1.0-mini", dataroot="/d", split=None),
@@ -31,15 +30,15 @@ def make_scan(rng, i, n, m, split="train"):
         pair_logits=rng.normal(size=(m, C)).astype(np.float16), pair_features=rng.normal(size=(m, D)).astype(np.float16))
 
 
-def write_cache(path, scans):
-    with CacheWriter(path, META, C, D, has_labels=True) as w:
+def write_cache(path, scans, block_size=2):
+    with CacheWriter(path, META, C, D, has_labels=True, block_size=block_size) as w:
         for s in scans:
             w.append(s)
         w.set_text_embeddings(np.eye(C, D, dtype=np.float32))
     return path
 
 
-EXPECTED = {  # name: (dtype, trailing shape, chunk rows, shard rows)
+EXPECTED = {  # name inside a block: (dtype, trailing shape, chunk rows, shard rows)
     "points/xyz": ("float32", (3,), 65536, 1048576),
     "points/feat": ("float32", (1,), 65536, 1048576),
     "points/sweep": ("uint8", (), 65536, 1048576),
@@ -55,37 +54,46 @@ EXPECTED = {  # name: (dtype, trailing shape, chunk rows, shard rows)
 def test_format_is_pinned(tmp_path):
     rng = np.random.default_rng(0)
     scans = [make_scan(rng, i, 100 + i, 40 + i, "train" if i < 2 else "val") for i in range(3)]
-    path = write_cache(tmp_path / "c.zarr", scans)
+    path = write_cache(tmp_path / "c.zarr", scans)  # blocks of 2 scans: 000000 = scans 0-1, 000001 = scan 2
     root = json.loads((path / "zarr.json").read_text())
     assert root["zarr_format"] == 3 and root["node_type"] == "group"
     meta = root["attributes"]["clip2scene"]
-    assert meta["format"] == "clip2scene-cache" and meta["schema_version"] == 3 == schema.SCHEMA_VERSION
-    assert meta["status"] == "complete"
+    assert meta["format"] == "clip2scene-cache" and meta["schema_version"] == 4 == schema.SCHEMA_VERSION
+    assert meta["status"] == "complete" and meta["num_blocks"] == 2 and meta["block_size"] == 2
     assert set(schema.REQUIRED_META) <= set(meta)
     assert (meta["num_scans"], meta["num_points"], meta["num_pairs"]) == (3, 303, 123)
-    for name, (dtype, trailing, chunk, shard) in EXPECTED.items():
-        am = json.loads((path / name / "zarr.json").read_text())
-        rows = 303 if name.startswith("points/") else 123
-        assert am["data_type"] == dtype, name
-        assert tuple(am["shape"]) == (rows,) + trailing, name
-        assert tuple(am["chunk_grid"]["configuration"]["chunk_shape"]) == (shard,) + trailing, name
-        (codec,) = am["codecs"]
-        assert codec["name"] == "sharding_indexed", name
-        assert tuple(codec["configuration"]["chunk_shape"]) == (chunk,) + trailing, name
-        inner = [c["name"] for c in codec["configuration"]["codecs"]]
-        assert inner == ["bytes", "zstd"], name
-        assert codec["configuration"]["codecs"][1]["configuration"]["level"] == 3
-        assert [c["name"] for c in codec["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
-    for name, dtype in [("scans/point_offset", "int64"), ("scans/pair_offset", "int64"),
+    for b, (points, pairs) in enumerate([(201, 81), (102, 42)]):
+        for name, (dtype, trailing, chunk, shard) in EXPECTED.items():
+            am = json.loads((path / "blocks" / f"{b:06d}" / name / "zarr.json").read_text())
+            rows = points if name.startswith("points/") else pairs
+            assert am["data_type"] == dtype, name
+            assert tuple(am["shape"]) == (rows,) + trailing, name
+            assert tuple(am["chunk_grid"]["configuration"]["chunk_shape"]) == (min(shard, rows),) + trailing, name
+            (codec,) = am["codecs"]
+            assert codec["name"] == "sharding_indexed", name
+            assert tuple(codec["configuration"]["chunk_shape"]) == (min(chunk, rows),) + trailing, name
+            assert [c["name"] for c in codec["configuration"]["codecs"]] == ["bytes", "zstd"], name
+            assert codec["configuration"]["codecs"][1]["configuration"]["level"] == 3
+            assert [c["name"] for c in codec["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
+    for name, dtype in [("scans/block", "int32"), ("scans/point_start", "int64"), ("scans/point_count", "int64"),
+                        ("scans/pair_start", "int64"), ("scans/pair_count", "int64"),
                         ("scans/timestamp", "int64"), ("scans/token", "string"), ("scans/scene", "string"),
                         ("scans/split", "string"), ("scans/lidar_path", "string"), ("text/embeddings", "float32")]:
         am = json.loads((path / name / "zarr.json").read_text())
         assert am["data_type"] == dtype, name
     g = zarr.open_group(str(path), mode="r")
-    np.testing.assert_array_equal(g["scans/point_offset"][...], [0, 100, 201, 303])
-    np.testing.assert_array_equal(g["scans/pair_offset"][...], [0, 40, 81, 123])
+    np.testing.assert_array_equal(g["scans/block"][...], [0, 0, 1])
+    np.testing.assert_array_equal(g["scans/point_start"][...], [0, 100, 0])
+    np.testing.assert_array_equal(g["scans/point_count"][...], [100, 101, 102])
+    np.testing.assert_array_equal(g["scans/pair_start"][...], [0, 40, 0])
     assert list(g["scans/split"][...]) == ["train", "train", "val"]
-    assert sorted(k for k, _ in g.groups()) == ["pairs", "points", "scans", "text"]
+    assert sorted(k for k, _ in g.groups()) == ["blocks", "scans", "text"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["complete"] and [b["scans"] for b in manifest["blocks"]] == [2, 1]
+    stored = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+    bookkeeping = {f for f in stored if f == "manifest.json" or f.startswith("manifest/")}
+    assert set(manifest["sha256"]) == stored - bookkeeping  # every stored file has a checksum
+    assert not (path / "writer.lock").exists()
 
 
 def test_roundtrip(tmp_path):
@@ -108,70 +116,43 @@ def test_many_shards_roundtrip(tmp_path, monkeypatch):
     """Shrink shards so a small cache spans many of them; the data must come back intact."""
     small = tuple(schema.ArraySpec(s.name, s.dtype, s.trailing, 16, 64, s.axis)
                   for s in schema.POINT_ARRAYS + schema.PAIR_ARRAYS)
-    monkeypatch.setattr(schema, "POINT_ARRAYS", small[:4])
-    monkeypatch.setattr(schema, "PAIR_ARRAYS", small[4:])
+    monkeypatch.setattr(schema, "BLOCK_ARRAYS", small)
     rng = np.random.default_rng(2)
     scans = [make_scan(rng, i, int(rng.integers(30, 200)), 25) for i in range(7)]
-    cache = open_cache(write_cache(tmp_path / "c.zarr", scans))
-    xyz = np.concatenate([s.xyz for s in scans])
-    np.testing.assert_array_equal(cache.group["points/xyz"][...], xyz)
-    assert len(list((tmp_path / "c.zarr" / "points" / "xyz" / "c").iterdir())) == -(-len(xyz) // 64)
+    cache = open_cache(write_cache(tmp_path / "c.zarr", scans, block_size=4))
+    xyz = np.concatenate([s.xyz for s in scans[:4]])
+    np.testing.assert_array_equal(cache.group["blocks/000000/points/xyz"][...], xyz)
+    assert len(list((tmp_path / "c.zarr" / "blocks" / "000000" / "points" / "xyz" / "c").iterdir())) == -(-len(xyz) // 64)
     for i in (0, 3, 6):
         np.testing.assert_array_equal(cache.read_scan(i).xyz, scans[i].xyz)
         np.testing.assert_array_equal(cache.read_scan(i).feat, scans[i].feat)
 
 
-class _Recorder:
-    def __init__(self):
-        self.shape, self.writes = (0, 2), []
-
-    def resize(self, shape):
-        self.shape = shape
-
-    def __setitem__(self, key, value):
-        self.writes.append((key.start, key.stop, len(value)))
-
-
-def test_only_whole_shards_are_written():
-    rec = _Recorder()
-    app = _ShardedAppender(rec, shard_rows=10)
-    for n in (3, 4, 9, 1, 12, 2):
-        app.append(np.zeros((n, 2)))
-    assert app.finish() == 31
-    assert rec.writes == [(0, 10, 10), (10, 20, 10), (20, 30, 10), (30, 31, 1)]  # last one is the tail shard
-
-
-def test_failed_write_never_looks_complete(tmp_path):
-    rng = np.random.default_rng(3)
-    path = tmp_path / "c.zarr"
-    with pytest.raises(RuntimeError):
-        with CacheWriter(path, META, C, D, has_labels=True) as w:
-            w.append(make_scan(rng, 0, 10, 5))
-            raise RuntimeError("boom")
-    with pytest.raises(CacheError, match="failed.*boom"):
-        open_cache(path)
-    # a writer that died without closing leaves status "writing"
-    w = CacheWriter(tmp_path / "d.zarr", META, C, D, has_labels=True)
-    w.append(make_scan(rng, 0, 10, 5))
-    with pytest.raises(CacheError, match="'writing', not complete"):
-        open_cache(tmp_path / "d.zarr")
-
-
-def test_refuses_existing_and_bad_records(tmp_path):
+def test_second_writer_is_refused_and_resume_keeps_blocks(tmp_path):
     rng = np.random.default_rng(4)
-    path = write_cache(tmp_path / "c.zarr", [make_scan(rng, 0, 10, 5)])
-    with pytest.raises(CacheError, match="already exists"):
-        CacheWriter(path, META, C, D, has_labels=True)
-    w = CacheWriter(tmp_path / "e.zarr", META, C, D, has_labels=True)
-    bad = make_scan(rng, 1, 10, 5)
-    bad.pair_logits = bad.pair_logits.astype(np.float32)
-    with pytest.raises(ValueError, match="pair_logits: dtype float32"):
-        w.append(bad)
-    with pytest.raises(CacheError, match="not found"):
-        open_cache(tmp_path / "nope.zarr")
-    (tmp_path / "plain").mkdir()
-    with pytest.raises(CacheError):
-        open_cache(tmp_path / "plain")
+    scans = [make_scan(rng, i, 60, 20) for i in range(5)]
+    key = dict(dataset="x", sweeps=1)
+    w = CacheWriter(tmp_path / "c.zarr", META, C, D, has_labels=True, block_size=2, resume_key=key)
+    for s in scans[:4]:
+        w.append(s)  # two blocks written and recorded; then the process "dies" (no commit)
+    with pytest.raises(CacheError, match="being written by"):
+        CacheWriter(tmp_path / "c.zarr", META, C, D, has_labels=True, block_size=2, resume_key=key)
+    w.lock.release()  # as if the first process were gone
+    with pytest.raises(CacheError, match="not complete"):
+        open_cache(tmp_path / "c.zarr")
+    with pytest.raises(CacheError, match="sweeps was 1, now 3"):
+        CacheWriter(tmp_path / "c.zarr", META, C, D, has_labels=True, block_size=2, resume_key=dict(key, sweeps=3))
+    w2 = CacheWriter(tmp_path / "c.zarr", META, C, D, has_labels=True, block_size=2, resume_key=key)
+    assert w2.resumed and sorted(w2.done_blocks()) == [0, 1]
+    w2.append(scans[4])
+    w2.set_text_embeddings(np.eye(C, D, dtype=np.float32))
+    w2.commit()
+    ref = open_cache(write_cache(tmp_path / "ref.zarr", scans))
+    got = open_cache(tmp_path / "c.zarr")
+    for i in range(5):
+        a, b = got.read_scan(i, features=True), ref.read_scan(i, features=True)
+        for f in ("xyz", "feat", "label", "pair_point", "pair_logits", "pair_features"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
 
 
 def test_labels_only_cache(tmp_path):
@@ -194,8 +175,8 @@ def test_labels_only_cache(tmp_path):
     root = json.loads((tmp_path / "l.zarr" / "zarr.json").read_text())["attributes"]["clip2scene"]
     assert root["has_teacher"] is False and root["teacher"] is None
     for name in schema.TEACHER_ARRAYS:
-        assert not (tmp_path / "l.zarr" / name).exists(), name
-    am = json.loads((tmp_path / "l.zarr" / "points" / "feat" / "zarr.json").read_text())
+        assert not list((tmp_path / "l.zarr").rglob(name)), name
+    am = json.loads((tmp_path / "l.zarr" / "blocks" / "000000" / "points" / "feat" / "zarr.json").read_text())
     assert tuple(am["shape"]) == (61, 3)
     cache = open_cache(tmp_path / "l.zarr")
     assert not cache.has_teacher and cache.text_embeddings is None and cache.voxel_size == 0.05

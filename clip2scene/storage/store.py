@@ -1,0 +1,234 @@
+"""Where a cache lives: a local folder or any fsspec URL (s3://, gs://, file://, memory://).
+
+    loc = Location.parse("s3://bucket/c.zarr", {"endpoint_url": "http://127.0.0.1:5000"})
+    loc.zarr_store(read_only=True)       # a zarr Store for zarr.open_group
+    loc.write_json("manifest.json", {...})   # atomic: tmp + rename locally, one PUT on object stores
+    loc.read_json("manifest.json")
+
+`parse_storage_options(["key=value", ...])` turns CLI `--storage-option` values into a dict
+(values "true"/"false"/numbers are converted; `client_kwargs.endpoint_url=...` nests).
+`Lock` keeps two writers off one cache.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+
+from clip2scene.errors import CacheError, ConfigError
+
+
+def parse_storage_options(values: list[str] | None) -> dict:
+    """CLI `key=value` strings -> fsspec storage options (dotted keys nest; true/false/ints/floats parsed)."""
+    out: dict = {}
+    for item in values or []:
+        if "=" not in item:
+            raise ConfigError(f"--storage-option {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value: object = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for conv in (int, float):
+                try:
+                    value = conv(raw)
+                    break
+                except ValueError:
+                    pass
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Location:
+    """A cache root: `url` as the user gave it, its fsspec filesystem and path inside it."""
+
+    url: str
+    storage_options: dict = field(default_factory=dict)
+
+    @staticmethod
+    def parse(url: str | Path, storage_options: dict | None = None) -> "Location":
+        return Location(str(url), dict(storage_options or {}))
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.url or self.url.startswith("file://")
+
+    @property
+    def local_path(self) -> Path:
+        return Path(self.url[len("file://"):] if self.url.startswith("file://") else self.url)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self.is_local:
+            return fsspec.filesystem("file")
+        fs, _ = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return fs
+
+    @property
+    def root(self) -> str:
+        if self.is_local:
+            return str(self.local_path.resolve())
+        _, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return path.rstrip("/")
+
+    def key(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def zarr_store(self, read_only: bool = False):
+        import zarr.storage
+
+        if self.is_local:
+            return zarr.storage.LocalStore(str(self.local_path), read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options or None,
+                                                 read_only=read_only)
+
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.exists(self.key(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.key(rel))
+        except FileNotFoundError:
+            raise CacheError(f"{self.url}: missing {rel}") from None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomic replace: a reader sees the old or the new object, never a torn one."""
+        if self.is_local:
+            path = Path(self.key(rel))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(self.key(rel), data)  # one PUT: atomic on object stores
+
+    def read_json(self, rel: str) -> dict:
+        raw = self.read_bytes(rel)
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{self.url}/{rel}: not valid JSON ({e.msg})") from None
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def remove(self, rel: str) -> None:
+        """Delete a file or a whole prefix, if present."""
+        k = self.key(rel)
+        if self.fs.exists(k):
+            self.fs.rm(k, recursive=True)
+
+    def list_files(self, rel: str) -> list[str]:
+        """Every object under `rel` as paths relative to the cache root (sorted)."""
+        base = self.key(rel)
+        if not self.fs.exists(base):
+            return []
+        root = self.root + "/"
+        out = []
+        for p in self.fs.find(base):
+            p = p if p.startswith("/") or not self.is_local else p
+            out.append(p[len(root):] if p.startswith(root) else p.split(root, 1)[-1])
+        return sorted(out)
+
+    def checksums(self, rel: str) -> dict[str, str]:
+        """sha256 of every object under `rel` (keys relative to the root)."""
+        return {f: hashlib.sha256(self.read_bytes(f)).hexdigest() for f in self.list_files(rel)}
+
+
+class Lock:
+    """One writer per cache: an exclusive `writer.lock` object at the cache root.
+
+    Locally the file is created with O_EXCL; a lock left by a dead process on this host (pid
+    gone) is taken over. On object stores creation is check-then-put and read-back (best effort:
+    object stores have no exclusive create), which still stops a second writer that starts while
+    the first runs.
+    """
+
+    NAME = "writer.lock"
+
+    def __init__(self, loc: Location):
+        self.loc = loc
+        self.token = dict(host=socket.gethostname(), pid=os.getpid(), user=getpass.getuser(),
+                          since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), id=uuid.uuid4().hex)
+        self.held = False
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.loc.read_bytes(self.NAME))
+        except (CacheError, json.JSONDecodeError):
+            return None
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def acquire(self) -> None:
+        data = json.dumps(self.token).encode()
+        for _ in range(2):
+            if self.loc.is_local:
+                path = Path(self.loc.key(self.NAME))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    pass
+                else:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                    self.held = True
+                    return
+            elif not self.loc.exists(self.NAME):
+                self.loc.write_bytes(self.NAME, data)
+                if (self._holder() or {}).get("id") == self.token["id"]:
+                    self.held = True
+                    return
+            holder = self._holder() or {}
+            if holder and self._stale(holder):
+                self.loc.remove(self.NAME)
+                continue
+            raise CacheError(
+                f"{self.loc.url} is being written by {holder.get('user', '?')}@{holder.get('host', '?')} "
+                f"pid {holder.get('pid', '?')} since {holder.get('since', '?')}; wait for it, or delete "
+                f"{self.loc.url}/{self.NAME} if that process is gone")
+        raise CacheError(f"{self.loc.url}: could not take the writer lock")
+
+    def release(self) -> None:
+        if self.held and (self._holder() or {}).get("id") == self.token["id"]:
+            self.loc.remove(self.NAME)
+        self.held = False
+
+    def __enter__(self) -> "Lock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def node_name() -> str:
+    return f"{getpass.getuser()}@{platform.node()}"

@@ -1,0 +1,106 @@
+"""Cache maintenance: verify every stored byte against manifest.json, merge caches without recompute.
+
+    problems = verify("s3://bucket/c.zarr", storage_options)   # [] when intact
+    merge(["a.zarr", "b.zarr"], "c.zarr")                       # same teacher fingerprint required
+
+CLI: `clip2scene cache verify PATH`, `clip2scene cache merge A B --out C`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+
+from clip2scene.errors import CacheError
+from clip2scene.storage import schema
+from clip2scene.storage.reader import Cache, open_cache
+from clip2scene.storage.store import Location
+from clip2scene.storage.writer import CacheWriter
+
+log = logging.getLogger(__name__)
+
+
+def verify(path: str, storage_options: dict | None = None, progress=None) -> list[str]:
+    """Re-hash every file the manifest lists; returns one line per problem (corrupt, missing,
+    unlisted file), naming the file (a shard of `blocks/NNNNNN/<array>` or a table)."""
+    loc = Location.parse(path, storage_options)
+    if not loc.exists(schema.MANIFEST):
+        raise CacheError(f"{path}: no {schema.MANIFEST} (not a complete cache)")
+    manifest = loc.read_json(schema.MANIFEST)
+    expected: dict[str, str] = manifest.get("sha256", {})
+    problems = []
+    present = set(loc.list_files(""))
+    items = sorted(expected.items())
+    for rel, digest in (progress(items) if progress else items):
+        if rel not in present:
+            problems.append(f"missing: {rel}")
+            continue
+        if hashlib.sha256(loc.read_bytes(rel)).hexdigest() != digest:
+            problems.append(f"corrupt: {rel} (sha256 differs from the manifest)")
+    bookkeeping = (schema.MANIFEST, "manifest/", "writer.lock")
+    for rel in sorted(present - set(expected)):
+        if not rel.startswith(bookkeeping):
+            problems.append(f"unlisted: {rel} (not written by precompute)")
+    return problems
+
+
+def merge(paths: list[str], out: str, storage_options: dict | None = None, overwrite: bool = False) -> dict:
+    """Combine complete caches built with the same teacher and settings into one, copying their
+    blocks byte for byte (checksums carry over). Scans must not repeat. Returns the new metadata."""
+    if len(paths) < 2:
+        raise CacheError("cache merge needs at least two caches")
+    caches: list[Cache] = [open_cache(p, storage_options) for p in paths]
+    first = caches[0]
+    for other in caches[1:]:
+        for key in schema.COMPATIBLE_META:
+            if first.meta.get(key) != other.meta.get(key):
+                a, b = first.meta.get(key), other.meta.get(key)
+                if isinstance(a, dict) and isinstance(b, dict):  # name the differing sub-field
+                    sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                    key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+                raise CacheError(f"cannot merge {first.path} and {other.path}: {key} differs ({a!r} vs {b!r})")
+    seen: dict[str, str] = {}
+    for c in caches:
+        for t in c.token.tolist():
+            if t in seen:
+                raise CacheError(f"cannot merge: scan {t} is in both {seen[t]} and {c.path}")
+            seen[t] = c.path
+    meta = {k: v for k, v in first.meta.items() if k in schema.REQUIRED_META or k in ("class_set", "camera_choice")}
+    meta["dataset"] = dict(first.meta["dataset"], dataroot=None, split=None)
+    meta["merged_from"] = [dict(path=c.path, created=c.meta.get("created"), created_by=c.meta.get("created_by"),
+                                dataset=c.meta.get("dataset"), num_scans=c.num_scans) for c in caches]
+    num_classes = len(first.class_names)
+    dim = first.text_embeddings.shape[1] if first.has_teacher else None
+    writer = CacheWriter(out, meta, num_classes, dim, first.has_labels, overwrite=overwrite,
+                         storage_options=storage_options, block_size=int(first.meta.get("block_size", 16)))
+    with writer:
+        dst = writer.loc
+        new_index = 0
+        for c in caches:
+            manifest = c.manifest()
+            src = c.loc
+            for b in sorted(set(c.block.tolist())):
+                prefix = schema.block_path(b)
+                files = {}
+                for rel in src.list_files(prefix):
+                    data = src.read_bytes(rel)
+                    target = schema.block_path(new_index) + rel[len(prefix):]
+                    dst.write_bytes(target, data)
+                    files[target] = manifest["sha256"].get(rel) or hashlib.sha256(data).hexdigest()
+                rows = np.flatnonzero(c.block == b)
+                scans = [dict(token=str(c.token[i]), scene=str(c.scene[i]), split=str(c.split[i]),
+                              timestamp=int(c.timestamp[i]), lidar_path=str(c.lidar_path[i]),
+                              points=int(c.point_count[i]), pairs=int(c.pair_count[i])) for i in rows]
+                writer.record_block(dict(index=new_index, scans=scans, files=files, skipped=[]))
+                new_index += 1
+        skipped = [s for c in caches for s in c.manifest().get("skipped", [])]
+        if skipped:  # keep the sources' skipped samples on record (listed with the first block)
+            first_block = writer.done_blocks()[0]
+            first_block["skipped"] = skipped
+            writer.record_block(first_block)
+        if first.has_teacher:
+            writer.set_text_embeddings(first.text_embeddings)
+        writer._next_block = new_index
+        return writer.commit(num_blocks=new_index)
