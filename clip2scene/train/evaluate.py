@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ class EvalConfig:
     out: str | None = None  # JSON result path; default <checkpoint folder>/eval_<split>.json
     device: str = "cpu"  # torch device
     batch_size: int = 1  # scans per forward pass
+    storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL
 
 
 def _num(v: float) -> float | None:
@@ -60,7 +61,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     """Evaluate a checkpoint on a cache split; writes and returns the result dict."""
     device = resolve_device(config.device)
     ckpt = load_checkpoint(config.checkpoint)
-    cache = open_cache(config.cache)
+    cache = open_cache(config.cache, config.storage_options)
     check_compatible(ckpt, cache, config.checkpoint)
     if not cache.has_labels:
         raise CacheError(f"cache {cache.path} has no ground-truth labels to evaluate against")

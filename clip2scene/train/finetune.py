@@ -74,6 +74,7 @@ class FinetuneConfig:
     seed: int = 0  # head init (and backbone init for random), shuffling, augmentation
     precise_bn_batches: int = 16  # re-estimate BatchNorm statistics after training (finetune mode)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # used for random init only
+    storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL
 
 
 class Segmenter(nn.Module):
@@ -166,7 +167,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
     if config.epochs < 1 or config.batch_size < 1:
         raise ConfigError(f"--epochs and --batch-size must be >= 1 (got {config.epochs}, {config.batch_size})")
     device = resolve_device(config.device)
-    cache = open_cache(config.cache)
+    cache = open_cache(config.cache, config.storage_options)
     if not cache.has_labels:
         raise CacheError(f"cache {cache.path} has no ground-truth labels: fine-tuning needs them")
     all_train = cache.indices(config.split)
