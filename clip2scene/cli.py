@@ -322,10 +322,11 @@ def _print_eval(r: dict) -> None:
 @app.command()
 def evaluate(
     checkpoint: Path = typer.Option(..., help="checkpoint.pt from train, finetune or linear-probe."),
-    cache: Path = typer.Option(..., help="Cache with ground-truth labels."),
+    cache: str = typer.Option(..., help="Cache with ground-truth labels (folder or URL)."),
     split: str = typer.Option("val", help="Cached split to evaluate."),
     out: Optional[Path] = typer.Option(None, help="JSON result path (default next to the checkpoint)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
     """mIoU (the dataset's protocol) of a checkpoint on a cached split: annotation-free for a
     distillation checkpoint (text embeddings), classifier argmax for a fine-tuned one."""
@@ -334,8 +335,11 @@ def evaluate(
     from clip2scene.train.evaluate import EvalConfig, evaluate as run_eval
     from clip2scene.train.finetune import SEGMENTER_KIND, evaluate_segmenter
 
+    from clip2scene.storage import open_cache
+
+    opts = _storage(storage_option)
     if _run(load_checkpoint, checkpoint).get("kind") == SEGMENTER_KIND:
-        r = _run(evaluate_segmenter, checkpoint, str(cache), split, device)
+        r = _run(evaluate_segmenter, checkpoint, _run(open_cache, cache, opts), split, device)
         path = out or checkpoint.parent / f"eval_{split}.json"
         path.write_text(json.dumps(r, indent=2))
         typer.echo(f"{split}: {r['scans']} scans, {r['points']} points; mIoU {_fmt(r['miou'])}")
@@ -344,7 +348,7 @@ def evaluate(
         typer.echo(f"  result: {path}")
         return
     cfg = EvalConfig(checkpoint=str(checkpoint), cache=str(cache), split=split,
-                     out=str(out) if out else None, device=device)
+                     out=str(out) if out else None, device=device, storage_options=opts)
     _print_eval(_run(run_eval, cfg))
 
 
@@ -361,7 +365,7 @@ def _print_finetune(r: dict) -> None:
 def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_fraction: float, epochs: int,
                   batch_size: int, lr: float, head_lr_mult: float, lovasz_weight: float, eval_split: str,
                   voxel_size: Optional[float], arch: str, channels: Optional[str], device: str, workers: int, seed: int,
-                  augment: bool) -> None:
+                  augment: bool, storage_option: Optional[list[str]] = None) -> None:
     from clip2scene.train.finetune import FinetuneConfig, finetune
     from clip2scene.train.model import ModelConfig
 
@@ -376,14 +380,15 @@ def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_frac
                          mode=mode, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
                          head_lr_mult=head_lr_mult, lovasz_weight=lovasz_weight,
                          eval_split=None if eval_split == "none" else eval_split, voxel_size=voxel_size,
-                         device=device, workers=workers, seed=seed, augment=augment, model=model)
+                         device=device, workers=workers, seed=seed, augment=augment, model=model,
+                         storage_options=_storage(storage_option))
     _print_finetune(_run(finetune, cfg))
 
 
 @app.command()
 def finetune(
     checkpoint: str = typer.Option(..., help="Pre-trained checkpoint.pt from train, or none (random init baseline)."),
-    cache: Path = typer.Option(..., help="Cache with labels (a labels-only cache from --clip-model none works)."),
+    cache: str = typer.Option(..., help="Cache with labels, folder or URL (a labels-only cache from --clip-model none works)."),
     out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, result.json)."),
     label_fraction: float = typer.Option(1.0, help="Labelled fraction of the training scans: 0.01 = every 100th scan."),
     epochs: int = typer.Option(24, help="Epochs."),
@@ -399,16 +404,17 @@ def finetune(
     workers: int = typer.Option(0, help="DataLoader workers."),
     seed: int = typer.Option(0, help="Random seed."),
     augment: bool = typer.Option(True, help="Random z-rotation and flips."),
+    storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
     """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone."""
     _finetune_cmd("finetune", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
-                  lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment)
+                  lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment, storage_option)
 
 
 @app.command("linear-probe")
 def linear_probe(
     checkpoint: str = typer.Option(..., help="Pre-trained checkpoint.pt from train."),
-    cache: Path = typer.Option(..., help="Cache with labels."),
+    cache: str = typer.Option(..., help="Cache with labels (folder or URL)."),
     out: Path = typer.Option(..., help="Run folder."),
     label_fraction: float = typer.Option(1.0, help="Labelled fraction of the training scans."),
     epochs: int = typer.Option(24, help="Epochs."),
@@ -420,10 +426,11 @@ def linear_probe(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     workers: int = typer.Option(0, help="DataLoader workers."),
     seed: int = typer.Option(0, help="Random seed."),
+    storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
     """Linear probe: frozen pre-trained backbone, a linear classifier trained on labels."""
     _finetune_cmd("linear", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
-                  lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True)
+                  lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True, storage_option)
 
 
 @app.command()
