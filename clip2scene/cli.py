@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -215,10 +216,13 @@ def _train_config(cache, out, *, arch="spvcnn", channels=None, **fields):
         _fail(f"--arch {arch!r} / --channels {channels!r}: {e}")
     if fields.get("resume") is not None:
         fields["resume"] = str(fields["resume"])
+    fields["storage_options"] = _storage(fields.pop("storage_option", None))
     return TrainConfig(cache=str(cache), out=str(out), model=model, **fields)
 
 
 def _print_train(s: dict) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for all
+        return
     typer.echo(f"run: {s['run']}  ({s['arch']}, {s['parameters'] / 1e6:.2f}M parameters, {s['device']})")
     typer.echo(f"  {s['train_scans']} scans x {s['epochs']} epochs = {s['steps']} steps in {s['seconds']:.1f} s "
                f"({s['scans_per_second']:.2f} scans/s)")
@@ -249,6 +253,8 @@ def _training_options(
     seed: int = typer.Option(0, help="Random seed."),
     augment: bool = typer.Option(True, help="Random z-rotation and flips."),
     precise_bn_batches: int = typer.Option(16, help="Re-estimate BatchNorm statistics on N batches at the end (0 = off)."),
+    keep_checkpoints: bool = typer.Option(False, help="Also keep checkpoint_epochK.pt of every epoch (resume points)."),
+    storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ):
     """Typer options shared by train and ablate (collected by _with_training_options)."""
 
@@ -267,12 +273,13 @@ def _with_training_options(fn):
 @app.command()
 @_with_training_options
 def train(
-    cache: Path = typer.Option(..., help="Cache written by precompute."),
+    cache: str = typer.Option(..., help="Cache written by precompute (folder or URL)."),
     out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, config.json)."),
     resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from."),
     **options,
 ) -> None:
-    """Stage two: train the sparse 3D student from the cache alone (SCR + SSR + S3 by default)."""
+    """Stage two: train the sparse 3D student from the cache alone (SCR + SSR + S3 by default).
+    Several processes: `torchrun --nproc-per-node N -m clip2scene.cli train ...` (DDP)."""
     from clip2scene.train.trainer import train as run_train
 
     _print_train(_run(run_train, _train_config(cache, out, resume=resume, **options)))

@@ -21,15 +21,26 @@ import numpy as np
 from clip2scene.errors import DataError
 
 
+UNIT_QUATERNION_TOL = 1e-3  # |norm - 1| allowed in a record's rotation (nuScenes stores unit to ~1e-6)
+
+
+def _floats(value) -> np.ndarray | None:
+    """`value` as a float64 array, or None when it is not numeric (strings, ragged lists, ...)."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
 def quaternion_to_matrix(q: Sequence[float], what: str = "quaternion") -> np.ndarray:
     """Rotation matrix (3, 3) float64 of a quaternion [w, x, y, z] (normalised first, as
     pyquaternion does). Raises DataError naming `what` for NaN/inf or zero-norm input."""
-    arr = np.asarray(q, dtype=np.float64)
-    if arr.shape != (4,) or not np.all(np.isfinite(arr)):
-        raise DataError(f"{what}: rotation {list(q)!r} is not 4 finite numbers [w, x, y, z]")
+    arr = _floats(q)
+    if arr is None or arr.shape != (4,) or not np.all(np.isfinite(arr)):
+        raise DataError(f"{what}: rotation {q!r} is not 4 finite numbers [w, x, y, z]")
     norm = np.linalg.norm(arr)
     if norm < 1e-12:
-        raise DataError(f"{what}: rotation {list(q)!r} has zero norm")
+        raise DataError(f"{what}: rotation {q!r} has zero norm")
     w, x, y, z = arr / norm
     return np.array(
         [
@@ -41,6 +52,23 @@ def quaternion_to_matrix(q: Sequence[float], what: str = "quaternion") -> np.nda
     )
 
 
+def camera_matrix(value, what: str = "camera_intrinsic") -> np.ndarray:
+    """(3, 3) float64 pinhole matrix from a record's camera_intrinsic; DataError naming `what` and
+    the value unless it is a finite 3x3 matrix with positive focal lengths and last row [0, 0, 1]."""
+    k = _floats(value if value is not None else [])
+    if k is None or k.shape != (3, 3):
+        raise DataError(f"{what}: camera_intrinsic {value!r} is not a 3x3 matrix")
+    if not np.all(np.isfinite(k)):
+        raise DataError(f"{what}: camera_intrinsic {value!r} has NaN/inf entries")
+    if not (k[0, 0] > 0 and k[1, 1] > 0):
+        raise DataError(f"{what}: camera_intrinsic {value!r} has a non-positive focal length "
+                        f"(fx={k[0, 0]:g}, fy={k[1, 1]:g})")
+    if np.abs(k[2] - [0.0, 0.0, 1.0]).max() > 1e-6:
+        raise DataError(f"{what}: camera_intrinsic {value!r} is not a pinhole matrix (last row {k[2].tolist()}, "
+                        f"expected [0, 0, 1])")
+    return k
+
+
 @dataclass(frozen=True)
 class Pose:
     """A rigid transform child -> parent: p_parent = rotation @ p_child + translation."""
@@ -49,12 +77,24 @@ class Pose:
     translation: np.ndarray  # (3,) float64
 
     @staticmethod
-    def from_record(record: dict, what: str = "record") -> "Pose":
-        """Build from a nuScenes calibrated_sensor / ego_pose record (rotation w,x,y,z; translation)."""
-        t = np.asarray(record["translation"], dtype=np.float64)
-        if t.shape != (3,) or not np.all(np.isfinite(t)):
-            raise DataError(f"{what}: translation {record['translation']!r} is not 3 finite numbers")
-        return Pose(quaternion_to_matrix(record["rotation"], what), t)
+    def from_record(record: dict, what: str = "record", unit_tol: float | None = UNIT_QUATERNION_TOL) -> "Pose":
+        """Build from a nuScenes calibrated_sensor / ego_pose record (rotation w,x,y,z; translation).
+
+        DataError naming `what` and the value for a translation that is not 3 finite numbers, a
+        rotation that is not 4 finite numbers, or (unless unit_tol is None) a rotation whose norm
+        differs from 1 by more than unit_tol.
+        """
+        raw_t, raw_q = record.get("translation"), record.get("rotation")
+        t = _floats(raw_t)
+        if t is None or t.shape != (3,) or not np.all(np.isfinite(t)):
+            raise DataError(f"{what}: translation {raw_t!r} is not 3 finite numbers")
+        q = _floats(raw_q)
+        if q is not None and q.shape == (4,) and np.all(np.isfinite(q)) and unit_tol is not None:
+            norm = float(np.linalg.norm(q))
+            if norm >= 1e-12 and abs(norm - 1.0) > unit_tol:
+                raise DataError(f"{what}: rotation {raw_q!r} has norm {norm:.6g}, not a unit quaternion "
+                                f"(|norm - 1| > {unit_tol:g})")
+        return Pose(quaternion_to_matrix(raw_q, what), t)
 
     def matrix(self) -> np.ndarray:
         """(4, 4) float64 homogeneous matrix."""

@@ -10,6 +10,13 @@ the camera's own timestamp), up to K-1 previous lidar sweeps found through `samp
         points = load_points(kf.lidar.path)            # (N, 5) float32
         labels = ds.load_labels(kf, len(points))       # (N,) uint8, 16 classes + 0 ignore
 
+Bad records fail per sample, not at open: `keyframes()` lists every sample of the scene chains,
+and a keyframe's frames (`lidar`, `cameras`, `sweeps`) are built and validated on first access
+(or by `Keyframe.check()` / `NuScenes.check(scan)`), raising DataError that names the sample
+token and the record, file or missing channel: NaN/inf or non-unit rotations in calibrated_sensor
+/ ego_pose, a bad camera_intrinsic, a missing LIDAR_TOP or camera keyframe, a token that resolves
+to no record. `load_points` rejects empty scans and NaN/inf values, naming the file.
+
 Fine lidarseg labels map to the 16 challenge classes by category name, via category.json's
 `index` (method.md section 6).
 """
@@ -18,7 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +34,7 @@ import numpy as np
 from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.errors import DataError
 from clip2scene.precompute.dataset import ScanRef, View
-from clip2scene.precompute.geometry import Pose, project_points, sensor_to_sensor
+from clip2scene.precompute.geometry import Pose, camera_matrix, project_points, sensor_to_sensor
 from clip2scene.precompute.splits import scene_split
 
 log = logging.getLogger(__name__)
@@ -88,29 +96,69 @@ class CameraFrame:
     ego: Pose
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Keyframe:
-    """A nuScenes sample with its lidar scan, six cameras, previous sweeps and labels."""
+    """A nuScenes sample with its lidar scan, six cameras, previous sweeps and labels.
+
+    `lidar`, `cameras` (in CAMERAS order) and `sweeps` (previous lidar sweeps, most recent first)
+    are built from the reader's tables on first access and cached; a bad or missing record raises
+    DataError naming this sample's token, so only the samples that use it fail. `check()` builds
+    all three at once.
+    """
 
     sample_token: str
     scene: str
     split: str
     timestamp: int
-    lidar: LidarFrame
-    cameras: tuple[CameraFrame, ...]  # in CAMERAS order
-    sweeps: tuple[LidarFrame, ...]  # previous lidar sweeps, most recent first
     lidarseg: Path | None  # uint8 fine label file, or None when the version has no lidarseg
+    lidar_file: str = ""  # keyframe LIDAR_TOP file relative to the dataroot ("" when the sample has none)
+    num_sweeps: int = 0  # previous sweeps wanted (K - 1); `sweeps` stops early where a file is missing
+    reader: NuScenes | None = field(default=None, repr=False)
+
+    @cached_property
+    def lidar(self) -> LidarFrame:
+        return self._reader()._keyframe_lidar(self)
+
+    @cached_property
+    def cameras(self) -> tuple[CameraFrame, ...]:
+        return self._reader()._keyframe_cameras(self)
+
+    @cached_property
+    def sweeps(self) -> tuple[LidarFrame, ...]:
+        return self._reader()._keyframe_sweeps(self)
+
+    def check(self) -> Keyframe:
+        """Build and validate every frame of the sample now; DataError naming the sample if bad."""
+        self.lidar, self.cameras, self.sweeps  # noqa: B018  (first access builds and validates)
+        return self
+
+    def _reader(self) -> NuScenes:
+        if self.reader is None:
+            raise RuntimeError(f"Keyframe {self.sample_token} was made without its NuScenes reader")
+        return self.reader
 
 
 def load_points(path: Path) -> np.ndarray:
-    """Read a nuScenes .pcd.bin: (N, 5) float32 [x, y, z, intensity, ring]."""
+    """Read a nuScenes .pcd.bin: (N, 5) float32 [x, y, z, intensity, ring].
+
+    DataError naming the file when it is missing, not a whole number of points, empty, or holds
+    NaN/inf values.
+    """
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"lidar file not found: {path}") from None
     if len(raw) % 20 != 0:
         raise DataError(f"{path}: size {len(raw)} bytes is not a multiple of 20 (float32 x 5 per point)")
-    return np.frombuffer(raw, dtype=np.float32).reshape(-1, 5).copy()
+    if not raw:
+        raise DataError(f"{path}: scan has no points (empty file)")
+    pts = np.frombuffer(raw, dtype=np.float32).reshape(-1, 5).copy()
+    finite = np.isfinite(pts).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(f"{path}: {len(bad)} of {len(pts)} points have NaN/inf values "
+                        f"(first: point {bad[0]} = {pts[bad[0]].tolist()})")
+    return pts
 
 
 def _load_table(root: Path, name: str, required: bool = True) -> list[dict]:
@@ -154,24 +202,37 @@ class NuScenes:
 
         # sample_token -> channel -> keyframe sample_data record
         self._key_data: dict[str, dict[str, dict]] = {}
+        # sample_token -> problems with its keyframe sample_data (raised when the sample is used)
+        self._key_errors: dict[str, list[str]] = {}
         for sd in t["sample_data"]:
             if not sd.get("is_key_frame"):
                 continue
-            channel = self._channel(sd)
-            self._key_data.setdefault(sd["sample_token"], {})[channel] = sd
+            try:
+                channel = self._channel(sd)
+            except DataError as e:
+                self._key_errors.setdefault(sd.get("sample_token"), []).append(
+                    f"keyframe sample_data {sd.get('token')!r}: {e}")
+                continue
+            self._key_data.setdefault(sd.get("sample_token"), {})[channel] = sd
         self._lidarseg_by_sd = {r["sample_data_token"]: r["filename"] for r in t["lidarseg"]}
 
     # -- tables -----------------------------------------------------------------------------
+    def table_path(self, table: str) -> Path:
+        return self.dataroot / self.version / f"{table}.json"
+
     def get(self, table: str, token: str) -> dict:
         """Record of `table` with `token`; DataError names both when missing."""
         try:
             return self._by_token[table][token]
-        except KeyError:
-            raise DataError(f"{self.dataroot / self.version / (table + '.json')}: no record with token {token!r}") from None
+        except (KeyError, TypeError):
+            raise DataError(f"{self.table_path(table)}: no record with token {token!r}") from None
 
     def _channel(self, sd: dict) -> str:
-        cs = self.get("calibrated_sensor", sd["calibrated_sensor_token"])
-        return self.get("sensor", cs["sensor_token"])["channel"]
+        cs = self.get("calibrated_sensor", sd.get("calibrated_sensor_token"))
+        channel = self.get("sensor", cs.get("sensor_token")).get("channel")
+        if not isinstance(channel, str):
+            raise DataError(f"{self.table_path('sensor')}: record {cs.get('sensor_token')!r} has channel {channel!r}")
+        return channel
 
     def _build_label_map(self, table_dir: Path) -> np.ndarray:
         """(256,) uint8 lookup: fine category index -> 1..16 evaluation class, 0 = ignore."""
@@ -184,47 +245,98 @@ class NuScenes:
                 lut[int(cat["index"])] = NUSCENES_CLASSES.index(coarse) + 1
         return lut
 
-    # -- frames -----------------------------------------------------------------------------
-    def _lidar_frame(self, sd: dict) -> LidarFrame:
-        what = f"sample_data {sd['token']}"
+    # -- frames (built per keyframe on first use; every check names the record) ----------------
+    def _record(self, table: str, token, ctx: str) -> tuple[dict, str]:
+        """(record, "<table file> record <token>") or DataError prefixed with `ctx`."""
+        try:
+            rec = self._by_token[table][token]
+        except (KeyError, TypeError):
+            raise DataError(f"{ctx}: {self.table_path(table)}: no record with token {token!r}") from None
+        return rec, f"{ctx}: {self.table_path(table)} record {token!r}"
+
+    def _sd_field(self, sd: dict, key: str, ctx: str, kind=str):
+        """sd[key] converted by `kind`; DataError naming the sample_data record if absent or bad."""
+        value = sd.get(key)
+        try:
+            if value is None:
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError):
+            raise DataError(f"{ctx}: {self.table_path('sample_data')} record {sd.get('token')!r} "
+                            f"has {key} {value!r}") from None
+
+    def _ego(self, sd: dict, ctx: str) -> Pose:
+        rec, what = self._record("ego_pose", sd.get("ego_pose_token"), ctx)
+        return Pose.from_record(rec, what)
+
+    def _lidar_frame(self, sd: dict, ctx: str, role: str = "LIDAR_TOP") -> LidarFrame:
+        ctx = f"{ctx}, {role} sample_data {sd.get('token')!r}"
+        cs, what = self._record("calibrated_sensor", sd.get("calibrated_sensor_token"), ctx)
+        k = cs.get("camera_intrinsic")
+        if k:  # lidars store [] here; anything else must at least be finite
+            arr = np.asarray(k, dtype=object).ravel()
+            if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in arr):
+                raise DataError(f"{what}: camera_intrinsic {k!r} has NaN/inf or non-numeric entries")
         return LidarFrame(
-            token=sd["token"],
-            path=self.dataroot / sd["filename"],
-            timestamp=int(sd["timestamp"]),
-            calib=Pose.from_record(self.get("calibrated_sensor", sd["calibrated_sensor_token"]), what + " calibration"),
-            ego=Pose.from_record(self.get("ego_pose", sd["ego_pose_token"]), what + " ego pose"),
+            token=self._sd_field(sd, "token", ctx),
+            path=self.dataroot / self._sd_field(sd, "filename", ctx),
+            timestamp=self._sd_field(sd, "timestamp", ctx, int),
+            calib=Pose.from_record(cs, what),
+            ego=self._ego(sd, ctx),
         )
 
-    def _camera_frame(self, channel: str, sd: dict) -> CameraFrame:
-        cs = self.get("calibrated_sensor", sd["calibrated_sensor_token"])
-        what = f"{channel} sample_data {sd['token']}"
-        k = np.asarray(cs.get("camera_intrinsic") or [], dtype=np.float64)
-        if k.shape != (3, 3) or not np.all(np.isfinite(k)):
-            raise DataError(f"{what}: camera_intrinsic {cs.get('camera_intrinsic')!r} is not a finite 3x3 matrix")
+    def _camera_frame(self, channel: str, sd: dict, ctx: str) -> CameraFrame:
+        ctx = f"{ctx}, {channel} sample_data {sd.get('token')!r}"
+        cs, what = self._record("calibrated_sensor", sd.get("calibrated_sensor_token"), ctx)
+        width = self._sd_field(sd, "width", ctx, int)
+        height = self._sd_field(sd, "height", ctx, int)
+        if width <= 0 or height <= 0:
+            raise DataError(f"{ctx}: {self.table_path('sample_data')} record {sd.get('token')!r} "
+                            f"has image size {width}x{height}")
         return CameraFrame(
             channel=channel,
-            token=sd["token"],
-            path=self.dataroot / sd["filename"],
-            timestamp=int(sd["timestamp"]),
-            width=int(sd["width"]),
-            height=int(sd["height"]),
-            intrinsic=k,
-            calib=Pose.from_record(cs, what + " calibration"),
-            ego=Pose.from_record(self.get("ego_pose", sd["ego_pose_token"]), what + " ego pose"),
+            token=self._sd_field(sd, "token", ctx),
+            path=self.dataroot / self._sd_field(sd, "filename", ctx),
+            timestamp=self._sd_field(sd, "timestamp", ctx, int),
+            width=width,
+            height=height,
+            intrinsic=camera_matrix(cs.get("camera_intrinsic"), what),
+            calib=Pose.from_record(cs, what),
+            ego=self._ego(sd, ctx),
         )
 
-    def _sweeps(self, lidar_sd: dict, count: int) -> tuple[LidarFrame, ...]:
-        out = []
-        token = lidar_sd.get("prev", "")
-        while token and len(out) < count:
+    def _keyframe_sd(self, kf: Keyframe, channel: str) -> dict:
+        """The sample's keyframe sample_data of `channel`; DataError naming sample and channel."""
+        ctx = f"sample {kf.sample_token} of {kf.scene}"
+        errors = self._key_errors.get(kf.sample_token)
+        if errors:
+            raise DataError(f"{ctx}: {errors[0]}")
+        sd = self._key_data.get(kf.sample_token, {}).get(channel)
+        if sd is None:
+            raise DataError(f"{ctx}: no {channel} keyframe in {self.table_path('sample_data')}")
+        return sd
+
+    def _keyframe_lidar(self, kf: Keyframe) -> LidarFrame:
+        return self._lidar_frame(self._keyframe_sd(kf, LIDAR), f"sample {kf.sample_token} of {kf.scene}")
+
+    def _keyframe_cameras(self, kf: Keyframe) -> tuple[CameraFrame, ...]:
+        ctx = f"sample {kf.sample_token} of {kf.scene}"
+        return tuple(self._camera_frame(c, self._keyframe_sd(kf, c), ctx) for c in CAMERAS)
+
+    def _keyframe_sweeps(self, kf: Keyframe) -> tuple[LidarFrame, ...]:
+        """Up to kf.num_sweeps previous LIDAR_TOP frames through `prev`, stopping at a missing file."""
+        ctx = f"sample {kf.sample_token} of {kf.scene}"
+        out: list[LidarFrame] = []
+        token = self._keyframe_sd(kf, LIDAR).get("prev", "")
+        while token and len(out) < kf.num_sweeps:
             sd = self._by_token["sample_data"].get(token)
             if sd is None:
                 break
-            frame = self._lidar_frame(sd)
-            if not frame.path.is_file():
-                log.debug("sweep file missing, stopping the sweep chain: %s", frame.path)
+            filename = sd.get("filename")
+            if not isinstance(filename, str) or not (self.dataroot / filename).is_file():
+                log.debug("sweep file missing, stopping the sweep chain: %s", filename)
                 break
-            out.append(frame)
+            out.append(self._lidar_frame(sd, ctx, "LIDAR_TOP sweep"))
             token = sd.get("prev", "")
         return tuple(out)
 
@@ -232,33 +344,39 @@ class NuScenes:
         """All keyframes (scene order, then time), optionally of one split ('train', 'val', ...).
 
         sweeps: K = total lidar frames per keyframe (the keyframe + up to K-1 previous sweeps).
+        Listing only walks the scene / sample chains; each keyframe's frames are validated when
+        first used (DataError for that sample only), see `Keyframe`.
         """
         out = []
         for scene in self.scenes:
             scene_split_name = scene_split(self.version, scene["name"])
             if split is not None and scene_split_name != split:
                 continue
-            token = scene["first_sample_token"]
+            token = scene.get("first_sample_token", "")
+            seen: set[str] = set()
             while token:
+                if token in seen:
+                    raise DataError(f"{self.table_path('sample')}: the next chain of {scene['name']} loops at sample {token}")
+                seen.add(token)
                 sample = self.get("sample", token)
-                data = self._key_data.get(token, {})
-                if LIDAR not in data:
-                    raise DataError(f"sample {token} of {scene['name']} has no LIDAR_TOP keyframe in sample_data.json")
-                missing = [c for c in CAMERAS if c not in data]
-                if missing:
-                    raise DataError(f"sample {token} of {scene['name']} has no keyframe image for {', '.join(missing)}")
-                lidar_sd = data[LIDAR]
-                seg = self._lidarseg_by_sd.get(lidar_sd["token"])
+                try:
+                    timestamp = int(sample["timestamp"])
+                except (KeyError, TypeError, ValueError):
+                    raise DataError(f"{self.table_path('sample')}: record {token!r} has timestamp "
+                                    f"{sample.get('timestamp')!r}") from None
+                lidar_sd = self._key_data.get(token, {}).get(LIDAR, {})
+                seg = self._lidarseg_by_sd.get(lidar_sd.get("token"))
+                filename = lidar_sd.get("filename")
                 out.append(
                     Keyframe(
                         sample_token=token,
                         scene=scene["name"],
                         split=scene_split_name,
-                        timestamp=int(sample["timestamp"]),
-                        lidar=self._lidar_frame(lidar_sd),
-                        cameras=tuple(self._camera_frame(c, data[c]) for c in CAMERAS),
-                        sweeps=self._sweeps(lidar_sd, max(sweeps - 1, 0)),
+                        timestamp=timestamp,
                         lidarseg=self.dataroot / seg if seg else None,
+                        lidar_file=str(Path(filename)) if isinstance(filename, str) and filename else "",
+                        num_sweeps=max(sweeps - 1, 0),
+                        reader=self,
                     )
                 )
                 token = sample.get("next", "")
@@ -272,7 +390,7 @@ class NuScenes:
     def load_labels(self, keyframe: Keyframe, num_points: int) -> np.ndarray:
         """(num_points,) uint8 evaluation labels (0 = ignore) of the keyframe's lidar points."""
         if keyframe.lidarseg is None:
-            raise DataError(f"no lidarseg record for lidar sample_data {keyframe.lidar.token}")
+            raise DataError(f"sample {keyframe.sample_token}: no lidarseg record for lidar sample_data {keyframe.lidar.token}")
         try:
             fine = np.fromfile(keyframe.lidarseg, dtype=np.uint8)
         except FileNotFoundError:
@@ -283,14 +401,23 @@ class NuScenes:
 
     # -- the precompute.dataset.Dataset protocol ------------------------------------------------
     def scans(self, split: str | None = None, sweeps: int = 1) -> list[ScanRef]:
-        """Keyframes as ScanRefs (native = the Keyframe)."""
+        """Keyframes as ScanRefs (native = the Keyframe); bad samples are listed and fail when used."""
         return [ScanRef(token=kf.sample_token, scene=kf.scene, split=kf.split, timestamp=kf.timestamp,
-                        lidar_path=str(kf.lidar.path.relative_to(self.dataroot)), native=kf)
+                        lidar_path=kf.lidar_file, native=kf)
                 for kf in self.keyframes(split=split, sweeps=sweeps)]
 
+    def check(self, scan: ScanRef) -> None:
+        """Validate every record the scan uses (lidar, six cameras, sweeps) without reading files;
+        DataError naming the sample token and the bad record or missing channel."""
+        scan.native.check()
+
     def points(self, scan: ScanRef) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """xyz (n, 3) float32 keyframe lidar frame, intensity / 255 (n, 1) float32 in 0..1, sweep (n,) uint8, n_key."""
-        xyzi, sweep, n_key = merged_points(scan.native)
+        """xyz (n, 3) float32 keyframe lidar frame, intensity / 255 (n, 1) float32 in 0..1, sweep (n,) uint8, n_key.
+
+        Validates the whole sample first (`check`), so a sample with a bad camera record fails
+        here whether or not a teacher will look at its images.
+        """
+        xyzi, sweep, n_key = merged_points(scan.native.check())
         return np.ascontiguousarray(xyzi[:, :3]), xyzi[:, 3:4] / np.float32(255.0), sweep, n_key
 
     def labels(self, scan: ScanRef, n_key: int) -> np.ndarray:
@@ -312,10 +439,9 @@ def merged_points(kf: Keyframe) -> tuple[np.ndarray, np.ndarray, int]:
     """Keyframe + previous sweeps in the keyframe lidar frame.
 
     Returns xyzi (n, 4) float32, sweep (n,) uint8 (0 = keyframe) and the keyframe point count.
+    DataError (naming the file or sample) for an empty or non-finite scan or a bad record.
     """
     key = load_points(kf.lidar.path)
-    if len(key) == 0:
-        raise DataError(f"{kf.lidar.path}: scan has no points")
     parts, sweep_ids = [key[:, :4]], [np.zeros(len(key), np.uint8)]
     for j, sw in enumerate(kf.sweeps, start=1):
         pts = load_points(sw.path)

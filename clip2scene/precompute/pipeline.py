@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,8 +219,12 @@ def _cached(key, make):
     return _PROCESS_CACHE[key]
 
 
-def _dataset_and_scans(config: PrecomputeConfig) -> tuple[Dataset, list[ScanRef]]:
-    key = ("scans", config.dataset, str(config.dataroot), config.version, config.split, config.sweeps, config.limit)
+def _dataset_and_scans(config: PrecomputeConfig, run_id: str) -> tuple[Dataset, list[ScanRef]]:
+    """The reader and scan list, built once per process and run (files may change between runs)."""
+    key = ("scans", run_id, config.dataset, str(config.dataroot), config.version, config.split, config.sweeps,
+           config.limit)
+    for k in [k for k in _PROCESS_CACHE if k[0] == "scans" and k[1] != run_id]:
+        del _PROCESS_CACHE[k]  # an earlier run's reader
 
     def make():
         ds = open_dataset(config.dataset, config.dataroot, config.version)
@@ -258,7 +263,7 @@ def _teacher(config: PrecomputeConfig, class_names: tuple[str, ...], device: tor
 
 
 def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layout: Layout,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, run_id: str = "") -> dict:
     """Process scans [start, stop) of the configured dataset as block `index` and write it.
 
     Runs in the coordinator or in a Dask worker (everything it needs is in its arguments; the
@@ -267,7 +272,7 @@ def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layou
     """
     if threads:
         torch.set_num_threads(threads)
-    ds, scans = _dataset_and_scans(config)
+    ds, scans = _dataset_and_scans(config, run_id)
     device = _worker_device(config)
     teacher = _teacher(config, get_class_set(config.class_set), device)
     records, skipped = [], []
@@ -292,7 +297,7 @@ def _resume_key(config: PrecomputeConfig, meta: dict, scans: list[ScanRef]) -> d
 
 
 def _run_blocks(config: PrecomputeConfig, todo: list[tuple[int, int, int]], layout: Layout, writer: CacheWriter,
-                expected_sha: str | None, progress: bool) -> None:
+                expected_sha: str | None, progress: bool, run_id: str) -> None:
     """Run the pending blocks inline or on Dask; record each as it completes."""
     def record(summary: dict) -> None:
         if summary.get("teacher_sha256") != expected_sha:
@@ -303,10 +308,10 @@ def _run_blocks(config: PrecomputeConfig, todo: list[tuple[int, int, int]], layo
 
     bar = tqdm(total=len(todo), desc="precompute", unit="block", disable=not progress)
     if not (config.workers or config.scheduler):
-        for index, start, stop in todo:
-            record(run_block(config, index, start, stop, layout))
-            bar.update()
-        bar.close()
+        with bar:  # closed (line ended) before any error is reported
+            for index, start, stop in todo:
+                record(run_block(config, index, start, stop, layout, None, run_id))
+                bar.update()
         return
     from distributed import Client, LocalCluster, as_completed
 
@@ -319,8 +324,8 @@ def _run_blocks(config: PrecomputeConfig, todo: list[tuple[int, int, int]], layo
         client = Client(cluster)
     try:
         threads = 1 if not config.scheduler else None
-        futures = [client.submit(run_block, config, index, start, stop, layout, threads, key=f"block-{index}-{start}",
-                                 pure=False) for index, start, stop in todo]
+        futures = [client.submit(run_block, config, index, start, stop, layout, threads, run_id,
+                                 key=f"block-{run_id}-{index}", pure=False) for index, start, stop in todo]
         for fut in as_completed(futures):
             record(fut.result())  # a worker's DataError is re-raised here
             bar.update()
@@ -346,7 +351,8 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     if config.block_size < 1:
         raise ConfigError(f"--block-size must be >= 1, got {config.block_size}")
     class_names = get_class_set(config.class_set)
-    ds, scans = _dataset_and_scans(config)
+    run_id = uuid.uuid4().hex
+    ds, scans = _dataset_and_scans(config, run_id)
     if not scans:
         raise DataError(f"no scans in {ds.dataroot} ({ds.name} {ds.version}) for split {config.split!r}")
     if config.teacher is None and not ds.has_labels:
@@ -388,7 +394,8 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         todo = [b for b in blocks if b[0] not in done]
         if writer.resumed:
             log.info("resuming: %d of %d blocks already done", len(blocks) - len(todo), len(blocks))
-        _run_blocks(config, todo, layout, writer, teacher.fingerprint["weights_sha256"] if teacher else None, progress)
+        _run_blocks(config, todo, layout, writer, teacher.fingerprint["weights_sha256"] if teacher else None, progress,
+                    run_id)
         if teacher is not None:
             writer.set_text_embeddings(teacher.text_embeddings.cpu().numpy())
         writer.commit(num_blocks=len(blocks))

@@ -62,7 +62,7 @@ def run_ablation(base: TrainConfig, out: str | Path, prompt_caches: dict[str, st
     """Train and evaluate every row; writes out/ablation.md and out/ablation.json; returns the rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache_sweeps = int(open_cache(base.cache).meta["sweeps"])
+    cache_sweeps = int(open_cache(base.cache, base.storage_options).meta["sweeps"])
     results = []
     for row in ablation_rows(cache_sweeps, prompt_caches):
         run_dir = out / _slug(row.name)

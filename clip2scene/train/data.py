@@ -6,16 +6,24 @@ point (argmax of the cached logits; -1 for points no camera sees), the visible p
 logits and (when asked, for SSR) teacher features, and the ground-truth label when the cache has
 one. Training-time augmentation: random rotation about z and random flips of x and y.
 
+`EpochSampler` fixes the order of the scans in each epoch from (seed, epoch) alone and, under
+DDP, gives rank r every N-th scan of that order, so N ranks with batch B / N together see the
+same global batches as one process with batch B.
+
     ds = ScanDataset(cache, cache.indices("train"), augment=True, seed=0)
-    loader = DataLoader(ds, batch_size=4, shuffle=True, collate_fn=collate)
+    sampler = EpochSampler(len(ds), seed=0)      # rank=r, world_size=N under DDP
+    loader = DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=collate)
+    sampler.set_epoch(0); ds.set_epoch(0)
     batch = next(iter(loader))   # dict of tensors, see `collate`
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from clip2scene.storage import Cache
 
@@ -82,6 +90,50 @@ class ScanDataset(Dataset):
         if self.features:
             item["pair_features"] = torch.from_numpy(np.ascontiguousarray(pair_features))
         return item
+
+
+class EpochSampler(Sampler[int]):
+    """Dataset positions for one rank, in a per-epoch shuffled order (DistributedSampler-like).
+
+    Every rank computes the same permutation of range(n) from (seed, epoch) alone; when n is
+    not a multiple of `world_size` the permutation is padded by repeating its first positions
+    (so every rank runs the same number of steps), and rank r takes positions r, r + N, ... of
+    it. With a per-rank batch of B / N, step s of rank r holds positions s*B + r + N*j of the
+    padded permutation: the N ranks together see exactly the global batch that one process
+    with batch B sees at step s (plus the padding repeats in the last step).
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} / world_size {world_size} out of range")
+        self.n = n  # number of dataset items
+        self.seed = seed  # shuffle seed, combined with the epoch
+        self.shuffle = shuffle  # False: 0, 1, ..., n-1 every epoch
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation (call before iterating, like ScanDataset.set_epoch)."""
+        self.epoch = epoch
+
+    def order(self) -> list[int]:
+        """The epoch's global order (padded to a multiple of world_size), the same on every rank."""
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            order = torch.randperm(self.n, generator=gen).tolist()
+        else:
+            order = list(range(self.n))
+        total = math.ceil(self.n / self.world_size) * self.world_size
+        while len(order) < total:
+            order += order[: total - len(order)]
+        return order
+
+    def __iter__(self):
+        return iter(self.order()[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size)
 
 
 def collate(items: list[dict]) -> dict:

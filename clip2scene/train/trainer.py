@@ -6,13 +6,27 @@ MaskCLIP pseudo-labels on camera-visible points), SSR (Eqs. 3-4, spatial-tempora
 S3 (switchable self-training: from `switch_epoch` on, each labelled point's target is, with
 probability 0.5, the network's own prediction), and the KL ablation. SGD with momentum, cosine
 schedule over all steps.
-Each epoch writes `checkpoint.pt` (model + optimiser + scheduler + config + teacher fingerprint)
-and appends per-step metrics to `metrics.jsonl` in the run folder.
+Each epoch writes `checkpoint.pt` (model + optimiser + scheduler + config + teacher fingerprint;
+also `checkpoint_epoch{K}.pt` with `keep_checkpoints`) and appends per-step metrics to
+`metrics.jsonl` in the run folder.
+
+Reproducibility: the data order (`EpochSampler`), the augmentation (ScanDataset) and the S3 draws
+depend only on (seed, epoch, scan), so `resume` from the checkpoint of epoch k continues exactly
+as the uninterrupted run (model, SGD momentum, LR schedule are in the checkpoint), and the draws
+do not depend on how many processes train.
+
+Multi-process (DDP): launched by torchrun, `train` joins the process group (see
+`clip2scene.train.distributed`), shards the scans over the ranks, and averages gradients.
+`batch_size` is the global batch: each of the N ranks processes batch_size / N scans per step,
+and each rank's loss is the mean over its own sub-batch (DDP averages the N gradients;
+BatchNorm normalises each sub-batch on its own rank). Only rank 0 writes the run folder and
+logs; every rank returns the same summary.
 
     from clip2scene.train.trainer import TrainConfig, train
     summary = train(TrainConfig(cache="cache.zarr", out="runs/exp1", epochs=20))
 
-CLI: `clip2scene train --cache ./zarr --out runs/NAME`.
+CLI: `clip2scene train --cache ./zarr --out runs/NAME`;
+`torchrun --nproc-per-node 2 -m clip2scene.cli train --cache ./zarr --out runs/NAME`.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -33,7 +48,9 @@ from clip2scene.devices import resolve_device
 from clip2scene.errors import ConfigError
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from clip2scene.train.data import ScanDataset, collate
+from clip2scene.train.data import EpochSampler, ScanDataset, collate
+from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buffers, broadcast_object,
+                                          detect_env, process_group)
 from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, text_logits
 from clip2scene.train.model import ModelConfig, build_model, count_parameters
 from clip2scene.train.voxelize import voxelize
@@ -47,7 +64,7 @@ class TrainConfig:
     out: str  # run folder: checkpoint.pt, metrics.jsonl, config.json
     split: str = "train"  # which cached scans to train on
     epochs: int = 20  # passes over the training scans
-    batch_size: int = 4  # scans per step
+    batch_size: int = 4  # scans per step (global: split evenly over the ranks under torchrun)
     lr: float = 0.1  # SGD learning rate (cosine-annealed to 0 over all steps)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # SGD weight decay
@@ -59,6 +76,8 @@ class TrainConfig:
     seed: int = 0  # model init, shuffling and augmentation
     resume: str | None = None  # checkpoint to continue from (must match the cache's teacher)
     precise_bn_batches: int = 16  # after the last epoch, re-estimate BatchNorm statistics on this many batches (0 = off)
+    keep_checkpoints: bool = False  # also keep checkpoint_epoch{K}.pt of every epoch (resume points)
+    storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL (s3://...)
     sweeps: int | None = None  # use the first K cached lidar frames per scan (None = all cached)
     scr_weight: float = 1.0  # weight of SCR (0 = off)
     ssr_weight: float = 1.0  # weight of SSR (0 = off)
@@ -81,9 +100,28 @@ def forward_points(model: torch.nn.Module, batch: dict, voxel_size: float, devic
     return (out, vox) if return_voxels else out
 
 
+def _scan_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """S3 generator of one scan in one epoch: independent of batch composition and rank count."""
+    state = np.random.SeedSequence([seed, epoch, index, 7919]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _switch(config: TrainConfig, target: torch.Tensor, predicted: torch.Tensor, batch: dict, epoch: int,
+            generator: torch.Generator) -> torch.Tensor:
+    """S3 targets. "point": each scan's coin flips come from its own (seed, epoch, scan)
+    generator; "batch": one coin per step from `generator` (per-epoch, the same on every rank)."""
+    if config.self_training != "point":
+        return switch_targets(target, predicted, config.self_training, config.switch_prob, generator)
+    counts = torch.bincount(batch["batch"], minlength=len(batch["index"])).tolist()
+    parts = [switch_targets(t, p, "point", config.switch_prob, _scan_generator(config.seed, epoch, int(i)))
+             for t, p, i in zip(target.split(counts), predicted.split(counts), batch["index"].tolist())]
+    return torch.cat(parts)
+
+
 def compute_loss(config: TrainConfig, feats: torch.Tensor, vox, batch: dict, text: torch.Tensor,
                  epoch: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Weighted sum of the configured losses for one batch; returns (loss, per-term floats)."""
+    """Weighted sum of the configured losses for one batch; returns (loss, per-term floats).
+    `generator` drives the "batch" S3 coin; "point" draws are keyed per scan (`_scan_generator`)."""
     device = feats.device
     target = batch["target"].to(device)
     switch_epoch = config.epochs // 2 if config.switch_epoch is None else config.switch_epoch
@@ -91,7 +129,7 @@ def compute_loss(config: TrainConfig, feats: torch.Tensor, vox, batch: dict, tex
     if config.self_training != "off" and epoch >= switch_epoch:
         with torch.no_grad():
             predicted = text_logits(feats.detach(), text).argmax(dim=1)
-        switched = switch_targets(target, predicted, config.self_training, config.switch_prob, generator)
+        switched = _switch(config, target, predicted, batch, epoch, generator)
         terms["switched"] = float(((switched != target) & (target >= 0)).float().mean())
         target = switched
     loss = feats.sum() * 0.0
@@ -146,12 +184,54 @@ def _train_config_dict(config: TrainConfig) -> dict:
     return d
 
 
+class _PointForward(torch.nn.Module):
+    """`forward(vox, feat)` = `net.forward_points(vox, feat)`: DDP only hooks `forward`."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, vox, feat: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_points(vox, feat)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int):
+    """SGD with momentum and weight decay, and the cosine schedule to 0 over `total_steps`
+    optimiser steps; returns (optimizer, scheduler)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    return optimizer, scheduler
+
+
+def _loader(dataset: ScanDataset, sampler: EpochSampler, batch_size: int, config: TrainConfig,
+            device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                      num_workers=config.workers, multiprocessing_context="spawn" if config.workers > 0 else None,
+                      pin_memory=device.type == "cuda")
+
+
 def train(config: TrainConfig, progress: bool = True) -> dict:
-    """Train per `config`; returns a summary dict (losses, timings, parameter count, paths)."""
+    """Train per `config`; returns a summary dict (losses, timings, parameter count, paths).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this with the same config: DDP training
+    with `batch_size` as the global batch (see the module docstring); all ranks return rank 0's
+    summary and the process group is destroyed on return."""
     device = resolve_device(config.device)
     if config.epochs < 1 or config.batch_size < 1:
         raise ConfigError(f"--epochs and --batch-size must be >= 1 (got {config.epochs}, {config.batch_size})")
-    cache = open_cache(config.cache)
+    env = detect_env()
+    if config.batch_size % env.world_size:
+        raise ConfigError(f"--batch-size {config.batch_size} is the global batch: it must be a multiple of "
+                          f"the {env.world_size} torchrun processes")
+    with process_group(env, device) as rank_device:
+        return _train(config, env, rank_device, progress)
+
+
+def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bool) -> dict:
+    main = env.is_main
+    cache = open_cache(config.cache, config.storage_options)
     if not cache.has_teacher:
         raise ConfigError(f"cache {cache.path} has no teacher outputs (built with --clip-model none): "
                           "distillation needs them; use `clip2scene finetune` on it")
@@ -166,12 +246,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
     torch.manual_seed(config.seed)
     model = build_model(model_config, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(indices) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    optimizer, scheduler = build_optimizer(model, config, total_steps)
     start_epoch = 0
     if config.resume:
         ckpt = load_checkpoint(config.resume)
@@ -182,7 +259,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         if ckpt.get("scheduler"):
             scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch = int(ckpt["epoch"])
-        log.info("resumed from %s at epoch %d", config.resume, start_epoch)
+        if main:
+            log.info("resumed from %s at epoch %d", config.resume, start_epoch)
 
     text = torch.from_numpy(cache.text_embeddings).to(device)
     if config.self_training not in ("point", "batch", "off"):
@@ -191,58 +269,77 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         raise ConfigError("all loss weights are 0: nothing to train")
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed,
                           features=bool(config.ssr_weight), sweeps=config.sweeps)
+    sampler = EpochSampler(len(dataset), seed=config.seed, rank=env.rank, world_size=env.world_size)
+    loader = _loader(dataset, sampler, config.batch_size // env.world_size, config, device)
+    step_model: torch.nn.Module = _PointForward(model)
+    if env.distributed:
+        # Every parameter reaches the loss (each term keeps a `feats.sum() * 0.0` graph), so DDP
+        # needs no unused-parameter search. DDP's default buffer sync broadcasts rank 0's
+        # BatchNorm statistics before every forward. device_ids=None: inputs are already on the
+        # rank's device (DDP's input mover does not know Voxels).
+        step_model = DistributedDataParallel(step_model, device_ids=None, find_unused_parameters=False)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(_train_config_dict(config), indent=2))
     metrics_path = out / "metrics.jsonl"
     params = count_parameters(model)
-    log.info("training %s (%.2fM params) on %d scans, %d steps", model_config.arch, params / 1e6, len(indices), total_steps)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_train_config_dict(config), indent=2))
+        log.info("training %s (%.2fM params) on %d scans, %d steps, %d process(es)", model_config.arch,
+                 params / 1e6, len(indices), total_steps, env.world_size)
 
     t0 = time.perf_counter()
     losses: list[float] = []
     scans_done = 0
     step = start_epoch * steps_per_epoch
-    with metrics_path.open("a") as mf:
+    mf = metrics_path.open("a") if main else None
+    try:
         for epoch in range(start_epoch, config.epochs):
             dataset.set_epoch(epoch)
-            generator = torch.Generator().manual_seed(config.seed * 1000 + epoch + 7919)  # S3 draws
-            gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-            loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen,
-                                collate_fn=collate, num_workers=config.workers,
-                                multiprocessing_context="spawn" if config.workers > 0 else None,
-                                pin_memory=device.type == "cuda")
+            sampler.set_epoch(epoch)
+            generator = torch.Generator().manual_seed(config.seed * 1000 + epoch + 7919)  # S3 "batch" coins
             model.train()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not (progress and main))
             epoch_losses = []
             for batch in bar:
                 ts = time.perf_counter()
-                feats, vox = forward_points(model, batch, config.voxel_size, device, return_voxels=True)
+                vox = voxelize(batch["xyz"].to(device), batch["batch"].to(device), config.voxel_size)
+                feats = step_model(vox, batch["feat"].to(device))
                 loss, terms = compute_loss(config, feats, vox, batch, text, epoch, generator)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # DDP: gradients averaged over the ranks here
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                n_scans = len(batch["index"])
+                keys = list(terms)  # the same keys on every rank
+                sums = all_reduce_sum([float(loss.detach()), *(terms[k] for k in keys), len(batch["index"]),
+                                       int(batch["xyz"].shape[0])], env, device)
+                value = sums[0] / env.world_size
+                terms = {k: v / env.world_size for k, v in zip(keys, sums[1:-2])}
+                n_scans, n_points = int(sums[-2]), int(sums[-1])
                 scans_done += n_scans
                 dt = time.perf_counter() - ts
-                value = float(loss.detach())
                 epoch_losses.append(value)
-                mf.write(json.dumps(dict(step=step, epoch=epoch + 1, loss=value, **terms, lr=optimizer.param_groups[0]["lr"],
-                                         points=int(batch["xyz"].shape[0]), seconds=dt,
-                                         scans_per_s=n_scans / max(dt, 1e-9))) + "\n")
+                if mf is not None:
+                    mf.write(json.dumps(dict(step=step, epoch=epoch + 1, loss=value, **terms, lr=optimizer.param_groups[0]["lr"],
+                                             points=n_points, seconds=dt, scans_per_s=n_scans / max(dt, 1e-9))) + "\n")
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
-            mf.flush()
+            if mf is not None:
+                mf.flush()
             losses.append(float(np.mean(epoch_losses)))
-            if epoch + 1 == config.epochs and config.precise_bn_batches > 0:
-                used = precise_batchnorm(model, loader, config.precise_bn_batches, config.voxel_size, device)
-                log.info("BatchNorm statistics re-estimated on %d batches", used)
-            save_checkpoint(out / "checkpoint.pt", model=model, model_config=model_config,
-                            train_config=_train_config_dict(config), cache=cache, epoch=epoch + 1,
-                            optimizer=optimizer, scheduler=scheduler)
-            log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
+            if epoch + 1 == config.epochs:
+                _final_batchnorm(model, dataset, config, env, device, epoch)
+            if main:
+                paths = [out / "checkpoint.pt"] + ([out / f"checkpoint_epoch{epoch + 1}.pt"] if config.keep_checkpoints else [])
+                for path in paths:
+                    save_checkpoint(path, model=model, model_config=model_config,
+                                    train_config=_train_config_dict(config), cache=cache, epoch=epoch + 1,
+                                    optimizer=optimizer, scheduler=scheduler)
+                log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
+    finally:
+        if mf is not None:
+            mf.close()
     seconds = time.perf_counter() - t0
-    return dict(
+    summary = dict(
         run=str(out),
         checkpoint=str(out / "checkpoint.pt"),
         arch=model_config.arch,
@@ -254,4 +351,19 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         seconds=seconds,
         scans_per_second=scans_done / max(seconds, 1e-9),
         device=str(device),
+        processes=env.world_size,
     )
+    return broadcast_object(summary, env)
+
+
+def _final_batchnorm(model: torch.nn.Module, dataset: ScanDataset, config: TrainConfig, env: DistEnv,
+                     device: torch.device, epoch: int) -> None:
+    """After the last epoch: precise BatchNorm on rank 0 over the first global batches of the
+    epoch's order (exactly what one process does), then every rank takes rank 0's buffers."""
+    if config.precise_bn_batches > 0 and env.is_main:
+        sampler = EpochSampler(len(dataset), seed=config.seed)
+        sampler.set_epoch(epoch)
+        loader = _loader(dataset, sampler, config.batch_size, config, device)
+        used = precise_batchnorm(model, loader, config.precise_bn_batches, config.voxel_size, device)
+        log.info("BatchNorm statistics re-estimated on %d batches", used)
+    broadcast_buffers(model, env)
