@@ -182,6 +182,7 @@ def precompute(
     scheduler: Optional[str] = typer.Option(None, help="Run blocks on an existing Dask scheduler, tcp://HOST:PORT."),
     block_size: int = typer.Option(16, help="Scans per block (unit of work, writing and resuming)."),
     on_error: str = typer.Option("stop", help="A bad sample: stop (error naming the file) or skip (recorded in the manifest)."),
+    feature_dtype: str = typer.Option("float16", help="Teacher features on disk: float16, or int8 with a per-point scale (half the size, cosine fidelity ~0.9999)."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
     """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
@@ -195,7 +196,8 @@ def precompute(
     cfg = PrecomputeConfig(dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
                            sweeps=sweeps, class_set=class_set or dataset, teacher=teacher,
                            device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
-                           block_size=block_size, on_error=on_error, storage_options=_storage(storage_option))
+                           block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
+                           feature_dtype=feature_dtype)
     meta = _run(run_precompute, cfg)
     meta["path"] = str(out)
     _print_precompute(meta)

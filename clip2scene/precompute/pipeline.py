@@ -69,6 +69,7 @@ class PrecomputeConfig:
     workers: int = 0  # >0: run blocks on a local Dask cluster of this many worker processes
     scheduler: str | None = None  # tcp://HOST:PORT of an existing Dask scheduler to run blocks on
     on_error: str = "stop"  # a bad sample: "stop" (error naming the file) or "skip" (recorded in the manifest)
+    feature_dtype: str = "float16"  # teacher features on disk: float16, or int8 x per-row scale (half the bytes)
 
 
 def load_image(path: Path, width: int, height: int) -> Image.Image:
@@ -91,6 +92,41 @@ def images_to_tensor(images: list[Image.Image], size: tuple[int, int]) -> torch.
     h, w = size
     arrays = [np.asarray(im.resize((w, h), Image.BILINEAR), dtype=np.uint8) for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def decode_image(path: Path, width: int, height: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decode a camera JPEG/PNG with torchvision.io (nvjpeg on a CUDA device): (3, H, W) uint8 on
+    `device`. DataError names the file if missing, corrupt or of the wrong size. The fast path of
+    `process_scan`; `load_image` (PIL) is the reference."""
+    import torchvision.io as tvio
+
+    device = torch.device(device)
+    try:
+        data = tvio.read_file(str(path))
+    except (FileNotFoundError, RuntimeError):
+        raise DataError(f"camera image not found: {path}") from None
+    try:
+        if device.type == "cuda" and bytes(data[:2].tolist()) == b"\xff\xd8":
+            img = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=device)
+        else:
+            img = tvio.decode_image(data, mode=tvio.ImageReadMode.RGB).to(device)
+    except RuntimeError as e:
+        raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0]})") from None
+    if tuple(img.shape[1:]) != (height, width):
+        raise DataError(f"{path}: image is {img.shape[2]}x{img.shape[1]}, the dataset says {width}x{height}")
+    return img
+
+
+def prepare_batch(images: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """(3, H_i, W_i) uint8 images -> (B, 3, h, w) float32 in [0, 1], resized with antialiased
+    bilinear interpolation (as PIL's BILINEAR downscaling), on the images' device."""
+    out = []
+    for im in images:
+        x = im.unsqueeze(0).float().div_(255.0)
+        if tuple(x.shape[2:]) != tuple(size):
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        out.append(x)
+    return torch.cat(out).clamp_(0.0, 1.0)
 
 
 def assign_cameras(xyz: np.ndarray, ds: Dataset, scan: ScanRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,9 +204,11 @@ def process_scan(ds: Dataset, scan: ScanRef, teacher: MaskCLIP | None, device: t
         rows = np.flatnonzero((cams >= v0) & (cams < v0 + len(chunk)))
         if len(rows) == 0:
             continue
-        images = [load_image(v.path, v.width, v.height) for v in chunk]
-        batch = images_to_tensor(images, tuple(teacher.fingerprint["image_size"])).to(device)
-        dense, dense_logits = teacher.dense_outputs(batch)  # (V, D, h, w), (V, C, h, w)
+        images = [decode_image(v.path, v.width, v.height, device) for v in chunk]
+        batch = prepare_batch(images, tuple(teacher.fingerprint["image_size"]))
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            dense, dense_logits = teacher.dense_outputs(batch)  # (V, D, h, w), (V, C, h, w)
+        dense, dense_logits = dense.float(), dense_logits.float()
         sizes = [(v.width, v.height) for v in chunk]
         local = cams[rows] - v0
         r = torch.from_numpy(rows).to(device)
@@ -293,6 +331,7 @@ def _resume_key(config: PrecomputeConfig, meta: dict, scans: list[ScanRef]) -> d
     tokens = hashlib.sha256("\n".join(s.token for s in scans).encode()).hexdigest()
     return dict(dataset=meta["dataset"], teacher=meta["teacher"], class_set=config.class_set, sweeps=config.sweeps,
                 limit=config.limit, block_size=config.block_size, on_error=config.on_error, scans=len(scans),
+                feature_dtype=config.feature_dtype,
                 scan_tokens_sha256=tokens)
 
 
@@ -348,6 +387,8 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         raise ConfigError(f"--sweeps must be between 1 and 10, got {config.sweeps}")
     if config.on_error not in ("stop", "skip"):
         raise ConfigError(f"--on-error {config.on_error!r}: expected stop or skip")
+    if config.feature_dtype not in ("float16", "int8"):
+        raise ConfigError(f"--feature-dtype {config.feature_dtype!r}: expected float16 or int8")
     if config.block_size < 1:
         raise ConfigError(f"--block-size must be >= 1, got {config.block_size}")
     class_names = get_class_set(config.class_set)
@@ -373,7 +414,7 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         on_error=config.on_error,
     )
     embed_dim = teacher.embed_dim if teacher is not None else None
-    layout = Layout(len(class_names), embed_dim, len(ds.point_features), ds.has_labels)
+    layout = Layout(len(class_names), embed_dim, len(ds.point_features), ds.has_labels, config.feature_dtype)
     blocks = [(i, a, min(a + config.block_size, len(scans))) for i, a in enumerate(range(0, len(scans), config.block_size))]
     key = _resume_key(config, meta, scans)
     if not config.overwrite:
@@ -388,7 +429,7 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     writer = CacheWriter(config.out, meta, len(class_names), embed_dim, ds.has_labels, config.overwrite,
                          storage_options=config.storage_options, block_size=config.block_size,
-                         resume_key=key)
+                         resume_key=key, feature_dtype=config.feature_dtype)
     with writer:
         done = writer.done_blocks()
         todo = [b for b in blocks if b[0] not in done]

@@ -170,8 +170,16 @@ class Cache:
             pair_camera=g["pairs/camera"][q0:q1],
             pair_uv=g["pairs/uv"][q0:q1],
             pair_logits=g["pairs/logits"][q0:q1] if self.has_teacher else None,
-            pair_features=g["pairs/features"][q0:q1] if features and self.has_teacher else None,
+            pair_features=self._features(g, q0, q1) if features and self.has_teacher else None,
         )
+
+    def _features(self, g: zarr.Group, q0: int, q1: int) -> np.ndarray:
+        """(m, D) float16 teacher features (dequantised when stored as int8)."""
+        if self.meta.get("feature_dtype", "float16") == "int8":
+            from clip2scene.storage.writer import dequantize_features
+
+            return dequantize_features(g["pairs/features"][q0:q1], g["pairs/feature_scale"][q0:q1])
+        return g["pairs/features"][q0:q1]
 
     def manifest(self) -> dict:
         """manifest.json: blocks, skipped samples, sha256 per stored file."""

@@ -51,8 +51,10 @@ PAIR_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("pairs/camera", "uint8", (), 65536, 1048576, "pairs"),
     ArraySpec("pairs/uv", "float32", (2,), 65536, 1048576, "pairs"),
     ArraySpec("pairs/logits", "float16", ("C",), 16384, 262144, "pairs"),  # only with a teacher
-    ArraySpec("pairs/features", "float16", ("D",), 2048, 32768, "pairs"),  # only with a teacher
+    ArraySpec("pairs/features", "float16", ("D",), 2048, 32768, "pairs"),  # only with a teacher; int8 if feature_dtype int8
+    ArraySpec("pairs/feature_scale", "float16", (), 65536, 1048576, "pairs"),  # only with int8 features
 )
+FEATURE_DTYPES = ("float16", "int8")  # meta feature_dtype: how pairs/features is stored
 SCAN_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("scans/block", "int32", (), 4096, 65536, "scans"),  # block holding the scan's rows
     ArraySpec("scans/point_start", "int64", (), 4096, 65536, "scans"),  # first point row within the block
@@ -68,7 +70,7 @@ SCAN_ARRAYS: tuple[ArraySpec, ...] = (
 TEXT_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("text/embeddings", "float32", ("D",), 4096, 4096, "classes"),  # only with a teacher
 )
-TEACHER_ARRAYS = ("pairs/logits", "pairs/features", "text/embeddings")  # absent when has_teacher is false
+TEACHER_ARRAYS = ("pairs/logits", "pairs/features", "pairs/feature_scale", "text/embeddings")  # absent when has_teacher is false
 BLOCK_ARRAYS: tuple[ArraySpec, ...] = POINT_ARRAYS + PAIR_ARRAYS  # names relative to blocks/NNNNNN/
 ALL_ARRAYS: tuple[ArraySpec, ...] = POINT_ARRAYS + PAIR_ARRAYS + SCAN_ARRAYS + TEXT_ARRAYS
 
@@ -86,5 +88,5 @@ REQUIRED_META = (
     "has_labels", "has_teacher", "sweeps", "cameras", "point_features", "voxel_size",
 )
 # Meta fields two caches must share to be merged (and a resumed precompute must match).
-COMPATIBLE_META = ("schema_version", "teacher", "class_names", "class_set", "eval_class_names", "prompt_to_eval",
+COMPATIBLE_META = ("schema_version", "teacher", "feature_dtype", "class_names", "class_set", "eval_class_names", "prompt_to_eval",
                    "has_labels", "has_teacher", "sweeps", "cameras", "point_features", "voxel_size")

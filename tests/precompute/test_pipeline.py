@@ -166,3 +166,21 @@ def test_real_keyframes_precompute(real_root, tmp_path):
     assert 0.2 * n < cache.meta["num_pairs"] < n
     scan = cache.read_scan(0)
     assert scan.label.max() > 0 and (scan.pair_uv[:, 0] < 1599).all() and (scan.pair_uv[:, 1] < 899).all()
+
+
+def test_fast_decode_matches_pil(sample):
+    """torchvision.io decode + antialiased torch resize (the precompute path) agree with PIL."""
+    from clip2scene.precompute.pipeline import decode_image, prepare_batch
+
+    kf = NuScenes(sample, "v1.0-mini").keyframes()[0]
+    cam = kf.cameras[0]
+    fast = decode_image(cam.path, cam.width, cam.height)
+    pil = torch.from_numpy(np.asarray(load_image(cam.path, cam.width, cam.height))).permute(2, 0, 1)
+    assert fast.dtype == torch.uint8 and fast.shape == pil.shape
+    assert (fast.int() - pil.int()).abs().float().mean() < 1.0  # same JPEG decoder family, tiny IDCT differences
+    a = prepare_batch([fast], (64, 112))
+    b = images_to_tensor([load_image(cam.path, cam.width, cam.height)], (64, 112))
+    assert a.shape == b.shape == (1, 3, 64, 112)
+    assert (a - b).abs().mean() < 0.01 and (a - b).abs().max() < 0.1
+    with pytest.raises(DataError, match="image is"):
+        decode_image(cam.path, cam.width + 1, cam.height)

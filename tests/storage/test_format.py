@@ -183,3 +183,35 @@ def test_labels_only_cache(tmp_path):
     r = cache.read_scan(1, features=True)
     np.testing.assert_array_equal(r.feat, scans[1].feat)
     assert r.pair_logits is None and r.pair_features is None and len(r.pair_point) == 0
+
+
+def test_int8_features_roundtrip(tmp_path):
+    """feature_dtype int8: pairs/features int8 + pairs/feature_scale float16; reads dequantise with
+    cosine >= 0.999 to the float16 input (unit-norm 512-d features, as the teacher writes)."""
+    rng = np.random.default_rng(5)
+    d = 512
+    scans = []
+    for i in range(2):
+        s = make_scan(rng, i, 80, 50)
+        f = rng.normal(size=(50, d)).astype(np.float32)
+        s.pair_features = (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float16)
+        scans.append(s)
+    meta = dict(META, teacher=dict(META["teacher"], embed_dim=d))
+    with CacheWriter(tmp_path / "q.zarr", meta, C, d, has_labels=True, feature_dtype="int8") as w:
+        for s in scans:
+            w.append(s)
+        w.set_text_embeddings(np.eye(C, d, dtype=np.float32))
+    am = json.loads((tmp_path / "q.zarr" / "blocks" / "000000" / "pairs" / "features" / "zarr.json").read_text())
+    assert am["data_type"] == "int8" and tuple(am["shape"]) == (100, d)
+    am = json.loads((tmp_path / "q.zarr" / "blocks" / "000000" / "pairs" / "feature_scale" / "zarr.json").read_text())
+    assert am["data_type"] == "float16" and tuple(am["shape"]) == (100,)
+    cache = open_cache(tmp_path / "q.zarr")
+    assert cache.meta["feature_dtype"] == "int8"
+    for i, s in enumerate(scans):
+        got = cache.read_scan(i, features=True).pair_features.astype(np.float32)
+        ref = s.pair_features.astype(np.float32)
+        cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() >= 0.999, cos.min()
+        assert got.dtype == np.float32 and cache.read_scan(i, features=True).pair_features.dtype == np.float16
+    with pytest.raises(ValueError, match="feature_dtype 'int4'"):
+        CacheWriter(tmp_path / "bad.zarr", META, C, D, has_labels=True, feature_dtype="int4")
