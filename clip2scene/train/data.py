@@ -48,7 +48,13 @@ class ScanDataset(Dataset):
         """Augmentations depend on (seed, epoch, scan): reproducible across workers and resumes."""
         self.epoch = epoch
 
-    def __getitem__(self, item: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        """`item` = dataset position, or (position, epoch) from an epoch-tagging sampler (so that
+        persistent DataLoader workers, which keep their own copy of the dataset, still augment
+        by the right epoch)."""
+        epoch = self.epoch
+        if isinstance(item, tuple):
+            item, epoch = item
         index = int(self.indices[item])
         scan = self.cache.read_scan(index, features=self.features)
         xyz, feat, pair_point = scan.xyz, scan.feat, scan.pair_point.astype(np.int64)
@@ -64,7 +70,7 @@ class ScanDataset(Dataset):
         xyz = xyz.astype(np.float32, copy=True)
         feat = feat.astype(np.float32, copy=False)
         if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = np.random.default_rng([self.seed, epoch, index])
             theta = rng.uniform(0, 2 * np.pi)
             c, s = np.cos(theta), np.sin(theta)
             rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=np.float32)
@@ -103,7 +109,8 @@ class EpochSampler(Sampler[int]):
     with batch B sees at step s (plus the padding repeats in the last step).
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 tag_epoch: bool = False):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size} out of range")
         self.n = n  # number of dataset items
@@ -111,6 +118,7 @@ class EpochSampler(Sampler[int]):
         self.shuffle = shuffle  # False: 0, 1, ..., n-1 every epoch
         self.rank = rank
         self.world_size = world_size
+        self.tag_epoch = tag_epoch  # yield (position, epoch) pairs (for persistent workers)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -130,7 +138,8 @@ class EpochSampler(Sampler[int]):
         return order
 
     def __iter__(self):
-        return iter(self.order()[self.rank::self.world_size])
+        mine = self.order()[self.rank::self.world_size]
+        return iter([(i, self.epoch) for i in mine] if self.tag_epoch else mine)
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.world_size)

@@ -78,6 +78,7 @@ class TrainConfig:
     precise_bn_batches: int = 16  # after the last epoch, re-estimate BatchNorm statistics on this many batches (0 = off)
     keep_checkpoints: bool = False  # also keep checkpoint_epoch{K}.pt of every epoch (resume points)
     storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL (s3://...)
+    amp: bool = True  # mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU
     sweeps: int | None = None  # use the first K cached lidar frames per scan (None = all cached)
     scr_weight: float = 1.0  # weight of SCR (0 = off)
     ssr_weight: float = 1.0  # weight of SSR (0 = off)
@@ -207,8 +208,12 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: in
 
 def _loader(dataset: ScanDataset, sampler: EpochSampler, batch_size: int, config: TrainConfig,
             device: torch.device) -> DataLoader:
+    """Workers (spawned) persist across epochs and prefetch 4 batches each; the sampler tags every
+    item with its epoch so their dataset copies augment by the right one."""
+    workers = config.workers > 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      num_workers=config.workers, multiprocessing_context="spawn" if config.workers > 0 else None,
+                      num_workers=config.workers, multiprocessing_context="spawn" if workers else None,
+                      persistent_workers=workers, prefetch_factor=4 if workers else None,
                       pin_memory=device.type == "cuda")
 
 
@@ -269,7 +274,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         raise ConfigError("all loss weights are 0: nothing to train")
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed,
                           features=bool(config.ssr_weight), sweeps=config.sweeps)
-    sampler = EpochSampler(len(dataset), seed=config.seed, rank=env.rank, world_size=env.world_size)
+    sampler = EpochSampler(len(dataset), seed=config.seed, rank=env.rank, world_size=env.world_size,
+                           tag_epoch=config.workers > 0)
     loader = _loader(dataset, sampler, config.batch_size // env.world_size, config, device)
     step_model: torch.nn.Module = _PointForward(model)
     if env.distributed:
@@ -293,6 +299,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     step = start_epoch * steps_per_epoch
     mf = metrics_path.open("a") if main else None
     try:
+        amp = config.amp and device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)  # a no-op pass-through when disabled
         for epoch in range(start_epoch, config.epochs):
             dataset.set_epoch(epoch)
             sampler.set_epoch(epoch)
@@ -303,11 +311,13 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
             for batch in bar:
                 ts = time.perf_counter()
                 vox = voxelize(batch["xyz"].to(device), batch["batch"].to(device), config.voxel_size)
-                feats = step_model(vox, batch["feat"].to(device))
-                loss, terms = compute_loss(config, feats, vox, batch, text, epoch, generator)
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                    feats = step_model(vox, batch["feat"].to(device))
+                loss, terms = compute_loss(config, feats.float(), vox, batch, text, epoch, generator)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # DDP: gradients averaged over the ranks here
-                optimizer.step()
+                scaler.scale(loss).backward()  # DDP: gradients averaged over the ranks here
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 step += 1
                 keys = list(terms)  # the same keys on every rank

@@ -107,3 +107,15 @@ def test_loader_workers_are_spawned_and_read_the_cache(cache, tmp_path):
     a = train(TrainConfig(out=str(tmp_path / "w0"), **base), progress=False)
     b = train(TrainConfig(out=str(tmp_path / "w1"), workers=1, **base), progress=False)
     assert a["epoch_losses"] == pytest.approx(b["epoch_losses"], rel=1e-5)
+
+
+def test_persistent_workers_give_the_same_run(cache, tmp_path):
+    """Two spawned, persistent, prefetching loader workers: the same weights as loading in-process
+    (augmentation follows the epoch through the sampler, not the workers' dataset copies)."""
+    base = dict(cache=str(cache), epochs=2, batch_size=2, lr=0.05, model=TINY, augment=True, precise_bn_batches=0)
+    train(TrainConfig(out=str(tmp_path / "w0"), workers=0, **base), progress=False)
+    train(TrainConfig(out=str(tmp_path / "w2"), workers=2, **base), progress=False)
+    a = load_checkpoint(tmp_path / "w0" / "checkpoint.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "w2" / "checkpoint.pt")["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
