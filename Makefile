@@ -1,10 +1,11 @@
-# clip2scene: `make demo` runs the whole pipeline on a built-in sample, `make test` runs the tests.
+# clip2scene: `make demo` runs the whole pipeline on a built-in sample, `make test` runs the tests,
+# `make bench` runs the benchmarks (appends to docs/benchmarks.md).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash benchmarks/run_all.sh
 
 clean:
 	rm -rf demo runs .pytest_cache

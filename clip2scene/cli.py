@@ -1,5 +1,5 @@
 """The `clip2scene` command line: make-sample, precompute, train, evaluate, ablate, finetune,
-linear-probe, report, cache info, demo.
+linear-probe, report, show, plot, query, cache info/verify/merge, demo.
 
 Only this module prints. Library errors (clip2scene.errors) become one line on stderr and exit
 code 2, with no traceback. Run `clip2scene --help` or `clip2scene COMMAND --help`.
@@ -316,6 +316,12 @@ def _fmt(v) -> str:
     return "   n/a" if v is None else f"{100 * v:6.2f}"
 
 
+def _confusion_png(eval_json) -> None:
+    from clip2scene.viz.plot import confusion_from_eval
+
+    typer.echo(f"confusion matrix: {_run(confusion_from_eval, eval_json)}")
+
+
 def _print_eval(r: dict) -> None:
     typer.echo(f"{'class':<22}{'student IoU':>12}{'teacher IoU*':>14}")
     for name in r["class_names"]:
@@ -324,6 +330,7 @@ def _print_eval(r: dict) -> None:
     typer.echo(f"({r['split']}: {r['scans']} scans, {r['points']} points; *teacher pseudo-labels on camera-visible "
                f"points only; n/a = class absent from truth and prediction)")
     typer.echo(f"results: {r['json']}")
+    _confusion_png(r["json"])
     if r.get("teacher_weights") == "random":
         typer.echo("WARNING: the teacher was randomly initialised (no CLIP weights): these numbers are not meaningful.")
 
@@ -350,11 +357,13 @@ def evaluate(
     if _run(load_checkpoint, checkpoint).get("kind") == SEGMENTER_KIND:
         r = _run(evaluate_segmenter, checkpoint, _run(open_cache, cache, opts), split, device)
         path = out or checkpoint.parent / f"eval_{split}.json"
+        r["split"] = split
         path.write_text(json.dumps(r, indent=2))
         typer.echo(f"{split}: {r['scans']} scans, {r['points']} points; mIoU {_fmt(r['miou'])}")
         for name, v in r["per_class_iou"].items():
             typer.echo(f"  {name:22s} {_fmt(v)}")
         typer.echo(f"  result: {path}")
+        _confusion_png(path)
         return
     cfg = EvalConfig(checkpoint=str(checkpoint), cache=str(cache), split=split,
                      out=str(out) if out else None, device=device, storage_options=opts)
@@ -572,6 +581,14 @@ def demo(
     result = _run(run_eval, EvalConfig(checkpoint=str(workdir / "run" / "checkpoint.pt"), cache=str(cfg.out), split="val"))
     _print_eval(result)
     typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs under {workdir}/")
+
+
+# ---------------------------------------------------------------------------------- pictures
+from clip2scene.viz import commands as _viz_commands  # noqa: E402  (typer commands; figures import lazily)
+
+app.command("show")(_viz_commands.show)
+app.command("plot")(_viz_commands.plot)
+app.command("query")(_viz_commands.query)
 
 
 def main() -> None:

@@ -195,7 +195,7 @@ class Cache:
             if path not in self.group:
                 continue
             arr = self.group[path]
-            row = out.setdefault(spec.name, dict(name=spec.name, shape=[0] + list(arr.shape[1:]), dtype=spec.dtype,
+            row = out.setdefault(spec.name, dict(name=spec.name, shape=[0] + list(arr.shape[1:]), dtype=str(arr.dtype),
                                                  chunks=list(arr.chunks), shards=list(arr.shards) if arr.shards else None,
                                                  stored_bytes=0))
             row["shape"][0] += int(arr.shape[0])
