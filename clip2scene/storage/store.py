@@ -144,7 +144,6 @@ class Location:
         root = self.root + "/"
         out = []
         for p in self.fs.find(base):
-            p = p if p.startswith("/") or not self.is_local else p
             out.append(p[len(root):] if p.startswith(root) else p.split(root, 1)[-1])
         return sorted(out)
 
@@ -156,7 +155,7 @@ class Location:
 class Lock:
     """One writer per cache: an exclusive `writer.lock` object at the cache root.
 
-    Locally the file is created with O_EXCL; a lock left by a dead process on this host (pid
+    Locally the file is created by an exclusive hard link of a fully written temp file; a lock left by a dead process on this host (pid
     gone) is taken over. On object stores creation is check-then-put and read-back (best effort:
     object stores have no exclusive create), which still stops a second writer that starts while
     the first runs.
@@ -193,15 +192,17 @@ class Lock:
             if self.loc.is_local:
                 path = Path(self.loc.key(self.NAME))
                 path.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                tmp = path.with_name(f".{self.NAME}.{self.token['id']}")
+                tmp.write_bytes(data)
+                try:  # link() is an exclusive create that appears with its content: never an empty lock
+                    os.link(tmp, path)
                 except FileExistsError:
                     pass
                 else:
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(data)
                     self.held = True
                     return
+                finally:
+                    tmp.unlink()
             elif not self.loc.exists(self.NAME):
                 self.loc.write_bytes(self.NAME, data)
                 if (self._holder() or {}).get("id") == self.token["id"]:

@@ -39,7 +39,7 @@ def verify(path: str, storage_options: dict | None = None, progress=None) -> lis
             continue
         if hashlib.sha256(loc.read_bytes(rel)).hexdigest() != digest:
             problems.append(f"corrupt: {rel} (sha256 differs from the manifest)")
-    bookkeeping = (schema.MANIFEST, "manifest/", "writer.lock")
+    bookkeeping = (schema.MANIFEST, "manifest/", "writer.lock", ".writer.lock")
     for rel in sorted(present - set(expected)):
         if not rel.startswith(bookkeeping):
             problems.append(f"unlisted: {rel} (not written by precompute)")
@@ -102,5 +102,4 @@ def merge(paths: list[str], out: str, storage_options: dict | None = None, overw
             writer.record_block(first_block)
         if first.has_teacher:
             writer.set_text_embeddings(first.text_embeddings)
-        writer._next_block = new_index
         return writer.commit(num_blocks=new_index)

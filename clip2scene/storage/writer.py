@@ -226,10 +226,10 @@ class CacheWriter:
             return None
 
     def _open_or_create(self, overwrite: bool, resume_key: dict | None) -> bool:
-        existing = [f for f in self.loc.list_files("") if not f.endswith(Lock.NAME)]
+        existing = [f for f in self.loc.list_files("") if Lock.NAME not in f]  # the lock and its temp file
         if existing and overwrite:
             for f in self.loc.fs.ls(self.loc.root, detail=False):
-                if not f.rstrip("/").endswith(Lock.NAME):
+                if Lock.NAME not in f.rstrip("/").rsplit("/", 1)[-1]:
                     self.loc.fs.rm(f, recursive=True)
         elif existing:
             old = self._existing_meta()
