@@ -204,18 +204,23 @@ def precompute(
 
 
 # ---------------------------------------------------------------------------------- train
-def _train_config(cache, out, *, arch="spvcnn", channels=None, **fields):
-    """TrainConfig from CLI values; `fields` are TrainConfig fields by name."""
+def _model_config(arch: str, channels: Optional[str]):
+    """ModelConfig from --arch / --channels (one-line error on bad values)."""
     from clip2scene.train.model import ModelConfig
-    from clip2scene.train.trainer import TrainConfig
 
     try:
         model = ModelConfig(arch=arch)
         chans = _parse_channels(channels)
-        if chans is not None:
-            model = replace(model, channels=chans)
+        return replace(model, channels=chans) if chans is not None else model
     except ValueError as e:
         _fail(f"--arch {arch!r} / --channels {channels!r}: {e}")
+
+
+def _train_config(cache, out, *, arch="spvcnn", channels=None, **fields):
+    """TrainConfig from CLI values; `fields` are TrainConfig fields by name."""
+    from clip2scene.train.trainer import TrainConfig
+
+    model = _model_config(arch, channels)
     if fields.get("resume") is not None:
         fields["resume"] = str(fields["resume"])
     fields["storage_options"] = _storage(fields.pop("storage_option", None))
@@ -385,15 +390,8 @@ def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_frac
                   voxel_size: Optional[float], arch: str, channels: Optional[str], device: str, workers: int, seed: int,
                   augment: bool, storage_option: Optional[list[str]] = None) -> None:
     from clip2scene.train.finetune import FinetuneConfig, finetune
-    from clip2scene.train.model import ModelConfig
 
-    try:
-        model = ModelConfig(arch=arch)
-        chans = _parse_channels(channels)
-        if chans is not None:
-            model = replace(model, channels=chans)
-    except ValueError as e:
-        _fail(f"--arch {arch!r} / --channels {channels!r}: {e}")
+    model = _model_config(arch, channels)
     cfg = FinetuneConfig(cache=str(cache), out=str(out), checkpoint=None if checkpoint == "none" else checkpoint,
                          mode=mode, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
                          head_lr_mult=head_lr_mult, lovasz_weight=lovasz_weight,

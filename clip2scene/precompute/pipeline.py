@@ -313,10 +313,11 @@ def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layou
     ds, scans = _dataset_and_scans(config, run_id)
     device = _worker_device(config)
     teacher = _teacher(config, get_class_set(config.class_set), device)
-    records, skipped = [], []
+    records, skipped, images = [], [], 0
     for scan in scans[start:stop]:
         try:
             records.append(process_scan(ds, scan, teacher, device, config.view_batch))
+            images += len(ds.views(scan)) if teacher is not None else 0
         except DataError as e:
             if config.on_error != "skip":
                 raise
@@ -324,6 +325,7 @@ def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layou
             skipped.append(dict(token=scan.token, scene=scan.scene, reason=str(e)))
     summary = write_block(Location.parse(config.out, config.storage_options), index, records, layout, skipped)
     summary["teacher_sha256"] = teacher.fingerprint["weights_sha256"] if teacher is not None else None
+    summary["images"] = images  # teacher images of the block, for the throughput figure
     return summary
 
 
@@ -444,7 +446,7 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     result = dict(writer.meta)
     result["seconds"] = seconds
     result["resumed_blocks"] = len(blocks) - len(todo)
-    images = sum(len(ds.views(s)) for s in scans) if teacher is not None else 0
-    result["images_per_second"] = images / max(seconds, 1e-9) if not writer.resumed else float("nan")
+    images = sum(b.get("images", 0) for i, b in writer.done_blocks().items() if i in {t[0] for t in todo})
+    result["images_per_second"] = images / max(seconds, 1e-9)  # images this run computed
     log.info("precompute done: %d scans in %.1fs", len(scans), seconds)
     return result

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clip2scene.precompute.synthetic_render import rotation_matrix
+
 log = logging.getLogger(__name__)
 
 
@@ -102,17 +104,6 @@ CAMERA_OFFSETS = {
 VELO_TO_CAM = np.array([[0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])
 TR_MISALIGNMENT = (4.0e-4, 7.2e-3, -8.1e-3)  # yaw, pitch, roll in the velodyne frame (rad)
 TR_TRANSLATION = (-0.0120, -0.0540, -0.2922)  # camera-frame position of the velodyne origin
-
-
-def rotation_matrix(yaw: float, pitch: float = 0.0, roll: float = 0.0) -> np.ndarray:
-    """(3, 3) float64 R = Rz(yaw) @ Ry(pitch) @ Rx(roll), angles in radians."""
-    cy, sy = np.cos(yaw), np.sin(yaw)
-    cp, sp = np.cos(pitch), np.sin(pitch)
-    cr, sr = np.cos(roll), np.sin(roll)
-    rz = np.array([[cy, -sy, 0.0], [sy, cy, 0.0], [0.0, 0.0, 1.0]])
-    ry = np.array([[cp, 0.0, sp], [0.0, 1.0, 0.0], [-sp, 0.0, cp]])
-    rx = np.array([[1.0, 0.0, 0.0], [0.0, cr, -sr], [0.0, sr, cr]])
-    return rz @ ry @ rx
 
 
 def _as_written(m: np.ndarray) -> np.ndarray:

@@ -41,10 +41,11 @@ from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
+from clip2scene.train.evaluate import _iou_dict, _num
 from clip2scene.train.lovasz import lovasz_softmax
 from clip2scene.train.metrics import ConfusionMatrix
 from clip2scene.train.model import ModelConfig, build_model, count_parameters
-from clip2scene.train.voxelize import voxelize
+from clip2scene.train.trainer import forward_points, precise_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,6 @@ def _segmenter_from(config: FinetuneConfig, cache: Cache, device: torch.device) 
     return model, init
 
 
-def _forward(model: Segmenter, batch: dict, voxel_size: float, device: torch.device) -> torch.Tensor:
-    vox = voxelize(batch["xyz"].to(device), batch["batch"].to(device), voxel_size)
-    return model.forward_points(vox, batch["feat"].to(device))
-
-
 def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, lovasz_weight: float) -> tuple[torch.Tensor, dict]:
     """Cross-entropy + lovasz_weight * Lovasz-softmax. logits (N, K), label (N,) int64 in 0..K (0 = ignore)."""
     target = label - 1  # -1 = ignore
@@ -139,23 +135,6 @@ def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, lovasz_weight: 
     ce = F.cross_entropy(logits, target, ignore_index=-1)
     lov = lovasz_softmax(F.softmax(logits, dim=1), target, ignore=-1) if lovasz_weight else logits.sum() * 0.0
     return ce + lovasz_weight * lov, dict(ce=float(ce.detach()), lovasz=float(lov.detach()))
-
-
-@torch.no_grad()
-def _precise_bn(model: nn.Module, loader, num_batches: int, voxel_size: float, device: torch.device) -> None:
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or num_batches <= 0:
-        return
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    for i, batch in enumerate(loader):
-        if i >= num_batches:
-            break
-        _forward(model, batch, voxel_size, device)
-    for bn in bns:
-        bn.momentum = 0.1
 
 
 def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
@@ -213,7 +192,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
                 model.backbone.eval()  # frozen: BatchNorm keeps its pre-trained statistics
             epoch_losses = []
             for batch in tqdm(loader, desc=f"{config.mode} {epoch + 1}/{config.epochs}", unit="step", disable=not progress):
-                logits = _forward(model, batch, voxel_size, device)
+                logits = forward_points(model, batch, voxel_size, device)
                 loss, terms = segmentation_loss(logits, batch["label"].to(device), config.lovasz_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -225,7 +204,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
             losses.append(float(np.mean(epoch_losses)))
             log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
         if config.mode == "finetune":
-            _precise_bn(model, loader, config.precise_bn_batches, voxel_size, device)
+            precise_batchnorm(model, loader, config.precise_bn_batches, voxel_size, device)
     seconds = time.perf_counter() - t0
     ckpt_path = out / "checkpoint.pt"
     state = dict(format=CHECKPOINT_FORMAT, version=1, kind=SEGMENTER_KIND, model_config=init["model_config"],
@@ -268,9 +247,7 @@ def evaluate_segmenter(checkpoint: str | Path, cache: Cache | str, split: str, d
     indices = cache.indices(split)
     if len(indices) == 0:
         raise ConfigError(f"cache {cache.path} has no scans in split {split!r}")
-    cfg = dict(ckpt["model_config"])
-    cfg["channels"] = tuple(cfg["channels"])
-    model = Segmenter(build_model(ModelConfig(**cfg), dev), ckpt["num_classes"]).to(dev)
+    model = Segmenter(build_model(model_config_of(ckpt), dev), ckpt["num_classes"]).to(dev)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     names = cache.eval_class_names
@@ -278,13 +255,12 @@ def evaluate_segmenter(checkpoint: str | Path, cache: Cache | str, split: str, d
     loader = DataLoader(ScanDataset(cache, indices), batch_size=1, shuffle=False, collate_fn=collate)
     points = 0
     for batch in tqdm(loader, desc=f"evaluate {split}", unit="scan", disable=not progress):
-        pred = _forward(model, batch, ckpt["voxel_size"], dev).argmax(dim=1).cpu().numpy() + 1
+        pred = forward_points(model, batch, ckpt["voxel_size"], dev).argmax(dim=1).cpu().numpy() + 1
         cm.update(batch["label"].numpy(), pred)
         points += len(pred)
     iou = cm.per_class_iou()
     miou = cm.miou()
     return dict(checkpoint=str(checkpoint), cache=str(cache.path), split=split, scans=int(len(indices)),
                 points=int(points), class_names=names,
-                miou=None if math.isnan(miou) else float(miou),
-                per_class_iou={n: (None if math.isnan(v) else float(v)) for n, v in zip(names, iou[1:])},
+                miou=_num(miou), per_class_iou=_iou_dict(names, iou),
                 confusion_matrix=cm.matrix.tolist())
