@@ -92,11 +92,12 @@ def precompute_config(data: Data, out: Path | str, sweeps: int, limit: int | Non
 
 
 def build_cache(data: Data, out: Path | str, sweeps: int, limit: int | None, weights: str = "none",
-                device: str = "cpu", feature_dtype: str | None = None) -> tuple[dict, object]:
-    """run_precompute into `out`; returns (its result dict, the PrecomputeConfig)."""
+                device: str = "cpu", feature_dtype: str | None = None, **extra) -> tuple[dict, object]:
+    """run_precompute into `out`; returns (its result dict, the PrecomputeConfig); `extra` are
+    further PrecomputeConfig fields."""
     from clip2scene.precompute.pipeline import run_precompute
 
-    cfg = precompute_config(data, out, sweeps, limit, weights, device, feature_dtype)
+    cfg = precompute_config(data, out, sweeps, limit, weights, device, feature_dtype, **extra)
     return run_precompute(cfg, progress=False), cfg
 
 
@@ -140,7 +141,7 @@ def parse_channels(text: str | None) -> tuple[int, ...] | None:
 
 
 class StudentStep:
-    """One training step of the SPVCNN student exactly as `train` runs it (voxelize, forward,
+    """One training step of the SPVCNN student exactly as `train` runs it (voxelize, per-voxel forward,
     compute_loss with SCR + SSR, backward, SGD step; autocast only on CUDA with amp)."""
 
     def __init__(self, text: np.ndarray, in_channels: int, voxel_size: float, device: str = "cpu",
@@ -174,8 +175,8 @@ class StudentStep:
         dev = self.device
         vox = voxelize(batch["xyz"].to(dev), batch["batch"].to(dev), self.config.voxel_size)
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.amp):
-            feats = self.model.forward_points(vox, batch["feat"].to(dev))
-        loss, _ = compute_loss(self.config, feats.float(), vox, batch, self.text, 0, self.generator)
+            feats = self.model.forward_voxels(vox, batch["feat"].to(dev))
+        loss, _ = compute_loss(self.config, feats.float(), vox, batch, self.text, 0, self.generator, per_voxel=True)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -306,9 +307,15 @@ def table(headers: list[str], rows: list[list]) -> list[str]:
 
 
 def quiet_logs() -> None:
-    """Keep library INFO logs and warnings (random-weights WARNING included) off the table output."""
+    """Set a benchmark process up as the CLI would (glibc malloc tuning, unless
+    CLIP2SCENE_MALLOC=default) and keep library INFO logs and warnings (random-weights WARNING
+    included) off the table output."""
     import logging
     import warnings
+
+    from clip2scene.runtime import tune_malloc
+
+    tune_malloc()
 
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)

@@ -88,6 +88,18 @@ def device_description(device: str | None = None) -> str:
     return f"cpu ({torch.get_num_threads()} torch threads; no GPU used)"
 
 
+def _amx() -> bool:
+    from clip2scene.precompute.maskclip import cpu_has_amx
+
+    return cpu_has_amx()
+
+
+def _malloc_tuned() -> bool:
+    from clip2scene.runtime import tune_malloc
+
+    return tune_malloc()  # idempotent: says whether this process runs with it
+
+
 def machine_lines(device: str | None = None) -> list[str]:
     """The environment block of a report section (markdown bullet lines)."""
     import torch
@@ -100,6 +112,8 @@ def machine_lines(device: str | None = None) -> list[str]:
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, spconv {_spconv_version()}, "
         f"zarr {_version('zarr')}",
         f"- device: {device_description(device)}",
+        f"- CPU: AMX tiles {'yes' if _amx() else 'no'}; glibc malloc tuning (clip2scene.runtime) "
+        f"{'on' if _malloc_tuned() else 'off'}",
         f"- load average (1/5/15 min) at report time: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} "
         f"(other processes on this machine compete for the same cores)",
         f"- command: `{' '.join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",

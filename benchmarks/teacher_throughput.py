@@ -1,17 +1,20 @@
 """Teacher throughput: images/s of the precompute path vs a naive per-image loop, and the
-teacher's achieved FLOP rate as a fraction of this machine's fp32 matmul rate.
+teacher's achieved FLOP rate as a fraction of this machine's matmul rate.
 
 - precompute: `run_precompute` on N scans (decode + resize + MaskCLIP in batches of 6 under
-  inference_mode + projection + sampling + Zarr cache write), timed end to end (teacher already
-  loaded: a warm-up run of one scan loads it; the pipeline keeps one per process);
+  inference_mode, at --teacher-precision (default auto: bfloat16 on a CPU with AMX, float16
+  autocast on CUDA, else float32) + projection + sampling + Zarr cache write), timed end to end
+  (teacher already loaded: a warm-up run of one scan loads it; the pipeline keeps one per process);
 - naive: per image, PIL open + decode, PIL resize to 224x416, one fp32 forward of that single
-  image (no inference_mode, no batching), then projection and sampling for that one camera
+  image with a float32 teacher (no inference_mode, no batching), then projection and sampling for that one camera
   (points keep the camera where they lie farthest from the border, as the pipeline), and one
   .npz file per scan with the same arrays;
 - FLOPs of one ViT-B/16 MaskCLIP dense forward at 224x416, analytically (FlopCounterMode is
   run too but misses the fused multi-head-attention kernel of the eval fast path, ~35%); GFLOP/s of the teacher forward
   alone (batches of 6, inference_mode) and of the whole precompute path (FLOPs x images/s),
-  each against torch.mm of 2048x2048 fp32 measured in the same run (median).
+  each against torch.mm of 2048x2048 in the teacher's compute dtype measured in the same run
+  (median); float32 numbers are given beside the reduced-precision ones;
+- fidelity: cosine of the cached features (reduced precision) with the naive float32 loop's.
 
 Targets printed against: precompute >= 2x the naive loop; teacher >= 50% of the matmul rate.
 
@@ -25,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 from _report import append_report  # noqa: E402
 
-TITLE = "Teacher throughput: precompute path vs naive per-image loop, FLOP rate vs fp32 matmul"
+TITLE = "Teacher throughput: precompute path vs naive per-image loop, FLOP rate vs matmul"
 
 
 def analytic_flops(teacher, image_size: tuple[int, int]) -> float:
@@ -66,11 +70,12 @@ def counted_flops(teacher, image_size) -> float | None:
     return float(fc.get_total_flops())
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype: str = "float32") -> float:
     import torch
 
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    dt = getattr(torch, dtype)
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
     with torch.inference_mode():
         for _ in range(2):
             torch.mm(a, b)
@@ -88,7 +93,7 @@ def forward_seconds(teacher, image_size, batch: int, repeats: int, device: str) 
     import torch
 
     x = torch.rand(batch, 3, *image_size, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), teacher.autocast():
         teacher.dense_outputs(x)
         ts = []
         for _ in range(repeats):
@@ -150,12 +155,15 @@ def main() -> None:
     ap.add_argument("--synthetic-size", default="1600x900", help="WxH of synthetic cameras (fallback data)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--clip-weights", default="none", help="TeacherConfig.weights (default: random init)")
+    ap.add_argument("--teacher-precision", default="auto", help="precompute path: auto, float32, bfloat16, float16")
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args()
     C.quiet_logs()
     import torch
 
+    from clip2scene.classes import get_class_set
+    from clip2scene.precompute.maskclip import load_teacher
     from clip2scene.precompute.nuscenes import NuScenes
     from clip2scene.precompute.pipeline import run_precompute
     from clip2scene.storage import open_cache
@@ -166,9 +174,13 @@ def main() -> None:
         data = C.pick_data(args.data, tmp, args.scans, args.sweeps, (w, h))
         print(f"[setup] {data.note}", flush=True)
         t0 = time.perf_counter()
-        C.build_cache(data, tmp / "warmup.zarr", args.sweeps, 1, args.clip_weights, args.device)  # loads the teacher
-        cfg = C.precompute_config(data, tmp / "cache.zarr", args.sweeps, args.scans, args.clip_weights, args.device)
+        cfg = C.precompute_config(data, tmp / "cache.zarr", args.sweeps, args.scans, args.clip_weights, args.device,
+                                  teacher_precision=args.teacher_precision)
+        run_precompute(replace(cfg, out=str(tmp / "warmup.zarr"), limit=1), progress=False)  # loads the teacher
         teacher = C.process_teacher(cfg)
+        precision = teacher.precision
+        naive_teacher = load_teacher(cfg.teacher, get_class_set(cfg.class_set), device=args.device)
+        naive_teacher.set_precision("float32")
         image_size = tuple(teacher.fingerprint["image_size"])
         print(f"[setup] teacher loaded and warmed up in {time.perf_counter() - t0:.1f}s", flush=True)
         ds = NuScenes(data.root, data.version)
@@ -187,13 +199,13 @@ def main() -> None:
         naive_dir = tmp / "naive"
         naive_dir.mkdir()
         with torch.no_grad():  # warm-up of the batch-1 forward only (untimed)
-            teacher.dense_outputs(torch.rand(1, 3, *image_size, device=teacher.device))
+            naive_teacher.dense_outputs(torch.rand(1, 3, *image_size, device=teacher.device))
         naive_t, naive_out = [], {}
         for r in range(args.repeats):
             C.sync(args.device)
             t0 = time.perf_counter()
             for s in scans:
-                naive_out[s.token] = naive_scan(ds, s, teacher, naive_dir, image_size)
+                naive_out[s.token] = naive_scan(ds, s, naive_teacher, naive_dir, image_size)
             C.sync(args.device)
             naive_t.append(time.perf_counter() - t0)
             print(f"[run] naive {r + 1}/{args.repeats}: {naive_t[-1]:.2f}s for {images} images", flush=True)
@@ -210,12 +222,16 @@ def main() -> None:
                 b = nv["pair_features"].astype(np.float32)
                 cos.append((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12))
         agree = float(np.concatenate(cos).mean()) if cos else float("nan")
+        agree_min = float(np.concatenate(cos).min()) if cos else float("nan")
 
         flops_counted = counted_flops(teacher, image_size)
         flops_analytic = analytic_flops(teacher, image_size)
         flops = flops_analytic  # FlopCounterMode misses the fused native MHA kernel of the eval fast path
         fwd_s = forward_seconds(teacher, image_size, cfg.view_batch, 3, args.device)
-        mm = matmul_gflops(device=args.device)
+        fwd32_s = fwd_s if precision == "float32" else forward_seconds(naive_teacher, image_size, cfg.view_batch, 3,
+                                                                         args.device)
+        mm32 = matmul_gflops(device=args.device)
+        mm = mm32 if precision == "float32" else matmul_gflops(device=args.device, dtype=precision)
     finally:
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -223,22 +239,30 @@ def main() -> None:
     pre_ips = images / C.median(pre_t)
     naive_ips = images / C.median(naive_t)
     fwd_gflops = flops * cfg.view_batch / fwd_s / 1e9
+    fwd32_gflops = flops * cfg.view_batch / fwd32_s / 1e9
     e2e_gflops = flops * pre_ips / 1e9
     speedup = pre_ips / naive_ips
+    low = precision != "float32"
     rows = [
-        ["precompute path (run_precompute)", f"{pre_ips:.2f}", f"{C.median(pre_t):.2f}", f"{flops * pre_ips / 1e9:.0f}",
-         f"{100 * e2e_gflops / mm:.0f}%"],
-        ["naive per-image loop", f"{naive_ips:.2f}", f"{C.median(naive_t):.2f}", f"{flops * naive_ips / 1e9:.0f}",
-         f"{100 * flops * naive_ips / 1e9 / mm:.0f}%"],
-        [f"teacher forward only (batch {cfg.view_batch}, inference_mode)", f"{cfg.view_batch / fwd_s:.2f}",
-         f"{fwd_s:.2f} per batch", f"{fwd_gflops:.0f}", f"{100 * fwd_gflops / mm:.0f}%"],
-        ["torch.mm 2048x2048 fp32 (reference)", "", "", f"{mm:.0f}", "100%"],
+        [f"precompute path (run_precompute, {precision})", f"{pre_ips:.2f}", f"{C.median(pre_t):.2f}",
+         f"{e2e_gflops:.0f}", f"{100 * e2e_gflops / mm:.0f}% of {precision}"],
+        ["naive per-image loop (float32)", f"{naive_ips:.2f}", f"{C.median(naive_t):.2f}", f"{flops * naive_ips / 1e9:.0f}",
+         f"{100 * flops * naive_ips / 1e9 / mm32:.0f}% of float32"],
+        [f"teacher forward only ({precision}, batch {cfg.view_batch}, inference_mode)", f"{cfg.view_batch / fwd_s:.2f}",
+         f"{fwd_s:.2f} per batch", f"{fwd_gflops:.0f}", f"{100 * fwd_gflops / mm:.0f}% of {precision}"],
     ]
+    if low:
+        rows.append([f"teacher forward only (float32, batch {cfg.view_batch}, inference_mode)",
+                     f"{cfg.view_batch / fwd32_s:.2f}", f"{fwd32_s:.2f} per batch", f"{fwd32_gflops:.0f}",
+                     f"{100 * fwd32_gflops / mm32:.0f}% of float32"])
+        rows.append([f"torch.mm 2048x2048 {precision} (reference)", "", "", f"{mm:.0f}", "100%"])
+    rows.append(["torch.mm 2048x2048 float32 (reference)", "", "", f"{mm32:.0f}", "100%"])
     lines = C.table(["path", "images/s", "seconds (median)", "GFLOP/s", "% of matmul rate"], rows)
     lines += [
         "",
         f"- {images} images = {len(scans)} scans x 6 cameras per timed run; {args.repeats} runs per path, median; "
-        f"teacher input {image_size[0]}x{image_size[1]}",
+        f"teacher input {image_size[0]}x{image_size[1]}; precompute teacher precision {precision} "
+        f"(--teacher-precision {args.teacher_precision})",
         f"- FLOPs of one dense forward: {flops / 1e9:.1f} GFLOP, analytic (2 x multiply-adds of patch embedding, "
         f"{len(teacher.visual.transformer.resblocks) - 1} full blocks, the value-only last block, projection, "
         "logits); FlopCounterMode counts "
@@ -246,15 +270,18 @@ def main() -> None:
         "nn.MultiheadAttention runs the fused native kernel (QKV, attention, out-projection), which it does not see",
         f"- speed-up of the precompute path over the naive loop: {speedup:.2f}x (target >= 2x: "
         f"{'met' if speedup >= 2 else 'NOT met'})",
-        f"- teacher forward at {100 * fwd_gflops / mm:.0f}% of the fp32 matmul rate (target >= 50%: "
-        f"{'met' if fwd_gflops >= 0.5 * mm else 'NOT met'}); whole precompute path at {100 * e2e_gflops / mm:.0f}%",
-        f"- the naive loop produces the same pairs as the cache: {'yes' if same_pairs else 'NO'}; mean cosine of "
-        f"its features with the cached ones {agree:.4f} (PIL vs torchvision decode/resize differ slightly)",
+        f"- teacher forward at {100 * fwd_gflops / mm:.0f}% of the {precision} matmul rate (target >= 50%: "
+        f"{'met' if fwd_gflops >= 0.5 * mm else 'NOT met'}); whole precompute path at {100 * e2e_gflops / mm:.0f}%"
+        + (f"; in float32 the forward runs at {100 * fwd32_gflops / mm32:.0f}% of the float32 rate, and the "
+           f"{precision} forward is {fwd32_s / fwd_s:.1f}x the float32 one" if low else ""),
+        f"- the naive loop produces the same pairs as the cache: {'yes' if same_pairs else 'NO'}; cosine of its "
+        f"float32 features with the cached {precision} ones: mean {agree:.5f}, min {agree_min:.5f} "
+        "(PIL vs torchvision decode/resize differ slightly too)",
         f"- {data.note}",
         f"- {C.RANDOM_WEIGHTS_NOTE}" if args.clip_weights == "none" else f"- teacher weights: {args.clip_weights}",
     ]
     ratio_line = (f"RATIO precompute/naive images/s = {speedup:.2f}x (target >= 2x); teacher forward at "
-                  f"{100 * fwd_gflops / mm:.0f}% of fp32 matmul rate (target >= 50%), precompute path at "
+                  f"{100 * fwd_gflops / mm:.0f}% of the {precision} matmul rate (target >= 50%), precompute path at "
                   f"{100 * e2e_gflops / mm:.0f}%")
     print("\n".join(lines))
     if not args.no_report:

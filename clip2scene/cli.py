@@ -81,6 +81,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progr
     # third-party noise that says nothing about the user's run
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv(\..*)?")
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    from clip2scene.runtime import tune_malloc
+
+    tune_malloc()  # big tensors reuse heap memory instead of page-faulting in fresh mmaps
     if version:
         typer.echo(__version__)
         raise typer.Exit()
@@ -150,7 +153,8 @@ def _print_precompute(meta: dict) -> None:
     if t is None:
         typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
         return
-    typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']}")
+    typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']} "
+               f"computed in {meta.get('teacher_precision') or 'float32'}")
     if meta.get("resumed_blocks"):
         typer.echo(f"  resumed: {meta['resumed_blocks']} of {meta['num_blocks']} blocks were already done")
     typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
@@ -183,6 +187,7 @@ def precompute(
     block_size: int = typer.Option(16, help="Scans per block (unit of work, writing and resuming)."),
     on_error: str = typer.Option("stop", help="A bad sample: stop (error naming the file) or skip (recorded in the manifest)."),
     feature_dtype: str = typer.Option("float16", help="Teacher features on disk: float16, or int8 with a per-point scale (half the size, cosine fidelity ~0.9999)."),
+    teacher_precision: str = typer.Option("auto", help="Teacher compute: auto (float16 on CUDA, bfloat16 on CPUs with AMX, else float32), float32, bfloat16, float16 (CUDA only)."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
     """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
@@ -197,7 +202,7 @@ def precompute(
                            sweeps=sweeps, class_set=class_set or dataset, teacher=teacher,
                            device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
                            block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
-                           feature_dtype=feature_dtype)
+                           feature_dtype=feature_dtype, teacher_precision=teacher_precision)
     meta = _run(run_precompute, cfg)
     meta["path"] = str(out)
     _print_precompute(meta)

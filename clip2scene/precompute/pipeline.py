@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 from clip2scene.classes import get_class_set, get_eval_classes, prompt_to_eval
 from clip2scene.devices import resolve_device
 from clip2scene.errors import CacheError, ConfigError, DataError
-from clip2scene.precompute.maskclip import MaskCLIP, TeacherConfig, load_teacher
+from clip2scene.precompute.maskclip import MaskCLIP, TeacherConfig, load_teacher, resolve_precision
 from clip2scene.precompute.dataset import Dataset, ScanRef
 from clip2scene.precompute.nuscenes import NuScenes, merged_points  # noqa: F401  (re-exported)
+from clip2scene.runtime import tune_malloc
 from clip2scene.storage import CacheWriter, Layout, Location, ScanRecord, open_cache, write_block
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class PrecomputeConfig:
     scheduler: str | None = None  # tcp://HOST:PORT of an existing Dask scheduler to run blocks on
     on_error: str = "stop"  # a bad sample: "stop" (error naming the file) or "skip" (recorded in the manifest)
     feature_dtype: str = "float16"  # teacher features on disk: float16, or int8 x per-row scale (half the bytes)
+    teacher_precision: str = "auto"  # teacher compute: auto (fp16 on CUDA, bf16 on AMX CPUs, else fp32), float32, bfloat16, float16
 
 
 def load_image(path: Path, width: int, height: int) -> Image.Image:
@@ -206,7 +208,7 @@ def process_scan(ds: Dataset, scan: ScanRef, teacher: MaskCLIP | None, device: t
             continue
         images = [decode_image(v.path, v.width, v.height, device) for v in chunk]
         batch = prepare_batch(images, tuple(teacher.fingerprint["image_size"]))
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+        with teacher.autocast():
             dense, dense_logits = teacher.dense_outputs(batch)  # (V, D, h, w), (V, C, h, w)
         dense, dense_logits = dense.float(), dense_logits.float()
         sizes = [(v.width, v.height) for v in chunk]
@@ -290,14 +292,23 @@ def _teacher(config: PrecomputeConfig, class_names: tuple[str, ...], device: tor
     if config.teacher is None:
         return None
 
+    try:
+        precision = resolve_precision(config.teacher_precision, device)
+    except ValueError as e:
+        raise ConfigError(f"--teacher-precision: {e}") from None
+
     def make():
         try:
-            return load_teacher(config.teacher, class_names, device=device)
+            teacher = load_teacher(config.teacher, class_names, device=device)
         except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower
             raise ConfigError(f"teacher --clip-model {config.teacher.model!r} --image-size "
                               f"{config.teacher.image_size[0]}x{config.teacher.image_size[1]}: {e}") from None
+        try:
+            return teacher.set_precision(precision)
+        except ValueError as e:
+            raise ConfigError(f"--teacher-precision {config.teacher_precision} on {device}: {e}") from None
 
-    return _cached(("teacher", config.teacher, tuple(class_names), str(device)), make)
+    return _cached(("teacher", config.teacher, tuple(class_names), str(device), precision), make)
 
 
 def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layout: Layout,
@@ -308,6 +319,7 @@ def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layou
     reader and teacher are built once per process). A bad sample raises DataError naming it, or
     with on_error="skip" is left out and listed in the block summary. Returns the summary.
     """
+    tune_malloc()  # Dask workers are fresh processes
     if threads:
         torch.set_num_threads(threads)
     ds, scans = _dataset_and_scans(config, run_id)
@@ -325,6 +337,7 @@ def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layou
             skipped.append(dict(token=scan.token, scene=scan.scene, reason=str(e)))
     summary = write_block(Location.parse(config.out, config.storage_options), index, records, layout, skipped)
     summary["teacher_sha256"] = teacher.fingerprint["weights_sha256"] if teacher is not None else None
+    summary["teacher_precision"] = teacher.precision if teacher is not None else None
     summary["images"] = images  # teacher images of the block, for the throughput figure
     return summary
 
@@ -333,7 +346,7 @@ def _resume_key(config: PrecomputeConfig, meta: dict, scans: list[ScanRef]) -> d
     tokens = hashlib.sha256("\n".join(s.token for s in scans).encode()).hexdigest()
     return dict(dataset=meta["dataset"], teacher=meta["teacher"], class_set=config.class_set, sweeps=config.sweeps,
                 limit=config.limit, block_size=config.block_size, on_error=config.on_error, scans=len(scans),
-                feature_dtype=config.feature_dtype,
+                feature_dtype=config.feature_dtype, teacher_precision=config.teacher_precision,
                 scan_tokens_sha256=tokens)
 
 
@@ -414,6 +427,7 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         point_features=list(ds.point_features),
         voxel_size=ds.voxel_size,
         on_error=config.on_error,
+        teacher_precision=teacher.precision if teacher is not None else None,  # blocks record their own
     )
     embed_dim = teacher.embed_dim if teacher is not None else None
     layout = Layout(len(class_names), embed_dim, len(ds.point_features), ds.has_labels, config.feature_dtype)

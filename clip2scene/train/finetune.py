@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from clip2scene.devices import resolve_device
 from clip2scene.errors import CacheError, ConfigError
+from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
@@ -186,7 +187,8 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
             gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
             loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen,
                                 collate_fn=collate, num_workers=config.workers,
-                                multiprocessing_context="spawn" if config.workers > 0 else None)
+                                multiprocessing_context="spawn" if config.workers > 0 else None,
+                                worker_init_fn=worker_init if config.workers > 0 else None)
             model.train()
             if config.mode == "linear":
                 model.backbone.eval()  # frozen: BatchNorm keeps its pre-trained statistics

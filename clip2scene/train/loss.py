@@ -4,6 +4,11 @@ For point i with MaskCLIP pseudo-label c:
     L_i = -log( exp(cos(f_i, t_c) / tau) / sum_k exp(cos(f_i, t_k) / tau) ),  tau = 0.5,
 averaged over the points that have a pseudo-label (camera-visible ones). Points of one class
 are never pushed apart, unlike pixel-point InfoNCE.
+
+Every loss takes per-point features (N, D), or per-voxel features (V, D) with ``point2voxel``
+(N,) when all points of a voxel share their voxel's output (the student's default). The second
+form gives the same value and gradient (tested) without the (N, D) gather and its backward
+scatter: the losses gather (N,) scalars or work on (voxel, cell) pairs with multiplicities.
 """
 
 from __future__ import annotations
@@ -17,15 +22,20 @@ def text_logits(features: torch.Tensor, text: torch.Tensor, tau: float = 1.0) ->
     return F.normalize(features, dim=-1) @ F.normalize(text, dim=-1).T / tau
 
 
-def scr_loss(features: torch.Tensor, text: torch.Tensor, target: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+def scr_loss(features: torch.Tensor, text: torch.Tensor, target: torch.Tensor, tau: float = 0.5,
+             point2voxel: torch.Tensor | None = None) -> torch.Tensor:
     """SCR loss. features (N, D) float, text (C, D) float, target (N,) int64 in 0..C-1 or -1 (no label).
+    With point2voxel (N,) int64, features are (V, D) per voxel and point i has features[point2voxel[i]].
 
     Returns a scalar; zero (with a graph) when no point has a label.
     """
     mask = target >= 0
     if not bool(mask.any()):
         return features.sum() * 0.0
-    return F.cross_entropy(text_logits(features[mask], text, tau), target[mask])
+    if point2voxel is None:
+        return F.cross_entropy(text_logits(features[mask], text, tau), target[mask])
+    logp = F.log_softmax(text_logits(features, text, tau), dim=-1)  # (V, C)
+    return -logp[point2voxel[mask], target[mask]].mean()
 
 
 def scatter_softmax(scores: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -53,10 +63,11 @@ def grid_labels(grid: torch.Tensor, target: torch.Tensor, num_grids: int, num_cl
 
 def ssr_loss(point_features: torch.Tensor, grid: torch.Tensor, num_grids: int, target: torch.Tensor,
              pixel_features: torch.Tensor, pixel_point: torch.Tensor, text: torch.Tensor,
-             lam: float = 1.0) -> torch.Tensor:
+             lam: float = 1.0, point2voxel: torch.Tensor | None = None) -> torch.Tensor:
     """SSR (paper Eqs. 3-4): semantic-guided spatial-temporal consistency, fully vectorised.
 
-    point_features (N, D) student features of every point of the merged keyframe + sweeps;
+    point_features (N, D) student features of every point of the merged keyframe + sweeps (or
+    (V, D) per voxel with point2voxel (N,) int64, see the module docstring);
     grid (N,) int64 cell (0.1 m voxel) of each point; target (N,) int64 supervision label or -1;
     pixel_features (M, D) teacher features of the camera-visible points pixel_point (M,) int64;
     text (C, D). Each cell with a labelled point gets the text embedding t_k of its majority label.
@@ -68,33 +79,57 @@ def ssr_loss(point_features: torch.Tensor, grid: torch.Tensor, num_grids: int, t
     f = F.normalize(point_features, dim=-1)
     t = F.normalize(text, dim=-1)
     labels = grid_labels(grid, target, num_grids, t.shape[0])
-    pt_cell = grid
     px_cell = grid[pixel_point]
-    pt_ok = labels[pt_cell] >= 0
+    pt_ok = labels[grid] >= 0
     px_ok = labels[px_cell] >= 0
-    if not bool(pt_ok.any()):
+    n_ok = int(pt_ok.sum())
+    if n_ok == 0:
         return point_features.sum() * 0.0
+    # The point members of the fusion as (row of f, cell, multiplicity): one per point, or one per
+    # (voxel, cell) pair whose points share a feature; a member counted n times enters the softmax
+    # as score + log n (n * exp(score)) and the loss with weight n.
+    if point2voxel is None:
+        rows = torch.nonzero(pt_ok).squeeze(1)
+        cells_pt, mult = grid[rows], None
+    else:
+        key = point2voxel[pt_ok] * num_grids + grid[pt_ok]
+        pairs, mult = torch.unique(key, return_counts=True)
+        rows, cells_pt = pairs // num_grids, pairs % num_grids
+    # Written to avoid (M, D) temporaries (on the CPU they cost more than the whole SPVCNN head):
+    # scores come from (M, C) cosines with every class, weights are applied in place.
     with torch.no_grad():
-        members = torch.cat([f[pt_ok], F.normalize(pixel_features[px_ok].float(), dim=-1)])
-        cells = torch.cat([pt_cell[pt_ok], px_cell[px_ok]])
-        scores = (members * t[labels[cells]]).sum(dim=-1) / lam
+        fp = f.detach()[rows]  # (n, D) unit, a fresh copy
+        fx = F.normalize(pixel_features[px_ok].float(), dim=-1)  # (m, D) unit
+        cells_px = px_cell[px_ok]
+        cells = torch.cat([cells_pt, cells_px])
+        cos = torch.cat([fp @ t.T, fx @ t.T])  # (n + m, C)
+        scores = cos.gather(1, labels[cells][:, None]).squeeze(1) / lam
+        if mult is not None:
+            scores[: len(rows)] += torch.log(mult.to(scores.dtype))
         weights = scatter_softmax(scores, cells, num_grids)
         fused = torch.zeros(num_grids, f.shape[1], dtype=f.dtype, device=f.device)
-        fused.index_add_(0, cells, members * weights[:, None])
-        fused = F.normalize(fused, dim=-1)
-    return (1.0 - (f[pt_ok] * fused[pt_cell[pt_ok]]).sum(dim=-1)).mean()
+        fused.index_add_(0, cells_pt, fp.mul_(weights[: len(rows), None]))
+        fused.index_add_(0, cells_px, fx.mul_(weights[len(rows):, None]))
+        fused = F.normalize(fused, dim=-1)  # zero rows (cells without a label) stay zero
+    if mult is None:
+        # mean_i cos(f_i, F_k(i)) over labelled cells = sum_k (sum_{i in k} f_i) . F_k / n_ok
+        sums = torch.zeros(num_grids, f.shape[1], dtype=f.dtype, device=f.device).index_add(0, grid, f)
+        return 1.0 - (sums * fused).sum() / n_ok
+    cos_pairs = (f[rows] * fused[cells_pt]).sum(dim=-1)
+    return 1.0 - (cos_pairs * mult.to(cos_pairs.dtype)).sum() / n_ok
 
 
 def kl_loss(point_features: torch.Tensor, text: torch.Tensor, pixel_logits: torch.Tensor,
-            pixel_point: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+            pixel_point: torch.Tensor, tau: float = 0.5, point2voxel: torch.Tensor | None = None) -> torch.Tensor:
     """KL(pixel || point) between class distributions (the paper's failing ablation).
 
     pixel_logits (M, C) cached teacher cosine logits at the visible points pixel_point (M,);
-    both distributions are softmax(cos / tau).
+    both distributions are softmax(cos / tau). point_features (N, D), or (V, D) with point2voxel.
     """
     if pixel_point.numel() == 0:
         return point_features.sum() * 0.0
-    log_q = F.log_softmax(text_logits(point_features[pixel_point], text, tau), dim=-1)
+    rows = pixel_point if point2voxel is None else point2voxel[pixel_point]
+    log_q = F.log_softmax(text_logits(point_features[rows], text, tau), dim=-1)
     p = F.softmax(pixel_logits.float() / tau, dim=-1)
     return F.kl_div(log_q, p, reduction="batchmean")
 

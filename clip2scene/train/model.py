@@ -286,6 +286,14 @@ class SparseUNet(nn.Module):
         feats = scatter_mean(point_features.to(dtype), vox.point2voxel, vox.num_voxels)
         return vox.sparse_tensor(feats)
 
+    def forward_voxels(self, vox: Voxels, point_features: torch.Tensor) -> torch.Tensor:
+        """Per-voxel embedding: (V, out_channels) float32 in ``vox`` order, row v = voxel v.
+
+        ``forward_points(vox, point_features)`` (without ``xyz``) is exactly this gathered with
+        ``vox.point2voxel``; training takes it ungathered (the losses accept per-voxel features).
+        """
+        return self.forward(self._voxel_input(vox, point_features))
+
 
 class MinkUNet(SparseUNet):
     """MinkUNet-style sparse U-Net (see module docstring): voxel branch + ``Linear`` head.
@@ -373,7 +381,7 @@ class MinkUNet(SparseUNet):
         Returns:
             (N, out_channels) float32, row i = point i.
         """
-        return self.forward(self._voxel_input(vox, point_features))[vox.point2voxel]
+        return self.forward_voxels(vox, point_features)[vox.point2voxel]
 
 
 def set_conv_algo(model: nn.Module, algo: ConvAlgo | None) -> nn.Module:

@@ -338,6 +338,5 @@ class SPVCNN(SparseUNet):
             (N, out_channels) float32, row i = point i.
         """
         if xyz is None:  # head on V rows, then gather: cheaper than gathering first
-            x = self._prepare_input(self._voxel_input(vox, point_features))
-            return self.forward(x)[vox.point2voxel]
+            return self.forward_voxels(vox, point_features)[vox.point2voxel]
         return self.head(self.embed_points(vox, point_features, xyz)).float()

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from clip2scene.devices import resolve_device
 from clip2scene.errors import ConfigError
+from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
@@ -120,22 +121,28 @@ def _switch(config: TrainConfig, target: torch.Tensor, predicted: torch.Tensor, 
 
 
 def compute_loss(config: TrainConfig, feats: torch.Tensor, vox, batch: dict, text: torch.Tensor,
-                 epoch: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+                 epoch: int, generator: torch.Generator, per_voxel: bool = False) -> tuple[torch.Tensor, dict]:
     """Weighted sum of the configured losses for one batch; returns (loss, per-term floats).
-    `generator` drives the "batch" S3 coin; "point" draws are keyed per scan (`_scan_generator`)."""
+
+    feats: (N, D) per-point student outputs, or with `per_voxel` (V, D) per-voxel ones
+    (`forward_voxels`; point i has feats[vox.point2voxel[i]]): both give the same losses
+    (tests/train/test_loss.py), the second without gathering (N, D). `generator` drives the "batch" S3 coin; "point" draws are keyed per
+    scan (`_scan_generator`)."""
     device = feats.device
     target = batch["target"].to(device)
+    p2v = vox.point2voxel if per_voxel else None
     switch_epoch = config.epochs // 2 if config.switch_epoch is None else config.switch_epoch
     terms: dict[str, float] = {}
     if config.self_training != "off" and epoch >= switch_epoch:
         with torch.no_grad():
             predicted = text_logits(feats.detach(), text).argmax(dim=1)
+            predicted = predicted[p2v] if per_voxel else predicted
         switched = _switch(config, target, predicted, batch, epoch, generator)
         terms["switched"] = float(((switched != target) & (target >= 0)).float().mean())
         target = switched
     loss = feats.sum() * 0.0
     if config.scr_weight:
-        scr = scr_loss(feats, text, target, config.tau)
+        scr = scr_loss(feats, text, target, config.tau, point2voxel=p2v)
         terms["scr"] = float(scr.detach())
         loss = loss + config.scr_weight * scr
     if config.ssr_weight:
@@ -145,11 +152,12 @@ def compute_loss(config: TrainConfig, feats: torch.Tensor, vox, batch: dict, tex
             g = voxelize(batch["xyz"].to(device), batch["batch"].to(device), config.ssr_grid)
             grid, cells = g.point2voxel, g.num_voxels
         ssr = ssr_loss(feats, grid, cells, target, batch["pair_features"].to(device),
-                       batch["pair_point"].to(device), text, config.ssr_lambda)
+                       batch["pair_point"].to(device), text, config.ssr_lambda, point2voxel=p2v)
         terms["ssr"] = float(ssr.detach())
         loss = loss + config.ssr_weight * ssr
     if config.kl_weight:
-        kl = kl_loss(feats, text, batch["pair_logits"].to(device), batch["pair_point"].to(device), config.tau)
+        kl = kl_loss(feats, text, batch["pair_logits"].to(device), batch["pair_point"].to(device), config.tau,
+                     point2voxel=p2v)
         terms["kl"] = float(kl.detach())
         loss = loss + config.kl_weight * kl
     return loss, terms
@@ -185,15 +193,15 @@ def _train_config_dict(config: TrainConfig) -> dict:
     return d
 
 
-class _PointForward(torch.nn.Module):
-    """`forward(vox, feat)` = `net.forward_points(vox, feat)`: DDP only hooks `forward`."""
+class _VoxelForward(torch.nn.Module):
+    """`forward(vox, feat)` = `net.forward_voxels(vox, feat)`: DDP only hooks `forward`."""
 
     def __init__(self, net: torch.nn.Module):
         super().__init__()
         self.net = net
 
     def forward(self, vox, feat: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_points(vox, feat)
+        return self.net.forward_voxels(vox, feat)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int):
@@ -214,7 +222,7 @@ def _loader(dataset: ScanDataset, sampler: EpochSampler, batch_size: int, config
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                       num_workers=config.workers, multiprocessing_context="spawn" if workers else None,
                       persistent_workers=workers, prefetch_factor=4 if workers else None,
-                      pin_memory=device.type == "cuda")
+                      pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers else None)
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
@@ -277,7 +285,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     sampler = EpochSampler(len(dataset), seed=config.seed, rank=env.rank, world_size=env.world_size,
                            tag_epoch=config.workers > 0)
     loader = _loader(dataset, sampler, config.batch_size // env.world_size, config, device)
-    step_model: torch.nn.Module = _PointForward(model)
+    step_model: torch.nn.Module = _VoxelForward(model)
     if env.distributed:
         # Every parameter reaches the loss (each term keeps a `feats.sum() * 0.0` graph), so DDP
         # needs no unused-parameter search. DDP's default buffer sync broadcasts rank 0's
@@ -313,7 +321,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                 vox = voxelize(batch["xyz"].to(device), batch["batch"].to(device), config.voxel_size)
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                     feats = step_model(vox, batch["feat"].to(device))
-                loss, terms = compute_loss(config, feats.float(), vox, batch, text, epoch, generator)
+                loss, terms = compute_loss(config, feats.float(), vox, batch, text, epoch, generator, per_voxel=True)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # DDP: gradients averaged over the ranks here
                 scaler.step(optimizer)

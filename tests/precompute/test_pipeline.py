@@ -25,7 +25,10 @@ def sample(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache_path(sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("c") / "cache.zarr"
-    run_precompute(PrecomputeConfig(dataroot=sample, out=out, version="v1.0-mini", sweeps=3, teacher=TINY), progress=False)
+    # float32: these tests check the pipeline's arithmetic against a float32 reference by hand
+    # (bfloat16 vs float32 agreement is tests/precompute/test_precision.py)
+    run_precompute(PrecomputeConfig(dataroot=sample, out=out, version="v1.0-mini", sweeps=3, teacher=TINY,
+                                    teacher_precision="float32"), progress=False)
     return out
 
 

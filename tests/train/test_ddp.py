@@ -20,7 +20,8 @@ from clip2scene.train.checkpoint import load_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import DistEnv, detect_env
 from clip2scene.train.model import build_model
-from clip2scene.train.trainer import (TrainConfig, _switch, build_optimizer, compute_loss, forward_points,
+from clip2scene.train.voxelize import voxelize
+from clip2scene.train.trainer import (TrainConfig, _switch, build_optimizer, compute_loss,
                                       precise_batchnorm, train)
 from tests.train.test_trainer import TINY, write_cache
 
@@ -99,8 +100,9 @@ def emulate_ddp(config: TrainConfig, world_size: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
             for r in range(world_size):
                 batch = collate([dataset[i] for i in shards[r][s * local:(s + 1) * local]])
-                feats, vox = forward_points(model, batch, config.voxel_size, CPU, return_voxels=True)
-                loss, _ = compute_loss(config, feats, vox, batch, text, epoch, generator)
+                vox = voxelize(batch["xyz"], batch["batch"], config.voxel_size)
+                feats = model.forward_voxels(vox, batch["feat"])  # as the trainer's step
+                loss, _ = compute_loss(config, feats, vox, batch, text, epoch, generator, per_voxel=True)
                 (loss / world_size).backward()
                 if r == 0:
                     rank0_buffers = [b.clone() for b in model.buffers()]
