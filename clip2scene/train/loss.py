@@ -17,9 +17,17 @@ import torch
 import torch.nn.functional as F
 
 
+def _norms(features: torch.Tensor) -> torch.Tensor:
+    """(N, 1) row norms clamped as F.normalize does (eps 1e-12)."""
+    return torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def text_logits(features: torch.Tensor, text: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """(N, D) point features, (C, D) text embeddings -> (N, C) cosine similarity / tau."""
-    return F.normalize(features, dim=-1) @ F.normalize(text, dim=-1).T / tau
+    """(N, D) point features, (C, D) text embeddings -> (N, C) cosine similarity / tau.
+
+    = F.normalize(features) @ F.normalize(text).T / tau, with the division by the row norm done
+    on the (N, C) product: no normalised (N, D) copy and no (N, D) division in the backward."""
+    return (features @ F.normalize(text, dim=-1).T) / (_norms(features) * tau)
 
 
 def scr_loss(features: torch.Tensor, text: torch.Tensor, target: torch.Tensor, tau: float = 0.5,
@@ -76,7 +84,6 @@ def ssr_loss(point_features: torch.Tensor, grid: torch.Tensor, num_grids: int, t
     (unit-normalised inputs) is the target (no gradient) that each point feature of the cell is
     pulled to: L = mean_i (1 - cos(f_i, F_k)). Returns a scalar (0 with graph if no cell is labelled).
     """
-    f = F.normalize(point_features, dim=-1)
     t = F.normalize(text, dim=-1)
     labels = grid_labels(grid, target, num_grids, t.shape[0])
     px_cell = grid[pixel_point]
@@ -89,6 +96,7 @@ def ssr_loss(point_features: torch.Tensor, grid: torch.Tensor, num_grids: int, t
     # (voxel, cell) pair whose points share a feature; a member counted n times enters the softmax
     # as score + log n (n * exp(score)) and the loss with weight n.
     if point2voxel is None:
+        f = F.normalize(point_features, dim=-1)
         rows = torch.nonzero(pt_ok).squeeze(1)
         cells_pt, mult = grid[rows], None
     else:
@@ -98,7 +106,11 @@ def ssr_loss(point_features: torch.Tensor, grid: torch.Tensor, num_grids: int, t
     # Written to avoid (M, D) temporaries (on the CPU they cost more than the whole SPVCNN head):
     # scores come from (M, C) cosines with every class, weights are applied in place.
     with torch.no_grad():
-        fp = f.detach()[rows]  # (n, D) unit, a fresh copy
+        if point2voxel is None:
+            fp = f.detach()[rows]  # (n, D) unit, a fresh copy
+        else:
+            x = point_features.detach()[rows]
+            fp = x.div_(_norms(x))
         fx = F.normalize(pixel_features[px_ok].float(), dim=-1)  # (m, D) unit
         cells_px = px_cell[px_ok]
         cells = torch.cat([cells_pt, cells_px])
@@ -107,7 +119,7 @@ def ssr_loss(point_features: torch.Tensor, grid: torch.Tensor, num_grids: int, t
         if mult is not None:
             scores[: len(rows)] += torch.log(mult.to(scores.dtype))
         weights = scatter_softmax(scores, cells, num_grids)
-        fused = torch.zeros(num_grids, f.shape[1], dtype=f.dtype, device=f.device)
+        fused = torch.zeros(num_grids, fp.shape[1], dtype=fp.dtype, device=fp.device)
         fused.index_add_(0, cells_pt, fp.mul_(weights[: len(rows), None]))
         fused.index_add_(0, cells_px, fx.mul_(weights[len(rows):, None]))
         fused = F.normalize(fused, dim=-1)  # zero rows (cells without a label) stay zero
@@ -115,7 +127,8 @@ def ssr_loss(point_features: torch.Tensor, grid: torch.Tensor, num_grids: int, t
         # mean_i cos(f_i, F_k(i)) over labelled cells = sum_k (sum_{i in k} f_i) . F_k / n_ok
         sums = torch.zeros(num_grids, f.shape[1], dtype=f.dtype, device=f.device).index_add(0, grid, f)
         return 1.0 - (sums * fused).sum() / n_ok
-    cos_pairs = (f[rows] * fused[cells_pt]).sum(dim=-1)
+    x = point_features[rows]  # cos(x, F) = x . F / |x| for unit F; no normalised (n, D) copy
+    cos_pairs = (x * fused[cells_pt]).sum(dim=-1) / _norms(x).squeeze(1)
     return 1.0 - (cos_pairs * mult.to(cos_pairs.dtype)).sum() / n_ok
 
 
