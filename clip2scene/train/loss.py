@@ -92,41 +92,31 @@ def ssr_loss(point_features: torch.Tensor, grid: torch.Tensor, num_grids: int, t
     n_ok = int(pt_ok.sum())
     if n_ok == 0:
         return point_features.sum() * 0.0
-    # The point members of the fusion as (row of f, cell, multiplicity): one per point, or one per
-    # (voxel, cell) pair whose points share a feature; a member counted n times enters the softmax
-    # as score + log n (n * exp(score)) and the loss with weight n.
+    # The point members of the fusion as (row of point_features, cell, multiplicity): one per
+    # (voxel, cell) pair whose points share a feature (per-point features: every point is its own
+    # "voxel", multiplicity 1). A member counted n times enters the softmax as score + log n
+    # (n * exp(score)) and the loss with weight n.
     if point2voxel is None:
-        f = F.normalize(point_features, dim=-1)
-        rows = torch.nonzero(pt_ok).squeeze(1)
-        cells_pt, mult = grid[rows], None
-    else:
-        key = point2voxel[pt_ok] * num_grids + grid[pt_ok]
-        pairs, mult = torch.unique(key, return_counts=True)
-        rows, cells_pt = pairs // num_grids, pairs % num_grids
+        point2voxel = torch.arange(len(grid), device=grid.device)
+    key = point2voxel[pt_ok] * num_grids + grid[pt_ok]
+    pairs, mult = torch.unique(key, return_counts=True)
+    rows, cells_pt = pairs // num_grids, pairs % num_grids
     # Written to avoid (M, D) temporaries (on the CPU they cost more than the whole SPVCNN head):
     # scores come from (M, C) cosines with every class, weights are applied in place.
     with torch.no_grad():
-        if point2voxel is None:
-            fp = f.detach()[rows]  # (n, D) unit, a fresh copy
-        else:
-            x = point_features.detach()[rows]
-            fp = x.div_(_norms(x))
+        x = point_features.detach()[rows]
+        fp = x.div_(_norms(x))  # (n, D) unit, a fresh copy
         fx = F.normalize(pixel_features[px_ok].float(), dim=-1)  # (m, D) unit
         cells_px = px_cell[px_ok]
         cells = torch.cat([cells_pt, cells_px])
         cos = torch.cat([fp @ t.T, fx @ t.T])  # (n + m, C)
         scores = cos.gather(1, labels[cells][:, None]).squeeze(1) / lam
-        if mult is not None:
-            scores[: len(rows)] += torch.log(mult.to(scores.dtype))
+        scores[: len(rows)] += torch.log(mult.to(scores.dtype))
         weights = scatter_softmax(scores, cells, num_grids)
         fused = torch.zeros(num_grids, fp.shape[1], dtype=fp.dtype, device=fp.device)
         fused.index_add_(0, cells_pt, fp.mul_(weights[: len(rows), None]))
         fused.index_add_(0, cells_px, fx.mul_(weights[len(rows):, None]))
-        fused = F.normalize(fused, dim=-1)  # zero rows (cells without a label) stay zero
-    if mult is None:
-        # mean_i cos(f_i, F_k(i)) over labelled cells = sum_k (sum_{i in k} f_i) . F_k / n_ok
-        sums = torch.zeros(num_grids, f.shape[1], dtype=f.dtype, device=f.device).index_add(0, grid, f)
-        return 1.0 - (sums * fused).sum() / n_ok
+        fused = F.normalize(fused, dim=-1)
     x = point_features[rows]  # cos(x, F) = x . F / |x| for unit F; no normalised (n, D) copy
     cos_pairs = (x * fused[cells_pt]).sum(dim=-1) / _norms(x).squeeze(1)
     return 1.0 - (cos_pairs * mult.to(cos_pairs.dtype)).sum() / n_ok

@@ -126,8 +126,8 @@ def compute_loss(config: TrainConfig, feats: torch.Tensor, vox, batch: dict, tex
 
     feats: (N, D) per-point student outputs, or with `per_voxel` (V, D) per-voxel ones
     (`forward_voxels`; point i has feats[vox.point2voxel[i]]): both give the same losses
-    (tests/train/test_loss.py), the second without gathering (N, D). `generator` drives the "batch" S3 coin; "point" draws are keyed per
-    scan (`_scan_generator`)."""
+    (tests/train/test_loss.py), the second without gathering (N, D). `generator` drives the
+    "batch" S3 coin; "point" draws are keyed per scan (`_scan_generator`)."""
     device = feats.device
     target = batch["target"].to(device)
     p2v = vox.point2voxel if per_voxel else None
