@@ -306,7 +306,7 @@ def table(headers: list[str], rows: list[list]) -> list[str]:
     return out
 
 
-def quiet_logs() -> None:
+def setup_process() -> None:
     """Set a benchmark process up as the CLI would (glibc malloc tuning, unless
     CLIP2SCENE_MALLOC=default) and keep library INFO logs and warnings (random-weights WARNING
     included) off the table output."""

@@ -1,8 +1,8 @@
 """Shared report helper of the benchmark scripts: append one section to docs/benchmarks.md.
 
     import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _report import append_report
-    append_report("Cached vs online teacher", table_lines, "RATIO online/cached = 12.3x")
+    from _report import publish
+    publish("Cached vs online teacher", table_lines, "RATIO online/cached = 12.3x")  # print, append, print
 
 Every section records the date (UTC), the machine (CPU model from /proc/cpuinfo, cores, RAM),
 the python / torch / spconv / zarr versions, the device and the command line, then the lines
@@ -135,3 +135,12 @@ def append_report(title: str, lines: list[str], ratio_line: str, device: str | N
     with path.open("a", encoding="utf-8") as f:
         f.write("".join(parts))
     return path
+
+
+def publish(title: str, lines: list[str], ratio_line: str, report: bool = True, device: str | None = None) -> None:
+    """A script's ending: print the table lines, append them to docs/benchmarks.md unless
+    `report` is false (--no-report), and print the RATIO line last."""
+    print("\n".join(lines))
+    if report:
+        append_report(title, lines, ratio_line, device=device)
+    print(ratio_line)

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from _report import append_report  # noqa: E402
+from _report import publish  # noqa: E402
 
 TITLE = "Cache size per visible point and per keyframe (float16 and int8 teacher features)"
 OPENSCENE_BYTES_PER_POINT = 1536  # as given: 768-d float16 features per point
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args()
-    C.quiet_logs()
+    C.setup_process()
     from clip2scene.storage import open_cache
 
     tmp = Path(tempfile.mkdtemp(prefix="c2s-bench-size-"))
@@ -161,10 +161,7 @@ def main() -> None:
                   + f" vs OpenScene {OPENSCENE_BYTES_PER_POINT:,}"
                   + (f"; {dtypes[1]} cosine vs float16: mean {fidelity[0]:.5f}, min {fidelity[1]:.5f}"
                      if fidelity else ""))
-    print("\n".join(lines))
-    if not args.no_report:
-        append_report(TITLE, lines, ratio_line, device=args.device)
-    print(ratio_line)
+    publish(TITLE, lines, ratio_line, report=not args.no_report, device=args.device)
 
 
 if __name__ == "__main__":

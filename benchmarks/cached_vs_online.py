@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from _report import append_report  # noqa: E402
+from _report import publish  # noqa: E402
 
 TITLE = "Training step: cached teacher outputs vs online MaskCLIP teacher"
 VARIANTS = ("cached", "online", "online-fast")
@@ -95,7 +95,7 @@ def online_scan(ds, scan, teacher, device, sweeps: int, index: int):
 
 
 def run_variant(args) -> None:
-    C.quiet_logs()
+    C.setup_process()
     import torch
 
     from clip2scene.storage import open_cache
@@ -178,7 +178,7 @@ def main() -> None:
     if args.variant:
         return run_variant(args)
 
-    C.quiet_logs()
+    C.setup_process()
     import torch
 
     tmp = Path(tempfile.mkdtemp(prefix="c2s-bench-online-"))
@@ -245,10 +245,7 @@ def main() -> None:
     ratio_line = (f"RATIO online/cached step time = {ratio:.2f}x "
                   f"({C.median(res['online']['step_s']):.2f}s vs {C.median(res['cached']['step_s']):.2f}s per step; "
                   f"target >= 5x: {'met' if ratio >= 5 else 'NOT met'}); online-fast/cached = {ratio_fast:.2f}x")
-    print("\n".join(lines))
-    if not args.no_report:
-        append_report(TITLE, lines, ratio_line, device=args.device)
-    print(ratio_line)
+    publish(TITLE, lines, ratio_line, report=not args.no_report, device=args.device)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from _report import append_report  # noqa: E402
+from _report import publish  # noqa: E402
 
 TITLE = "Training DataLoader throughput (local folder and S3 on loopback) vs training step"
 
@@ -42,7 +42,7 @@ def _storage_options(endpoint: str | None) -> dict:
 
 
 def run_loader(args) -> None:
-    C.quiet_logs()
+    C.setup_process()
     from clip2scene.storage import open_cache
 
     cache = open_cache(args.url, _storage_options(args.endpoint))
@@ -72,7 +72,7 @@ def run_loader(args) -> None:
 
 
 def run_step(args) -> None:
-    C.quiet_logs()
+    C.setup_process()
     from clip2scene.storage import open_cache
     from clip2scene.train.data import collate
 
@@ -146,7 +146,7 @@ def main() -> None:
     if args.variant == "step":
         return run_step(args)
 
-    C.quiet_logs()
+    C.setup_process()
     tmp = Path(tempfile.mkdtemp(prefix="c2s-bench-loader-"))
     server = None
     rows, notes = [], []
@@ -210,10 +210,7 @@ def main() -> None:
     ] + notes
     ratio_line = (f"RATIO loader scans/s / step scans/s = {ratio:.1f}x (slowest loader: {worst_name}, workers="
                   f"{worst_nw}, {worst['steady']:.2f} scans/s; step {step_rate:.3f} scans/s; target >= 3x)")
-    print("\n".join(lines))
-    if not args.no_report:
-        append_report(TITLE, lines, ratio_line, device=args.device)
-    print(ratio_line)
+    publish(TITLE, lines, ratio_line, report=not args.no_report, device=args.device)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from _report import append_report  # noqa: E402
+from _report import publish  # noqa: E402
 
 TITLE = "Teacher throughput: precompute path vs naive per-image loop, FLOP rate vs matmul"
 
@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args()
-    C.quiet_logs()
+    C.setup_process()
     import torch
 
     from clip2scene.classes import get_class_set
@@ -283,10 +283,7 @@ def main() -> None:
     ratio_line = (f"RATIO precompute/naive images/s = {speedup:.2f}x (target >= 2x); teacher forward at "
                   f"{100 * fwd_gflops / mm:.0f}% of the {precision} matmul rate (target >= 50%), precompute path at "
                   f"{100 * e2e_gflops / mm:.0f}%")
-    print("\n".join(lines))
-    if not args.no_report:
-        append_report(TITLE, lines, ratio_line, device=args.device)
-    print(ratio_line)
+    publish(TITLE, lines, ratio_line, report=not args.no_report, device=args.device)
 
 
 if __name__ == "__main__":

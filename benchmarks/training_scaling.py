@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from _report import append_report  # noqa: E402
+from _report import publish  # noqa: E402
 
 TITLE = "Student training step vs points per scan and lidar frames per scan"
 FACTORS = (1, 2, 4)
@@ -54,7 +54,7 @@ def duplicate(item: dict, factor: int, jitter: float, rng: np.random.Generator) 
 
 
 def run_variant(args) -> None:
-    C.quiet_logs()
+    C.setup_process()
     import torch
 
     from clip2scene.storage import open_cache
@@ -108,7 +108,7 @@ def main() -> None:
     if args.variant:
         return run_variant(args)
 
-    C.quiet_logs()
+    C.setup_process()
     tmp = Path(tempfile.mkdtemp(prefix="c2s-bench-scaling-"))
     try:
         w, h = (int(x) for x in args.synthetic_size.lower().split("x"))
@@ -163,10 +163,7 @@ def main() -> None:
         "- peak RSS = VmHWM (high-water resident set) of the setting's own process",
     ]
     ratio_line = f"RATIO time(4x points)/time(1x) = {t4 / t1:.2f} ({t4 * 1e3:,.0f} ms vs {t1 * 1e3:,.0f} ms per step)"
-    print("\n".join(lines))
-    if not args.no_report:
-        append_report(TITLE, lines, ratio_line, device=args.device)
-    print(ratio_line)
+    publish(TITLE, lines, ratio_line, report=not args.no_report, device=args.device)
 
 
 if __name__ == "__main__":
