@@ -1,14 +1,22 @@
-"""Cache size: stored bytes per camera-visible point and per keyframe, per array, projected to
-nuScenes trainval, against OpenScene's per-point features; int8 vs float16 features.
+"""Cache size: stored bytes per keyframe and per camera-visible point, per array, projected to
+nuScenes trainval at K sweeps, against OpenScene's per-point features; int8 vs float16 features.
 
 Builds a cache of the first --scans real keyframes (synthetic fallback: 1600x900 cameras) with
-float16 teacher features and, when PrecomputeConfig has a `feature_dtype` field, a second one
-with int8 features (per-row scale); reads `open_cache(...).info()` (stored = compressed bytes on
-disk, Zstd level 3 as written). The reference figure is OpenScene's 1,536 bytes per point, as
+float16 teacher feature maps and, when PrecomputeConfig has a `feature_dtype` field, a second
+one with int8 maps (per-patch scale); reads `open_cache(...).info()` (stored = compressed bytes
+on disk, Zstd level 3 as written). The reference figure is OpenScene's 1,536 bytes per point, as
 given: 768-d fused features in float16 per point. The int8 cache's fidelity is the cosine of
-every visible point's dequantised int8 feature with its float16 feature (mean and min).
+every visible point's sampled int8 feature with its float16 one (mean and min).
 
-    .venv/bin/python benchmarks/cache_size.py [--scans 6 --sweeps 3 --feature-dtype int8]
+Projection (schema 5): the teacher maps are per image and sweeps are projected into the
+keyframe's images, so with K lidar frames per keyframe
+
+    bytes/keyframe(K) = images/* + K x (points/* + pairs/*) + scans/* and text (per keyframe)
+
+where images/*, points/* and pairs/* are measured per keyframe with one lidar frame per scan
+(the real fixture ships no sweeps); trainval = 34,149 keyframes x bytes/keyframe(K).
+
+    .venv/bin/python benchmarks/cache_size.py [--scans 41 --sweeps 1 --project-sweeps 3]
 """
 
 from __future__ import annotations
@@ -30,13 +38,13 @@ TITLE = "Cache size per visible point and per keyframe (float16 and int8 teacher
 OPENSCENE_BYTES_PER_POINT = 1536  # as given: 768-d float16 features per point
 
 
-BYTES = {"float32": 4, "float16": 2, "int32": 4, "int64": 8, "uint8": 1, "int8": 1}
+BYTES = {"float32": 4, "float16": 2, "int32": 4, "int64": 8, "uint8": 1, "int8": 1, "uint16": 2}
 
 
 def actual_dtype(cache, name: str, listed: str) -> str:
     """The dtype stored on disk (Cache.array_info lists the schema's dtype, float16 for int8 features)."""
     try:
-        if name.startswith(("points/", "pairs/")):
+        if name.startswith(("points/", "pairs/", "images/")):
             return str(cache.group[f"blocks/{int(cache.block[0]):06d}/{name}"].dtype)
         return str(cache.group[name].dtype)
     except Exception:  # noqa: BLE001 - layout changed: keep the listed dtype
@@ -44,9 +52,10 @@ def actual_dtype(cache, name: str, listed: str) -> str:
 
 
 def cosine_fidelity(ref, other) -> tuple[float, float, int]:
-    """Mean and min cosine between the two caches' features over all visible points."""
+    """Mean and min cosine between the two caches' features over all visible points (of the
+    scans both hold)."""
     cos = []
-    for i in ref.indices():
+    for i in ref.indices()[: other.num_scans]:
         a = ref.read_scan(int(i), features=True).pair_features.astype(np.float32)
         b = other.read_scan(int(i), features=True).pair_features.astype(np.float32)
         if a.shape != b.shape:
@@ -59,11 +68,15 @@ def cosine_fidelity(ref, other) -> tuple[float, float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scans", type=int, default=6, help="keyframes to cache")
-    ap.add_argument("--sweeps", type=int, default=3, help="K lidar frames per scan (paper: 3)")
+    ap.add_argument("--sweeps", type=int, default=3, help="K lidar frames per scan to build (paper: 3)")
+    ap.add_argument("--project-sweeps", type=int, default=3, help="K of the trainval projection (paper: 3)")
     ap.add_argument("--feature-dtype", default="int8", choices=["int8", "none"],
                     help="second cache's feature dtype to compare with float16 (none = float16 only)")
     ap.add_argument("--data", default="auto", choices=["auto", "real", "synthetic"])
     ap.add_argument("--synthetic-size", default="1600x900", help="WxH of synthetic cameras (fallback data)")
+    ap.add_argument("--cache", action="append", default=[], metavar="DTYPE=PATH",
+                    help="measure this existing cache of the real keyframes as the DTYPE row instead of building "
+                         "it (repeatable: --cache float16=a.zarr --cache int8=b.zarr)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--keep-tmp", action="store_true")
@@ -84,11 +97,16 @@ def main() -> None:
             else:
                 notes.append(f"- {args.feature_dtype} row skipped: PrecomputeConfig has no feature_dtype field")
         infos, caches, dtypes_on_disk = {}, {}, {}
+        given = dict(c.split("=", 1) for c in args.cache)
         for dt in dtypes:
             t0 = time.perf_counter()
-            C.build_cache(data, tmp / f"{dt}.zarr", args.sweeps, args.scans, device=args.device,
-                          feature_dtype=dt if C.has_feature_dtype() else None)
-            caches[dt] = open_cache(tmp / f"{dt}.zarr")
+            if dt in given:
+                caches[dt] = open_cache(given[dt])
+                notes.append(f"- {dt} row: existing cache {given[dt]} ({caches[dt].num_scans} keyframes)")
+            else:
+                C.build_cache(data, tmp / f"{dt}.zarr", args.sweeps, args.scans, device=args.device,
+                              feature_dtype=dt if C.has_feature_dtype() else None)
+                caches[dt] = open_cache(tmp / f"{dt}.zarr")
             infos[dt] = caches[dt].info()
             dtypes_on_disk[dt] = {a["name"]: actual_dtype(caches[dt], a["name"], str(a["dtype"]))
                                   for a in infos[dt]["arrays"]}
@@ -111,52 +129,64 @@ def main() -> None:
             raw = int(np.prod(a["shape"])) * BYTES.get(dtype, 0)
             rows.append([a["name"], dtype, "x".join(str(x) for x in a["shape"]), a["stored_bytes"],
                          f"{raw / a['stored_bytes']:.2f}" if raw and a["stored_bytes"] else "",
-                         f"{a['stored_bytes'] / m:.1f}", f"{100 * a['stored_bytes'] / info['stored_bytes']:.1f}%"])
+                         f"{a['stored_bytes'] / s / 1e6:.4f}", f"{100 * a['stored_bytes'] / info['stored_bytes']:.1f}%"])
         if tables:
             tb = sum(a["stored_bytes"] for a in tables)
-            rows.append([f"scans/* ({len(tables)} per-scan tables)", "", f"{s} rows each", tb, "", f"{tb / m:.1f}",
+            rows.append([f"scans/* ({len(tables)} per-scan tables)", "", f"{s} rows each", tb, "", f"{tb / s / 1e6:.4f}",
                          f"{100 * tb / info['stored_bytes']:.1f}%"])
-        rows.append(["total", "", "", info["stored_bytes"], "", f"{info['stored_bytes'] / m:.1f}", "100%"])
-        lines += [f"**pairs/features as {dt}** ({s} scans, {n:,} points, {m:,} camera-visible points = "
-                  f"{100 * m / n:.0f}%)", ""]
-        lines += C.table(["array", "dtype", "shape", "stored bytes", "compression", "bytes / visible point",
+        rows.append(["total", "", "", info["stored_bytes"], "", f"{info['stored_bytes'] / s / 1e6:.4f}", "100%"])
+        v = max(int(meta.get("num_visible", m)), 1)
+        lines += [f"**images/features as {dt}** ({s} scans, {n:,} points, {v:,} camera-visible points = "
+                  f"{100 * v / n:.0f}% in {m:,} point-view pairs, {meta.get('num_images', 0)} images on a "
+                  f"{'x'.join(map(str, meta.get('grid') or []))} grid)", ""]
+        lines += C.table(["array", "dtype", "shape", "stored bytes", "compression", "MB / keyframe",
                           "share"], rows)
         lines.append("")
-    summary = []
+    summary, projection = [], []
+    k_built = 1 if data.real else args.sweeps  # lidar frames actually in each scan
+    k = args.project_sweeps
     for dt in dtypes:
         info = infos[dt]
         s = max(int(info["meta"]["num_scans"]), 1)
         per_kf = info["stored_bytes"] / s
+        group = {g: sum(a["stored_bytes"] for a in info["arrays"] if a["name"].startswith(g + "/")) / s
+                 for g in ("images", "points", "pairs")}
+        other = per_kf - sum(group.values())
+        projected = group["images"] + k / k_built * (group["points"] + group["pairs"]) + other
         summary.append([dt, f"{info['bytes_per_visible_point']:.0f}", f"{info['bytes_per_point']:.0f}",
-                        f"{per_kf / 1e6:.2f}", f"{per_kf * C.TRAINVAL_KEYFRAMES / 1e9:.0f}",
+                        f"{per_kf / 1e6:.2f}", f"{projected / 1e6:.2f}", f"{projected * C.TRAINVAL_KEYFRAMES / 1e9:.0f}",
                         f"{OPENSCENE_BYTES_PER_POINT / info['bytes_per_visible_point']:.1f}x smaller"])
-    lines += C.table(["features", "bytes / visible point", "bytes / point", "MB / keyframe",
-                      f"projected trainval GB ({C.TRAINVAL_KEYFRAMES:,} keyframes)",
+        projection.append([dt, f"{group['images'] / 1e6:.3f}", f"{group['points'] / 1e6:.3f}",
+                           f"{group['pairs'] / 1e6:.3f}", f"{other / 1e6:.4f}", f"{projected / 1e6:.2f}",
+                           f"{projected * C.TRAINVAL_KEYFRAMES / 1e9:.1f}"])
+    lines += C.table(["features", "bytes / visible point", "bytes / point", f"MB / keyframe (K = {k_built})",
+                      f"MB / keyframe (K = {k}, projected)",
+                      f"projected trainval GB at K = {k} ({C.TRAINVAL_KEYFRAMES:,} keyframes)",
                       f"vs OpenScene {OPENSCENE_BYTES_PER_POINT:,} B/point"], summary)
     lines.append("")
-    if fidelity is not None:
-        lines.append(f"- {dtypes[1]} vs float16 features: mean cosine {fidelity[0]:.6f}, min {fidelity[1]:.6f} over "
-                     f"{fidelity[2]:,} visible points")
-    real_no_sweeps = data.real and args.sweeps > 1
+    lines.append(f"Projection: bytes/keyframe(K) = images/* + K/{k_built} x (points/* + pairs/*) + tables, "
+                 f"K = {k}; trainval = {C.TRAINVAL_KEYFRAMES:,} x bytes/keyframe (MB per keyframe, measured at "
+                 f"K = {k_built}):")
+    lines.append("")
+    lines += C.table(["features", "images/*", "points/*", "pairs/*", "scans/* + text", f"total at K = {k}",
+                      "trainval GB"], projection)
+    lines.append("")
     lines += [
         f"- OpenScene reference: {OPENSCENE_BYTES_PER_POINT:,} bytes per point (figure as given: 768-d float16 "
         "features per point); ours counts every stored byte of the cache (points, pairs, logits, features, "
         "tables) per camera-visible point",
         f"- K = {args.sweeps} lidar frames requested; "
-        + ("the real fixture has no sweep files, so these scans are keyframe-only: with real sweeps a "
-           f"keyframe holds about {args.sweeps}x the points and visible points, so MB/keyframe and the trainval "
-           f"projection scale by about {args.sweeps}x while bytes per visible point stay about the same"
-           if real_no_sweeps else "points and visible points include the sweeps"),
+        + ("the real fixture has no sweep files, so these scans are keyframe-only (the projection "
+           "above scales points and pairs, not the per-image maps)"
+           if data.real else "points and visible points include the sweeps"),
         f"- {data.note}",
         f"- {C.RANDOM_WEIGHTS_NOTE} (random features may compress differently from real CLIP features)",
     ] + notes
-    if real_no_sweeps:
-        k = args.sweeps
-        per_kf = {d: infos[d]["stored_bytes"] / max(int(infos[d]["meta"]["num_scans"]), 1) for d in dtypes}
-        est = ", ".join(f"{k * per_kf[d] * C.TRAINVAL_KEYFRAMES / 1e12:.1f} TB ({d})" for d in dtypes)
-        lines.insert(lines.index(f"- {data.note}"), f"- estimate at K = {k} with real sweeps (about {k}x the points "
-                     f"and visible points per keyframe): trainval about {est}")
-    ratio_line = ("RATIO bytes per visible point = "
+    ratio_line = (f"RATIO MB per keyframe (K = {k_built}) = "
+                  + ", ".join(f"{infos[d]['stored_bytes'] / max(int(infos[d]['meta']['num_scans']), 1) / 1e6:.2f} ({d})"
+                              for d in dtypes)
+                  + f"; trainval at K = {k}: " + ", ".join(f"{r[-1]} GB ({r[0]})" for r in projection)
+                  + "; bytes per visible point = "
                   + ", ".join(f"{infos[d]['bytes_per_visible_point']:.0f} ({d})" for d in dtypes)
                   + f" vs OpenScene {OPENSCENE_BYTES_PER_POINT:,}"
                   + (f"; {dtypes[1]} cosine vs float16: mean {fidelity[0]:.5f}, min {fidelity[1]:.5f}"

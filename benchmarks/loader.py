@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed student steps first")
     ap.add_argument("--channels", default=None, help="9 SPVCNN widths (default: the model's default widths)")
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) rows")
+    ap.add_argument("--cache", default=None, help="use this existing local cache instead of building one "
+                                                  "(e.g. the same keyframes under two cache schemas)")
     ap.add_argument("--data", default="auto", choices=["auto", "real", "synthetic"])
     ap.add_argument("--synthetic-size", default="800x450", help="WxH of synthetic cameras (fallback data)")
     ap.add_argument("--device", default="cpu")
@@ -156,7 +158,13 @@ def main() -> None:
         print(f"[setup] {data.note}", flush=True)
         t0 = time.perf_counter()
         local = tmp / "cache.zarr"
-        meta, _ = C.build_cache(data, local, args.sweeps, args.scans, device=args.device)
+        if args.cache:
+            from clip2scene.storage import open_cache
+
+            shutil.copytree(args.cache, local)
+            meta = open_cache(local).meta
+        else:
+            meta, _ = C.build_cache(data, local, args.sweeps, args.scans, device=args.device)
         print(f"[setup] cache of {meta['num_scans']} scans built in {time.perf_counter() - t0:.1f}s", flush=True)
         sources = [("local", str(local), None)]
         if not args.no_s3:
@@ -196,7 +204,8 @@ def main() -> None:
     lines += [
         "",
         f"- loader built by {rows[0][2]['loader']}; batch {args.batch}; ScanDataset(features=True, augment=True); "
-        f"cache of {meta['num_scans']} scans ({meta.get('num_pairs', 0) / max(meta['num_scans'], 1):,.0f} visible "
+        f"cache of {meta['num_scans']} scans (schema {meta.get('schema_version')}, "
+        f"{meta.get('num_visible', meta.get('num_pairs', 0)) / max(meta['num_scans'], 1):,.0f} visible "
         f"points per scan) read {args.reads} times per epoch in shuffled order; worker processes "
         f"{'persist across epochs' if any(r.get('persistent') for _, _, r in rows) else 'restart every epoch'}",
         f"- step: SPVCNN {'default widths' if not args.channels else args.channels} "

@@ -149,7 +149,8 @@ def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smo
 def _print_precompute(meta: dict) -> None:
     t = meta["teacher"]
     typer.echo(f"cache: {meta.get('path', '')}")
-    typer.echo(f"  scans {meta['num_scans']}, points {meta['num_points']}, camera-visible points {meta['num_pairs']}")
+    typer.echo(f"  scans {meta['num_scans']}, points {meta['num_points']}, camera-visible points "
+               f"{meta.get('num_visible', meta['num_pairs'])} ({meta['num_pairs']} point-view pairs)")
     if t is None:
         typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
         return
@@ -186,7 +187,7 @@ def precompute(
     scheduler: Optional[str] = typer.Option(None, help="Run blocks on an existing Dask scheduler, tcp://HOST:PORT."),
     block_size: int = typer.Option(16, help="Scans per block (unit of work, writing and resuming)."),
     on_error: str = typer.Option("stop", help="A bad sample: stop (error naming the file) or skip (recorded in the manifest)."),
-    feature_dtype: str = typer.Option("float16", help="Teacher features on disk: float16, or int8 with a per-point scale (half the size, cosine fidelity ~0.9999)."),
+    feature_dtype: str = typer.Option("int8", help="Teacher feature maps on disk: int8 with a per-patch scale, or float16 (twice the size)."),
     teacher_precision: str = typer.Option("auto", help="Teacher compute: auto (float16 on CUDA, bfloat16 on CPUs with AMX, else float32), float32, bfloat16, float16 (CUDA only)."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
@@ -229,7 +230,7 @@ def _train_config(cache, out, *, arch="spvcnn", channels=None, **fields):
     if fields.get("resume") is not None:
         fields["resume"] = str(fields["resume"])
     fields["storage_options"] = _storage(fields.pop("storage_option", None))
-    return TrainConfig(cache=str(cache), out=str(out), model=model, **fields)
+    return _run(TrainConfig, cache=str(cache), out=str(out), model=model, **fields)
 
 
 def _print_train(s: dict) -> None:
@@ -252,6 +253,7 @@ def _training_options(
     arch: str = typer.Option("spvcnn", help="Student: spvcnn (paper) or minkunet."),
     channels: Optional[str] = typer.Option(None, help="9 comma-separated widths (default 32,32,64,128,256,256,128,96,96)."),
     sweeps: Optional[int] = typer.Option(None, help="Use the first K cached lidar frames per scan (default all)."),
+    views: str = typer.Option("border", help="Teacher view of a point seen by several cameras: border (farthest from the image border) or mean (average over all, OpenScene-style)."),
     scr_weight: float = typer.Option(1.0, help="SCR loss weight (0 = off)."),
     ssr_weight: float = typer.Option(1.0, help="SSR loss weight (0 = off)."),
     kl_weight: float = typer.Option(0.0, help="KL loss weight (the paper's failing ablation)."),
@@ -496,8 +498,12 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     typer.echo(f"  classes ({len(m['class_names'])}): {', '.join(m['class_names'])}")
     typer.echo(f"  scans {m['num_scans']} ({', '.join(f'{k}={v}' for k, v in info['splits'].items())}), "
                f"sweeps per scan {m['sweeps']}, input {', '.join(m['point_features'])}")
-    typer.echo(f"  points {m['num_points']}, camera-visible {m['num_pairs']} "
-               f"({100 * m['num_pairs'] / max(m['num_points'], 1):.1f}%), labels: {'yes' if m['has_labels'] else 'no'}")
+    typer.echo(f"  points {m['num_points']}, camera-visible {m['num_visible']} "
+               f"({100 * m['num_visible'] / max(m['num_points'], 1):.1f}%) in {m['num_pairs']} point-view pairs, "
+               f"labels: {'yes' if m['has_labels'] else 'no'}")
+    if m.get("grid"):
+        typer.echo(f"  teacher maps: {m['num_images']} images on a {m['grid'][0]}x{m['grid'][1]} patch grid, "
+                   f"features {m['feature_dtype']}")
     typer.echo(f"  stored {info['stored_bytes'] / 2**20:.2f} MiB = {info['bytes_per_point']:.1f} B/point, "
                f"{info['bytes_per_visible_point']:.1f} B/visible point")
     for a in info["arrays"]:

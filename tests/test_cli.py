@@ -78,6 +78,10 @@ def test_bad_inputs_are_one_line_errors(sample, tmp_path):
     assert_one_line_error(run("cache", "info", tmp_path / "nothing"), "cache not found")
     assert_one_line_error(run("train", "--cache", tmp_path / "nothing", "--out", tmp_path / "r"), "cache not found")
     assert_one_line_error(run("make-sample", "--out", sample), "")
+    assert_one_line_error(run("train", "--cache", tmp_path / "nothing", "--out", tmp_path / "r", "--views", "max"),
+                          "--views 'max'", "border, mean")
+    assert_one_line_error(run("precompute", "--dataroot", sample, "--version", "v1.0-mini", "--out", tmp_path / "c6",
+                              "--feature-dtype", "int4", *TINY), "--feature-dtype 'int4'")
 
 
 def test_missing_clip_weights_names_the_file(sample, tmp_path, monkeypatch):

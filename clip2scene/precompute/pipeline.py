@@ -5,10 +5,10 @@ read its points (nuScenes/KITTI: keyframe + K-1 previous sweeps moved into the k
 frame through the ego poses; ScanNet: the scene's mesh vertices), decode its images (six
 nuScenes cameras, KITTI image_2, ScanNet posed frames), run MaskCLIP on them in batches,
 project every point into every view with the dataset's own chain (devkit-exact for nuScenes,
-P2 @ Tr for KITTI, pinhole + depth-occlusion test for ScanNet), keep for each visible point the
-view where it lies farthest from the image border (deterministic; ties -> lower view index),
-sample the teacher's dense features and class logits there bilinearly, and store them per
-visible point. Sweep points use the keyframe's images (see docs/architecture.md for why and
+P2 @ Tr for KITTI, pinhole + depth-occlusion test for ScanNet), keep every (point, view) pair
+(a point's pairs ordered by distance from the image border, farthest first; ties -> lower view
+index) and store, per image, the teacher's dense feature and class-score maps on its patch
+grid (cache schema 5); stage two samples them at the pairs. Sweep points use the keyframe's images (see docs/architecture.md for why and
 what it costs on moving objects). With no teacher (`--clip-model none`) only points and labels
 are cached, for fine-tuning without CLIP.
 
@@ -70,7 +70,7 @@ class PrecomputeConfig:
     workers: int = 0  # >0: run blocks on a local Dask cluster of this many worker processes
     scheduler: str | None = None  # tcp://HOST:PORT of an existing Dask scheduler to run blocks on
     on_error: str = "stop"  # a bad sample: "stop" (error naming the file) or "skip" (recorded in the manifest)
-    feature_dtype: str = "float16"  # teacher features on disk: float16, or int8 x per-row scale (half the bytes)
+    feature_dtype: str = "int8"  # teacher feature maps on disk: int8 x per-patch scale, or float16 (twice the bytes)
     teacher_precision: str = "auto"  # teacher compute: auto (fp16 on CUDA, bf16 on AMX CPUs, else fp32), float32, bfloat16, float16
 
 
@@ -179,13 +179,43 @@ def sample_maps(dense: torch.Tensor, cams: np.ndarray, uv: np.ndarray, sizes: li
     return out
 
 
+def project_views(xyz: np.ndarray, ds: Dataset, scan: ScanRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (point, view) pair: each visible point in every view that sees it.
+
+    xyz: (n, 3) float32 in the scan's frame. Returns point (p,) int32, view (p,) uint8 and uv
+    (p, 2) float32 pixel coordinates in that view's original image, sorted by point and, within
+    a point, by distance from the image border (largest first; ties -> lower view index): the
+    first pair of a point is `assign_cameras`' choice (the cache's `pair_order`).
+    """
+    views = ds.views(scan)
+    if len(views) > 255:
+        raise DataError(f"scan {scan.token}: {len(views)} views, at most 255 fit the cache's uint8 view index")
+    points, cams, uvs, margins = [], [], [], []
+    for c, view in enumerate(views):
+        uv, vis = ds.project(scan, c, xyz)
+        idx = np.flatnonzero(vis)
+        uv = uv[idx]
+        margins.append(np.minimum.reduce([uv[:, 0] - 1, view.width - 1 - uv[:, 0], uv[:, 1] - 1, view.height - 1 - uv[:, 1]]))
+        points.append(idx)
+        cams.append(np.full(len(idx), c, np.int64))
+        uvs.append(uv)
+    if not points:
+        return np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros((0, 2), np.float32)
+    point, cam, uv, margin = (np.concatenate(x) for x in (points, cams, uvs, margins))
+    order = np.lexsort((cam, -margin, point))
+    return point[order].astype(np.int32), cam[order].astype(np.uint8), uv[order].astype(np.float32)
+
+
 @torch.inference_mode()
 def process_scan(ds: Dataset, scan: ScanRef, teacher: MaskCLIP | None, device: torch.device,
                  view_batch: int = 6) -> ScanRecord:
     """Teacher outputs for one scan as a ScanRecord (see storage.writer); labels only without a teacher.
 
-    Views are run through the teacher `view_batch` at a time, and each chunk's dense maps are
-    sampled at the points assigned to it before the next chunk runs (ScanNet scenes have dozens).
+    Every (point, view) pair is kept (`project_views`); the views that see at least one point
+    are run through the teacher `view_batch` at a time, and their dense maps are stored as they
+    come out, on the teacher's patch grid (whatever its shape): features (h, w, D) L2-normalised,
+    class scores (h, w, C) after the configured refinements. The teacher contract is
+    `teacher.dense_outputs(images) -> ((V, D, h, w), (V, C, h, w))`.
     """
     xyz, feat, sweep, n_key = ds.points(scan)
     label = None
@@ -197,27 +227,22 @@ def process_scan(ds: Dataset, scan: ScanRef, teacher: MaskCLIP | None, device: t
         empty = np.zeros(0, np.int32)
         return ScanRecord(token=scan.token, scene=scan.scene, split=scan.split, timestamp=scan.timestamp,
                           lidar_path=scan.lidar_path, xyz=xyz, feat=feat, sweep=sweep, label=label,
-                          pair_point=empty, pair_camera=empty.astype(np.uint8), pair_uv=np.zeros((0, 2), np.float32))
-    idx, cams, uv = assign_cameras(xyz, ds, scan)
+                          pair_point=empty, pair_image=empty.astype(np.uint8), pair_uv=np.zeros((0, 2), np.float32))
+    point, cam, uv = project_views(xyz, ds, scan)
     views = ds.views(scan)
-    feats = torch.zeros(len(idx), teacher.embed_dim, dtype=torch.float32, device=device)
-    logits = torch.zeros(len(idx), len(teacher.class_names), dtype=torch.float32, device=device)
-    for v0 in range(0, len(views), view_batch):
-        chunk = views[v0 : v0 + view_batch]
-        rows = np.flatnonzero((cams >= v0) & (cams < v0 + len(chunk)))
-        if len(rows) == 0:
-            continue
+    used = np.unique(cam)  # views with at least one pair, ascending: image k is view used[k]
+    image_of_view = np.zeros(max(len(views), 1), np.uint8)
+    image_of_view[used] = np.arange(len(used))
+    feats, logits = [], []
+    for k0 in range(0, len(used), view_batch):
+        chunk = [views[int(c)] for c in used[k0 : k0 + view_batch]]
         images = [decode_image(v.path, v.width, v.height, device) for v in chunk]
         batch = prepare_batch(images, tuple(teacher.fingerprint["image_size"]))
         with teacher.autocast():
             dense, dense_logits = teacher.dense_outputs(batch)  # (V, D, h, w), (V, C, h, w)
-        dense, dense_logits = dense.float(), dense_logits.float()
-        sizes = [(v.width, v.height) for v in chunk]
-        local = cams[rows] - v0
-        r = torch.from_numpy(rows).to(device)
-        feats.index_copy_(0, r, sample_maps(dense, local, uv[rows], sizes))
-        logits.index_copy_(0, r, sample_maps(dense_logits, local, uv[rows], sizes))
-    feats = F.normalize(feats, dim=-1)
+        feats.append(F.normalize(dense.float(), dim=1).permute(0, 2, 3, 1).cpu().numpy())
+        logits.append(dense_logits.float().permute(0, 2, 3, 1).cpu().numpy().astype(np.float16))
+    d, c = teacher.embed_dim, len(teacher.class_names)
     return ScanRecord(
         token=scan.token,
         scene=scan.scene,
@@ -228,11 +253,13 @@ def process_scan(ds: Dataset, scan: ScanRef, teacher: MaskCLIP | None, device: t
         feat=feat,
         sweep=sweep,
         label=label,
-        pair_point=idx,
-        pair_camera=cams,
+        pair_point=point,
+        pair_image=image_of_view[cam],
         pair_uv=uv,
-        pair_logits=logits.cpu().numpy().astype(np.float16),
-        pair_features=feats.cpu().numpy().astype(np.float16),
+        image_view=used.astype(np.uint8),
+        image_size=np.array([[views[int(v)].width, views[int(v)].height] for v in used], np.uint16).reshape(-1, 2),
+        image_logits=np.concatenate(logits) if logits else np.zeros((0, 0, 0, c), np.float16),
+        image_features=np.concatenate(feats) if feats else np.zeros((0, 0, 0, d), np.float32),
     )
 
 
@@ -330,7 +357,7 @@ def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layou
     for scan in scans[start:stop]:
         try:
             records.append(process_scan(ds, scan, teacher, device, config.view_batch))
-            images += len(ds.views(scan)) if teacher is not None else 0
+            images += len(records[-1].image_view) if teacher is not None else 0
         except DataError as e:
             if config.on_error != "skip":
                 raise
@@ -403,8 +430,8 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         raise ConfigError(f"--sweeps must be between 1 and 10, got {config.sweeps}")
     if config.on_error not in ("stop", "skip"):
         raise ConfigError(f"--on-error {config.on_error!r}: expected stop or skip")
-    if config.feature_dtype not in ("float16", "int8"):
-        raise ConfigError(f"--feature-dtype {config.feature_dtype!r}: expected float16 or int8")
+    if config.feature_dtype not in ("int8", "float16"):
+        raise ConfigError(f"--feature-dtype {config.feature_dtype!r}: expected int8 or float16")
     if config.block_size < 1:
         raise ConfigError(f"--block-size must be >= 1, got {config.block_size}")
     class_names = get_class_set(config.class_set)
@@ -424,7 +451,6 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         prompt_to_eval=list(prompt_to_eval(config.class_set, ds.name)),
         sweeps=config.sweeps,
         cameras=list(ds.cameras),
-        camera_choice="farthest-from-border",
         point_features=list(ds.point_features),
         voxel_size=ds.voxel_size,
         on_error=config.on_error,

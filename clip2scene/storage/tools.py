@@ -54,27 +54,25 @@ def merge(paths: list[str], out: str, storage_options: dict | None = None, overw
     caches: list[Cache] = [open_cache(p, storage_options) for p in paths]
     first = caches[0]
     for other in caches[1:]:
-        for key in schema.COMPATIBLE_META:
-            if first.meta.get(key) != other.meta.get(key):
-                a, b = first.meta.get(key), other.meta.get(key)
-                if isinstance(a, dict) and isinstance(b, dict):  # name the differing sub-field
-                    sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-                    key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
-                raise CacheError(f"cannot merge {first.path} and {other.path}: {key} differs ({a!r} vs {b!r})")
+        diff = schema.CacheMeta.difference(first.meta, other.meta)
+        if diff is not None:
+            key, x, y = diff
+            raise CacheError(f"cannot merge {first.path} and {other.path}: {key} differs ({x!r} vs {y!r})")
     seen: dict[str, str] = {}
     for c in caches:
         for t in c.token.tolist():
             if t in seen:
                 raise CacheError(f"cannot merge: scan {t} is in both {seen[t]} and {c.path}")
             seen[t] = c.path
-    meta = {k: v for k, v in first.meta.items() if k in schema.REQUIRED_META or k in ("class_set", "camera_choice")}
+    meta = {k: first.meta[k] for k in schema.CacheMeta.keys(schema.MATCH) + ("dataset",) if k in first.meta}
     meta["dataset"] = dict(first.meta["dataset"], dataroot=None, split=None)
     meta["merged_from"] = [dict(path=c.path, created=c.meta.get("created"), created_by=c.meta.get("created_by"),
                                 dataset=c.meta.get("dataset"), num_scans=c.num_scans) for c in caches]
     num_classes = len(first.class_names)
     dim = first.text_embeddings.shape[1] if first.has_teacher else None
     writer = CacheWriter(out, meta, num_classes, dim, first.has_labels, overwrite=overwrite,
-                         storage_options=storage_options, block_size=int(first.meta.get("block_size", 16)))
+                         storage_options=storage_options, block_size=int(first.meta.get("block_size", 16)),
+                         feature_dtype=first.feature_dtype)
     with writer:
         dst = writer.loc
         new_index = 0
@@ -92,8 +90,10 @@ def merge(paths: list[str], out: str, storage_options: dict | None = None, overw
                 rows = np.flatnonzero(c.block == b)
                 scans = [dict(token=str(c.token[i]), scene=str(c.scene[i]), split=str(c.split[i]),
                               timestamp=int(c.timestamp[i]), lidar_path=str(c.lidar_path[i]),
-                              points=int(c.point_count[i]), pairs=int(c.pair_count[i])) for i in rows]
-                writer.record_block(dict(index=new_index, scans=scans, files=files, skipped=[]))
+                              points=int(c.point_count[i]), pairs=int(c.pair_count[i]),
+                              images=int(c.image_count[i]), visible=int(c.visible_count(i))) for i in rows]
+                writer.record_block(dict(index=new_index, scans=scans, grid=c.meta.get("grid") if len(rows) else None,
+                                         files=files, skipped=[]))
                 new_index += 1
         skipped = [s for c in caches for s in c.manifest().get("skipped", [])]
         if skipped:  # keep the sources' skipped samples on record (listed with the first block)

@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 class ScanRecord:
     """Everything the cache keeps for one scan (keyframe + its sweeps, merged).
 
-    n = points of the scan, m = camera-visible points (one row per visible point).
+    n = points of the scan, p = (point, view) pairs (one row for every view that sees a point),
+    I = images (views with at least one pair) whose teacher maps are stored, (h, w) = the
+    teacher's patch grid (the maps' own shape; it may differ between teacher configurations).
     """
 
     token: str  # sample token
@@ -51,11 +53,49 @@ class ScanRecord:
     feat: np.ndarray  # (n, F) float32 input channels, meta point_features (intensity / r, g, b)
     sweep: np.ndarray  # (n,) uint8: 0 = keyframe, k = k-th previous sweep
     label: np.ndarray | None  # (n,) uint8 evaluation label, 0 = ignore; None when unlabelled
-    pair_point: np.ndarray  # (m,) int32 index into the scan's points, ascending
-    pair_camera: np.ndarray  # (m,) uint8 view index (meta cameras order; per-scan frame order for ScanNet)
-    pair_uv: np.ndarray  # (m, 2) float32 pixel coordinates in the original image
-    pair_logits: np.ndarray | None = None  # (m, C) float16 cosine logits over the prompt classes (None: no teacher)
-    pair_features: np.ndarray | None = None  # (m, D) float16 L2-normalised teacher features (None: no teacher)
+    pair_point: np.ndarray  # (p,) int32 index into the scan's points, ascending; a point's pairs
+    #   are contiguous, the view where it lies farthest from the image border first (ties: lower view)
+    pair_image: np.ndarray  # (p,) uint8 index into this record's images
+    pair_uv: np.ndarray  # (p, 2) float32 pixel coordinates (u, v) in the original image
+    image_view: np.ndarray | None = None  # (I,) uint8 view index (meta cameras order; ScanNet frame order)
+    image_size: np.ndarray | None = None  # (I, 2) uint16 original image (W, H) in pixels
+    image_logits: np.ndarray | None = None  # (I, h, w, C) float16 refined class scores (None: no teacher)
+    image_features: np.ndarray | None = None  # (I, h, w, D) float16/float32 L2-normalised features
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """(h, w) of the teacher maps, None without images."""
+        if self.image_logits is None or len(self.image_logits) == 0:
+            return None
+        return tuple(int(x) for x in self.image_logits.shape[1:3])
+
+
+def images_from_point_values(logits: np.ndarray, features: np.ndarray, grid: tuple[int, int] = (32, 32),
+                             patch: int = 16) -> dict:
+    """ScanRecord pair and image fields that hand every pair exactly the given per-point values:
+    each value becomes one patch of a (h, w) grid of images of (w * patch) x (h * patch) pixels,
+    and its pair sits at the patch centre. For caches built from per-point values (tests,
+    benchmarks): logits (m, C), features (m, D) -> dict(pair_image, pair_uv, image_view,
+    image_size, image_logits, image_features); the points' pair_point stays the caller's. With
+    powers of two for h and w the stored uv is exact, so `read_scan` returns the values (up to
+    the feature_dtype's rounding)."""
+    h, w = grid
+    m = len(logits)
+    per = h * w
+    n_img = -(-m // per)
+    if n_img > 255:
+        raise ValueError(f"{m} points need {n_img} images, at most 255 per scan")
+    slot = np.arange(m)
+    image = (slot // per).astype(np.uint8)
+    cell = slot % per
+    uv = np.stack([(cell % w) * patch + (patch - 1) / 2, (cell // w) * patch + (patch - 1) / 2], 1).astype(np.float32)
+    maps_l = np.zeros((n_img * per, logits.shape[1]), np.float16)
+    maps_l[:m] = logits
+    maps_f = np.zeros((n_img * per, features.shape[1]), np.float32)
+    maps_f[:m] = features
+    return dict(pair_image=image, pair_uv=uv, image_view=np.zeros(n_img, np.uint8),
+                image_size=np.tile(np.array([[w * patch, h * patch]], np.uint16), (n_img, 1)),
+                image_logits=maps_l.reshape(n_img, h, w, -1), image_features=maps_f.reshape(n_img, h, w, -1))
 
 
 @dataclass(frozen=True)
@@ -66,52 +106,66 @@ class Layout:
     feature_dim: int | None
     point_channels: int
     has_labels: bool
-    feature_dtype: str = "float16"  # "int8": features stored as int8 x per-row float16 scale
+    feature_dtype: str = "int8"  # "int8": features stored as int8 x per-patch float16 scale; or "float16"
 
     @property
     def has_teacher(self) -> bool:
         return self.feature_dim is not None
 
-    def arrays(self) -> list[tuple[schema.ArraySpec, tuple[int, ...]]]:
+    def arrays(self, grid: tuple[int, int] = (0, 0)) -> list[tuple[schema.ArraySpec, tuple[int, ...]]]:
+        """The block arrays of this layout with their concrete trailing shapes ((h, w) = grid)."""
         out = []
         for spec in schema.BLOCK_ARRAYS:
             if spec.name == "points/label" and not self.has_labels:
                 continue
             if spec.name in schema.TEACHER_ARRAYS and not self.has_teacher:
                 continue
-            if spec.name == "pairs/feature_scale" and self.feature_dtype != "int8":
+            if spec.name == "images/feature_scale" and self.feature_dtype != "int8":
                 continue
-            if spec.name == "pairs/features" and self.feature_dtype == "int8":
-                spec = schema.ArraySpec(spec.name, "int8", spec.trailing, 4096, 65536, spec.axis)
-            out.append((spec, schema.resolve_trailing(spec, self.num_classes, self.feature_dim or 0, self.point_channels)))
+            if spec.name == "images/features":
+                spec = schema.ArraySpec(spec.name, self.feature_dtype, spec.trailing, spec.chunk_rows,
+                                        spec.shard_rows, spec.axis)
+            out.append((spec, schema.resolve_trailing(spec, self.num_classes, self.feature_dim or 0,
+                                                      self.point_channels, grid)))
         return out
 
 
-def _check(name: str, arr: np.ndarray | None, dtype: str, shape: tuple) -> None:
+def _check(name: str, arr: np.ndarray | None, dtype: str | tuple, shape: tuple) -> None:
     if arr is None:
         raise ValueError(f"ScanRecord.{name} is missing")
-    if arr.dtype != np.dtype(dtype):
-        raise ValueError(f"ScanRecord.{name}: dtype {arr.dtype}, expected {dtype}")
+    dtypes = (dtype,) if isinstance(dtype, str) else dtype
+    if arr.dtype not in [np.dtype(d) for d in dtypes]:
+        raise ValueError(f"ScanRecord.{name}: dtype {arr.dtype}, expected {' or '.join(dtypes)}")
     if len(arr.shape) != len(shape) or any(s is not None and a != s for a, s in zip(arr.shape, shape)):
         raise ValueError(f"ScanRecord.{name}: shape {arr.shape}, expected {shape}")
 
 
 def check_record(rec: ScanRecord, layout: Layout) -> None:
     """Shapes and dtypes of a record against the cache layout (ValueError names the field)."""
-    n, m = rec.xyz.shape[0], rec.pair_point.shape[0]
+    n, p = rec.xyz.shape[0], rec.pair_point.shape[0]
     _check("xyz", rec.xyz, "float32", (n, 3))
     _check("feat", rec.feat, "float32", (n, layout.point_channels))
     _check("sweep", rec.sweep, "uint8", (n,))
     if layout.has_labels:
         _check("label", rec.label, "uint8", (n,))
-    _check("pair_point", rec.pair_point, "int32", (m,))
-    _check("pair_camera", rec.pair_camera, "uint8", (m,))
-    _check("pair_uv", rec.pair_uv, "float32", (m, 2))
+    _check("pair_point", rec.pair_point, "int32", (p,))
+    _check("pair_image", rec.pair_image, "uint8", (p,))
+    _check("pair_uv", rec.pair_uv, "float32", (p, 2))
     if layout.has_teacher:
-        _check("pair_logits", rec.pair_logits, "float16", (m, layout.num_classes))
-        _check("pair_features", rec.pair_features, "float16", (m, layout.feature_dim))
-    if m and (rec.pair_point.min() < 0 or rec.pair_point.max() >= n):
+        n_img = 0 if rec.image_logits is None else len(rec.image_logits)
+        _check("image_view", rec.image_view, "uint8", (n_img,))
+        _check("image_size", rec.image_size, "uint16", (n_img, 2))
+        _check("image_logits", rec.image_logits, "float16", (n_img, None, None, layout.num_classes))
+        _check("image_features", rec.image_features, ("float16", "float32"), (n_img,) + rec.image_logits.shape[1:3]
+               + (layout.feature_dim,))
+        if p and rec.pair_image.max() >= n_img:
+            raise ValueError(f"ScanRecord.pair_image out of range for scan {rec.token} with {n_img} images")
+    elif p:
+        raise ValueError(f"ScanRecord of scan {rec.token}: pairs without a teacher")
+    if p and (rec.pair_point.min() < 0 or rec.pair_point.max() >= n):
         raise ValueError(f"ScanRecord.pair_point out of range for scan {rec.token} with {n} points")
+    if p > 1 and (np.diff(rec.pair_point) < 0).any():
+        raise ValueError(f"ScanRecord.pair_point of scan {rec.token} is not ascending")
 
 
 def _geometry(rows: int, chunk_rows: int, shard_rows: int) -> tuple[int, int]:
@@ -121,56 +175,93 @@ def _geometry(rows: int, chunk_rows: int, shard_rows: int) -> tuple[int, int]:
     return chunk, min(shard_rows, -(-max(rows, 1) // chunk) * chunk)
 
 
-_FIELDS = {"points/xyz": "xyz", "points/feat": "feat", "points/sweep": "sweep", "points/label": "label",
-           "pairs/point": "pair_point", "pairs/camera": "pair_camera", "pairs/uv": "pair_uv",
-           "pairs/logits": "pair_logits", "pairs/features": "pair_features", "pairs/feature_scale": "pair_features"}
-
-
 def quantize_features(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(m, D) float -> int8 (m, D) and float16 (m,) scale with x ~= q * scale (per-row max-abs
-    scaling, round to nearest). Cosine similarity to the original is about 0.9999 for D = 512."""
+    """(..., D) float -> int8 (..., D) and float16 (...) scale with x ~= q * scale (per-vector
+    max-abs scaling, round to nearest). Cosine to the original is about 0.9999 for D = 512."""
     x = np.asarray(x, dtype=np.float32)
-    scale = (np.abs(x).max(axis=1) / 127.0).astype(np.float16)
+    scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float16)
     safe = np.where(scale > 0, scale.astype(np.float32), 1.0)
-    q = np.clip(np.rint(x / safe[:, None]), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
     return q, scale
 
 
 def dequantize_features(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int8 (m, D), float16 (m,) -> float16 (m, D)."""
-    return (q.astype(np.float32) * scale.astype(np.float32)[:, None]).astype(np.float16)
+    """int8 (..., D), float16 (...) -> float16 (..., D)."""
+    return (q.astype(np.float32) * scale.astype(np.float32)[..., None]).astype(np.float16)
+
+
+def encode_uv(uv: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """(p, 2) float pixel (u, v) in images of (W, H) = size (p, 2) -> uint16 (p, 2)
+    round((u + 0.5) / W * UV_SCALE), clipped to 0..65535 (resolution W / 65536 pixels)."""
+    f = (uv.astype(np.float64) + 0.5) / size.astype(np.float64) * schema.UV_SCALE
+    return np.clip(np.rint(f), 0, 65535).astype(np.uint16)
+
+
+def decode_uv(q: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint16 (p, 2) and (W, H) (p, 2) -> (normalised (p, 2) float32 = (u + 0.5) / W, pixel (p, 2) float32)."""
+    uvn = q.astype(np.float32) / np.float32(schema.UV_SCALE)
+    return uvn, (uvn * size.astype(np.float32) - np.float32(0.5)).astype(np.float32)
+
+
+def _block_data(records: list[ScanRecord], layout: Layout) -> tuple[dict[str, np.ndarray], tuple[int, int] | None]:
+    """Concatenated block arrays by name, and the block's grid (None without images)."""
+    grids = {r.grid for r in records if r.grid is not None}
+    if len(grids) > 1:
+        raise ValueError(f"teacher maps of one block have different grids {sorted(grids)}")
+    grid = grids.pop() if grids else None
+
+    def cat(attr, empty_shape, dtype):
+        parts = [getattr(r, attr) for r in records if getattr(r, attr) is not None and len(getattr(r, attr))]
+        return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype)
+
+    data = {"points/xyz": cat("xyz", (0, 3), np.float32), "points/feat": cat("feat", (0, layout.point_channels), np.float32),
+            "points/sweep": cat("sweep", (0,), np.uint8), "pairs/point": cat("pair_point", (0,), np.int32),
+            "pairs/image": cat("pair_image", (0,), np.uint8)}
+    if layout.has_labels:
+        data["points/label"] = cat("label", (0,), np.uint8)
+    sizes = [r.image_size[r.pair_image] for r in records if len(r.pair_point)]
+    uv = cat("pair_uv", (0, 2), np.float32)
+    data["pairs/uv"] = encode_uv(uv, np.concatenate(sizes)) if sizes else np.zeros((0, 2), np.uint16)
+    if layout.has_teacher:
+        h, w = grid or (0, 0)
+        data["images/view"] = cat("image_view", (0,), np.uint8)
+        data["images/size"] = cat("image_size", (0, 2), np.uint16)
+        data["images/logits"] = cat("image_logits", (0, h, w, layout.num_classes), np.float16)
+        feats = cat("image_features", (0, h, w, layout.feature_dim), np.float32).astype(np.float32)
+        norm = np.linalg.norm(feats, axis=-1, keepdims=True)  # L2-normalised on the grid
+        feats = feats / np.maximum(norm, 1e-12)
+        if layout.feature_dtype == "int8":
+            data["images/features"], data["images/feature_scale"] = quantize_features(feats)
+        else:
+            data["images/features"] = feats.astype(np.float16)
+    return data, grid
 
 
 def write_block(loc: Location, index: int, records: list[ScanRecord], layout: Layout,
                 skipped: list[dict] | None = None) -> dict:
     """Write one block (whole arrays, each shard once) under blocks/NNNNNN/, replacing any partial
     earlier attempt. Returns the block summary the coordinator records: per scan its identity and
-    row counts, and the sha256 of every object written."""
+    row counts, the block's teacher grid, and the sha256 of every object written."""
     for rec in records:
         check_record(rec, layout)
+    data, grid = _block_data(records, layout)
     prefix = schema.block_path(index)
     loc.remove(prefix)  # a crashed earlier attempt of this block
     group = zarr.open_group(loc.zarr_store(), path=prefix, mode="w")
-    quantized = None
-    if layout.has_teacher and layout.feature_dtype == "int8":
-        feats = np.concatenate([r.pair_features for r in records]) if records else np.zeros((0, layout.feature_dim))
-        quantized = dict(zip(("pairs/features", "pairs/feature_scale"), quantize_features(feats)))
-    for spec, trailing in layout.arrays():
-        attr = _FIELDS[spec.name]
-        parts = [getattr(r, attr) for r in records]
-        if quantized is not None and spec.name in quantized:
-            data = quantized[spec.name]
-        else:
-            data = np.concatenate(parts) if parts else np.zeros((0,) + trailing, dtype=spec.dtype)
-        chunk, shard = _geometry(len(data), spec.chunk_rows, spec.shard_rows)
-        arr = group.create_array(spec.name, shape=data.shape, dtype=spec.dtype,
+    for spec, trailing in layout.arrays(grid or (0, 0)):
+        arr_data = data[spec.name]
+        chunk, shard = _geometry(len(arr_data), spec.chunk_rows, spec.shard_rows)
+        arr = group.create_array(spec.name, shape=arr_data.shape, dtype=spec.dtype,
                                  chunks=(chunk,) + trailing, shards=(shard,) + trailing,
                                  compressors=ZstdCodec(level=3), fill_value=0)
-        if len(data):
-            arr[...] = data
+        if len(arr_data):
+            arr[...] = arr_data
     scans = [dict(token=r.token, scene=r.scene, split=r.split, timestamp=int(r.timestamp), lidar_path=r.lidar_path,
-                  points=int(len(r.xyz)), pairs=int(len(r.pair_point))) for r in records]
-    return dict(index=index, scans=scans, files=loc.checksums(prefix), skipped=list(skipped or []))
+                  points=int(len(r.xyz)), pairs=int(len(r.pair_point)),
+                  visible=int(np.count_nonzero(np.diff(r.pair_point)) + 1) if len(r.pair_point) else 0,
+                  images=int(len(r.image_logits)) if r.image_logits is not None else 0) for r in records]
+    return dict(index=index, scans=scans, grid=list(grid) if grid else None, files=loc.checksums(prefix),
+                skipped=list(skipped or []))
 
 
 class CacheWriter:
@@ -183,7 +274,7 @@ class CacheWriter:
 
     def __init__(self, path, meta: dict, num_classes: int, feature_dim: int | None, has_labels: bool,
                  overwrite: bool = False, storage_options: dict | None = None, block_size: int = 16,
-                 resume_key: dict | None = None, feature_dtype: str = "float16"):
+                 resume_key: dict | None = None, feature_dtype: str = "int8"):
         self.loc = Location.parse(path, storage_options)
         self.path = self.loc.url
         resume_key = json.loads(json.dumps(resume_key)) if resume_key is not None else None  # as stored
@@ -198,10 +289,14 @@ class CacheWriter:
             format=schema.FORMAT_NAME, schema_version=schema.SCHEMA_VERSION, status=schema.STATUS_WRITING,
             tool_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             created_by=node_name(), has_labels=has_labels, has_teacher=self.layout.has_teacher,
-            num_scans=0, num_points=0, num_pairs=0, resume_key=resume_key, block_size=block_size,
-            feature_dtype=feature_dtype,
+            num_scans=0, num_points=0, num_pairs=0, num_visible=0, num_images=0, resume_key=resume_key, block_size=block_size,
+            feature_dtype=feature_dtype, uv_scale=schema.UV_SCALE, pair_order=schema.PAIR_ORDER,
+            sampling=dict(schema.SAMPLING), grid=None,
         )
-        missing = [k for k in schema.REQUIRED_META if k not in self.meta]
+        unknown = sorted(set(self.meta) - set(schema.CacheMeta.keys()))
+        if unknown:
+            raise ValueError(f"cache metadata has unknown attributes {', '.join(unknown)} (see schema.CacheMeta)")
+        missing = schema.CacheMeta.missing(self.meta)
         if missing:
             raise ValueError(f"cache metadata lacks {', '.join(missing)}")
         if len(self.meta["prompt_to_eval"]) != num_classes:
@@ -242,6 +337,10 @@ class CacheWriter:
                 if recorded.get(k) != resume_key.get(k):
                     raise CacheError(f"cannot resume {self.path}: {k} was {recorded.get(k)!r}, now "
                                      f"{resume_key.get(k)!r} (pass --overwrite to start again)")
+            diff = schema.CacheMeta.difference(old, self.meta) if old is not None else None
+            if diff is not None:  # the attributes that must match (schema.CacheMeta, role MATCH)
+                raise CacheError(f"cannot resume {self.path}: {diff[0]} was {diff[1]!r}, now {diff[2]!r} "
+                                 "(pass --overwrite to start again)")
             self._write_root()
             log.info("resuming %s: %d blocks already done", self.path, len(self.done_blocks()))
             return True
@@ -340,8 +439,12 @@ class CacheWriter:
         block_idx = np.array([b for b, _ in scans], np.int32)
         pts = np.array([s["points"] for _, s in scans], np.int64)
         prs = np.array([s["pairs"] for _, s in scans], np.int64)
+        ims = np.array([s.get("images", 0) for _, s in scans], np.int64)
+        grids = {tuple(b["grid"]) for b in ordered if b.get("grid")}
+        if len(grids) > 1:
+            raise CacheError(f"{self.path}: blocks hold teacher maps of different grids {sorted(grids)}")
         starts = {}
-        for name, counts in (("point", pts), ("pair", prs)):
+        for name, counts in (("point", pts), ("pair", prs), ("image", ims)):
             start = np.zeros(len(scans), np.int64)
             for b in np.unique(block_idx):
                 rows = np.flatnonzero(block_idx == b)
@@ -352,6 +455,8 @@ class CacheWriter:
         self._write_table(group, "scans/point_count", pts, "int64")
         self._write_table(group, "scans/pair_start", starts["pair"], "int64")
         self._write_table(group, "scans/pair_count", prs, "int64")
+        self._write_table(group, "scans/image_start", starts["image"], "int64")
+        self._write_table(group, "scans/image_count", ims, "int64")
         self._write_table(group, "scans/timestamp", np.array([s["timestamp"] for _, s in scans], np.int64), "int64")
         for key in ("token", "scene", "split", "lidar_path"):
             self._write_table(group, f"scans/{key}", np.array([s[key] for _, s in scans], dtype=object), "string")
@@ -359,7 +464,9 @@ class CacheWriter:
             self._write_table(group, "text/embeddings", self._text, "float32")
         skipped = [s for b in ordered for s in b.get("skipped", [])]
         self.meta.update(status=schema.STATUS_COMPLETE, num_scans=len(scans), num_points=int(pts.sum()),
-                         num_pairs=int(prs.sum()), num_blocks=n, num_skipped=len(skipped))
+                         num_pairs=int(prs.sum()), num_images=int(ims.sum()),
+                         num_visible=sum(int(s.get("visible", 0)) for _, s in scans), num_blocks=n, num_skipped=len(skipped),
+                         grid=list(grids.pop()) if grids else None)
         self.meta.pop("error", None)
         group.attrs[schema.ATTR_KEY] = self.meta
         files = {}

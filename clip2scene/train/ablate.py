@@ -32,10 +32,15 @@ class AblationRow:
     cache: str | None = None  # another cache (prompt-set rows); None = the base cache
 
 
-def ablation_rows(cache_sweeps: int, prompt_caches: dict[str, str] | None = None) -> list[AblationRow]:
-    """Rows of Table 3 that the cache supports (sweep rows need that many cached sweeps)."""
+def ablation_rows(cache_sweeps: int, prompt_caches: dict[str, str] | None = None,
+                  views: str = "border") -> list[AblationRow]:
+    """Rows of Table 3 that the cache supports (sweep rows need that many cached sweeps), plus the
+    other teacher-view rule than the base config's `views` (border: farthest from the image
+    border, as the paper; mean: all views averaged, as OpenScene)."""
+    other = "mean" if views == "border" else "border"
     rows = [
-        AblationRow("full: SCR + SSR + S3", 20.8, {}),
+        AblationRow(f"full: SCR + SSR + S3 (views: {views})", 20.8 if views == "border" else None, {}),
+        AblationRow(f"views: {other}", 20.8 if other == "border" else None, dict(views=other)),
         AblationRow("SCR only, 1 sweep", 15.1, dict(ssr_weight=0.0, self_training="off", sweeps=1)),
         AblationRow("without SSR", 19.8, dict(ssr_weight=0.0)),
         AblationRow("without S3", 18.8, dict(self_training="off")),
@@ -64,7 +69,7 @@ def run_ablation(base: TrainConfig, out: str | Path, prompt_caches: dict[str, st
     out.mkdir(parents=True, exist_ok=True)
     cache_sweeps = int(open_cache(base.cache, base.storage_options).meta["sweeps"])
     results = []
-    for row in ablation_rows(cache_sweeps, prompt_caches):
+    for row in ablation_rows(cache_sweeps, prompt_caches, base.views):
         run_dir = out / _slug(row.name)
         cfg = replace(base, out=str(run_dir), cache=row.cache or base.cache, **row.changes)
         log.info("ablation row %r -> %s", row.name, run_dir)

@@ -2,8 +2,9 @@
 
 Each item holds the scan's points (keyframe + cached sweeps, optionally only the first K lidar
 frames), the input features (cached scaled to 0..1: intensity, or RGB), the MaskCLIP pseudo-label of every camera-visible
-point (argmax of the cached logits; -1 for points no camera sees), the visible points' cached
-logits and (when asked, for SSR) teacher features, and the ground-truth label when the cache has
+point (argmax of the teacher's class scores; -1 for points no camera sees), the visible points'
+class scores and (when asked, for SSR) teacher features, sampled from the cached per-image maps
+at the point's view (`views`: "border" or "mean", see storage.sampling), and the ground-truth label when the cache has
 one. Training-time augmentation: random rotation about z and random flips of x and y.
 
 `EpochSampler` fixes the order of the scans in each epoch from (seed, epoch) alone and, under
@@ -32,13 +33,14 @@ class ScanDataset(Dataset):
     """Scans `indices` of `cache` as training/evaluation items (see module docstring)."""
 
     def __init__(self, cache: Cache, indices: np.ndarray, augment: bool = False, seed: int = 0,
-                 features: bool = False, sweeps: int | None = None):
+                 features: bool = False, sweeps: int | None = None, views: str = "border"):
         self.cache = cache
         self.indices = np.asarray(indices, dtype=np.int64)
         self.augment = augment
         self.seed = seed
         self.features = features  # read the (large) teacher features too
         self.sweeps = sweeps  # keep points of the first K lidar frames only (None = all cached)
+        self.views = views  # teacher view rule of Cache.read_scan: "border" or "mean"
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -56,7 +58,7 @@ class ScanDataset(Dataset):
         if isinstance(item, tuple):
             item, epoch = item
         index = int(self.indices[item])
-        scan = self.cache.read_scan(index, features=self.features)
+        scan = self.cache.read_scan(index, features=self.features, views=self.views)
         xyz, feat, pair_point = scan.xyz, scan.feat, scan.pair_point.astype(np.int64)
         pair_logits, pair_features, label = scan.pair_logits, scan.pair_features, scan.label
         if self.sweeps is not None and scan.sweep.max(initial=0) >= self.sweeps:

@@ -48,6 +48,7 @@ from clip2scene.devices import resolve_device
 from clip2scene.errors import ConfigError
 from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
+from clip2scene.storage.sampling import VIEW_RULES
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buffers, broadcast_object,
@@ -90,6 +91,11 @@ class TrainConfig:
     switch_epoch: int | None = None  # first epoch (0-based) with S3 switching; None = epochs // 2
     switch_prob: float = 0.5  # probability of using the network's own prediction
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # student architecture
+    views: str = "border"  # teacher view per point: "border" (farthest from the image border) or "mean" (all views)
+
+    def __post_init__(self):
+        if self.views not in VIEW_RULES:
+            raise ConfigError(f"--views {self.views!r}: expected one of {', '.join(VIEW_RULES)}")
 
 
 def forward_points(model: torch.nn.Module, batch: dict, voxel_size: float, device: torch.device,
@@ -281,7 +287,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     if not (config.scr_weight or config.ssr_weight or config.kl_weight):
         raise ConfigError("all loss weights are 0: nothing to train")
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed,
-                          features=bool(config.ssr_weight), sweeps=config.sweeps)
+                          features=bool(config.ssr_weight), sweeps=config.sweeps, views=config.views)
     sampler = EpochSampler(len(dataset), seed=config.seed, rank=env.rank, world_size=env.world_size,
                            tag_epoch=config.workers > 0)
     loader = _loader(dataset, sampler, config.batch_size // env.world_size, config, device)

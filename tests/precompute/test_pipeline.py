@@ -26,9 +26,10 @@ def sample(tmp_path_factory):
 def cache_path(sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("c") / "cache.zarr"
     # float32: these tests check the pipeline's arithmetic against a float32 reference by hand
-    # (bfloat16 vs float32 agreement is tests/precompute/test_precision.py)
+    # (bfloat16 vs float32 agreement is tests/precompute/test_precision.py), with float16 feature
+    # maps (int8 vs float16 is tests/storage/test_format.py and tests/precompute/test_schema4_equivalence.py)
     run_precompute(PrecomputeConfig(dataroot=sample, out=out, version="v1.0-mini", sweeps=3, teacher=TINY,
-                                    teacher_precision="float32"), progress=False)
+                                    teacher_precision="float32", feature_dtype="float16"), progress=False)
     return out
 
 
@@ -59,7 +60,11 @@ def test_cache_contents_match_dataset(sample, cache_path):
             uv, _, vis = project_points(scan.xyz, kf.lidar.calib, kf.lidar.ego, cam.ego, cam.calib,
                                         cam.intrinsic, cam.width, cam.height)
             assert vis[scan.pair_point[rows]].all()
-            np.testing.assert_allclose(scan.pair_uv[rows], uv[scan.pair_point[rows]], atol=1e-3)
+            # stored as round((u + 0.5) / W * 2^16): within W / 2^16 pixels
+            np.testing.assert_allclose(scan.pair_uv[rows], uv[scan.pair_point[rows]], atol=cam.width / 65536)
+            # every (point, view) pair is kept, not only the chosen view
+            in_view = scan.image_view[scan.view_image] == c
+            np.testing.assert_array_equal(np.sort(scan.view_point[in_view]), np.flatnonzero(vis))
         # a point with no pair is visible in no camera
         unpaired = np.setdiff1d(np.arange(len(scan.xyz)), scan.pair_point)
         for cam in kf.cameras:

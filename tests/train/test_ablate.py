@@ -11,6 +11,9 @@ def test_rows_follow_cached_sweeps():
     names = [r.name for r in ablation_rows(3)]
     assert "1 sweep" in names and "3 sweeps" in names and "5 sweeps" not in names
     assert {"SCR only, 1 sweep", "without SSR", "without S3", "KL instead of SCR"} <= set(names)
+    assert names[:2] == ["full: SCR + SSR + S3 (views: border)", "views: mean"]
+    assert next(r for r in ablation_rows(1) if r.name == "views: mean").changes == {"views": "mean"}
+    assert [r.name for r in ablation_rows(1, views="mean")][:2] == ["full: SCR + SSR + S3 (views: mean)", "views: border"]
     kl = next(r for r in ablation_rows(1) if r.name == "KL instead of SCR")
     assert kl.changes["scr_weight"] == 0 and kl.changes["kl_weight"] == 1
 
@@ -21,7 +24,7 @@ def test_run_ablation_writes_one_table(tmp_path):
                        precise_bn_batches=2)
     results = run_ablation(base, tmp_path / "abl", prompt_caches={"cityscapes": str(cache)}, progress=False)
     rows = [r["row"] for r in results]
-    assert rows[0] == "full: SCR + SSR + S3" and "prompts: cityscapes" in rows and "1 sweep" in rows
+    assert rows[:2] == ["full: SCR + SSR + S3 (views: border)", "views: mean"] and "prompts: cityscapes" in rows and "1 sweep" in rows
     assert all(r["miou"] is None or 0.0 <= r["miou"] <= 1.0 for r in results)
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert table.count("\n") == len(results) + 2 and "| KL instead of SCR |" in table

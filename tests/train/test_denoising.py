@@ -19,6 +19,7 @@ import torch
 
 from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.storage import CacheWriter, ScanRecord
+from clip2scene.storage.writer import images_from_point_values
 from clip2scene.train.evaluate import EvalConfig, evaluate
 from clip2scene.train.metrics import ConfusionMatrix
 from clip2scene.train.model import ModelConfig
@@ -78,9 +79,7 @@ def build_noisy_cache(root, out, seed=0):
             feats /= np.linalg.norm(feats, axis=1, keepdims=True)
             w.append(ScanRecord(token=kf.sample_token, scene=kf.scene, split="train", timestamp=kf.timestamp,
                                 lidar_path="", xyz=xyzi[:, :3].copy(), feat=xyzi[:, 3:4] / np.float32(255.0), sweep=sweep, label=label, pair_point=idx,
-                                pair_camera=np.zeros(len(idx), np.uint8), pair_uv=np.zeros((len(idx), 2), np.float32),
-                                pair_logits=np.eye(C, dtype=np.float16)[noisy],
-                                pair_features=feats.astype(np.float16)))
+                                **images_from_point_values(np.eye(C, dtype=np.float16)[noisy], feats)))
         w.set_text_embeddings(text)
     return noisy_cm.miou()
 

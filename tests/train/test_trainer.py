@@ -8,6 +8,7 @@ import torch
 
 from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import CacheWriter, ScanRecord
+from clip2scene.storage.writer import images_from_point_values
 from clip2scene.train.checkpoint import load_checkpoint
 from clip2scene.train.evaluate import EvalConfig, evaluate
 from clip2scene.train.model import ModelConfig
@@ -36,9 +37,8 @@ def make_scan(rng, i, split):
     logits = np.eye(C, dtype=np.float16)[cls[vis]]
     return ScanRecord(token=f"t{i}", scene=f"scene-{i}", split=split, timestamp=i, lidar_path=f"x{i}",
                       xyz=xyz, feat=inten[:, None] / np.float32(255.0), sweep=np.zeros(n, np.uint8),
-                      label=(cls + 1).astype(np.uint8), pair_point=vis, pair_camera=np.zeros(len(vis), np.uint8),
-                      pair_uv=np.zeros((len(vis), 2), np.float32), pair_logits=logits,
-                      pair_features=np.zeros((len(vis), D), np.float16))
+                      label=(cls + 1).astype(np.uint8), pair_point=vis,
+                      **images_from_point_values(logits, np.zeros((len(vis), D), np.float16)))
 
 
 def write_cache(path, sha="random", splits=("train", "train", "train", "val")):
