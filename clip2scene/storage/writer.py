@@ -95,7 +95,8 @@ def images_from_point_values(logits: np.ndarray, features: np.ndarray, grid: tup
     maps_f[:m] = features
     return dict(pair_image=image, pair_uv=uv, image_view=np.zeros(n_img, np.uint8),
                 image_size=np.tile(np.array([[w * patch, h * patch]], np.uint16), (n_img, 1)),
-                image_logits=maps_l.reshape(n_img, h, w, -1), image_features=maps_f.reshape(n_img, h, w, -1))
+                image_logits=maps_l.reshape(n_img, h, w, logits.shape[1]),
+                image_features=maps_f.reshape(n_img, h, w, features.shape[1]))
 
 
 @dataclass(frozen=True)

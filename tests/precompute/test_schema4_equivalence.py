@@ -19,6 +19,7 @@ from clip2scene.precompute.pipeline import (PrecomputeConfig, assign_cameras, de
 from clip2scene.storage import open_cache
 
 TINY = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(64, 112))
+pytestmark = pytest.mark.slow  # two precompute runs end to end
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def built(tmp_path_factory):
     from clip2scene.precompute.synthetic import SampleConfig, make_sample
 
     tmp = tmp_path_factory.mktemp("eq")
-    root = make_sample(tmp / "root", SampleConfig(scenes=1, keyframes=2, sweeps=1, image_width=320, image_height=180))
+    root = make_sample(tmp / "root", SampleConfig(scenes=1, keyframes=1, sweeps=1, image_width=320, image_height=180))
     caches = {}
     for dtype in ("float16", "int8"):
         run_precompute(PrecomputeConfig(dataroot=root, out=tmp / f"{dtype}.zarr", version="v1.0-mini", sweeps=2,

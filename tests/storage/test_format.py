@@ -255,6 +255,8 @@ def test_second_writer_is_refused_and_resume_keeps_blocks(tmp_path):
         open_cache(tmp_path / "c.zarr")
     with pytest.raises(CacheError, match="sweeps was 1, now 3"):
         CacheWriter(tmp_path / "c.zarr", META, C, D, has_labels=True, block_size=2, resume_key=dict(key, sweeps=3))
+    with pytest.raises(CacheError, match="cannot resume .*voxel_size was 0.1, now 0.2"):  # a MATCH attribute
+        CacheWriter(tmp_path / "c.zarr", dict(META, voxel_size=0.2), C, D, has_labels=True, block_size=2, resume_key=key)
     w2 = CacheWriter(tmp_path / "c.zarr", META, C, D, has_labels=True, block_size=2, resume_key=key)
     assert w2.resumed and sorted(w2.done_blocks()) == [0, 1]
     w2.append(scans[4])

@@ -94,7 +94,8 @@ def test_finetune_on_labels_only_cache(tmp_path):
     with CacheWriter(tmp_path / "l.zarr", meta, 3, None, has_labels=True) as w:
         for i, split in enumerate(("train", "train", "val")):
             s = make_scan(rng, i, split)
-            s.pair_logits = s.pair_features = None
+            s.pair_point, s.pair_image, s.pair_uv = np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros((0, 2), np.float32)
+            s.image_view = s.image_size = s.image_logits = s.image_features = None
             w.append(s)
     r = finetune(FinetuneConfig(cache=str(tmp_path / "l.zarr"), out=str(tmp_path / "run"), epochs=12, batch_size=2,
                                 model=TINY), progress=False)
