@@ -83,7 +83,7 @@ def losses(cache: str, out: Path, pythonpath: str, args) -> list[float]:
     spec = dict(cache=cache, out=str(out), epochs=args.epochs, batch=args.batch, split=args.split,
                 channels=[int(c) for c in args.channels.split(",")])
     env = dict(os.environ, PYTHONPATH=pythonpath)
-    subprocess.run([sys.executable, "-c", TRAIN, json.dumps(spec)], check=True, env=env)
+    subprocess.run([sys.executable, "-c", TRAIN, json.dumps(spec)], check=True, env=env, cwd=pythonpath)  # cwd: no other checkout first on sys.path
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
