@@ -23,9 +23,9 @@ import typer
 from clip2scene import __version__
 from clip2scene.errors import Clip2SceneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="CLIP2Scene: distil a cached CLIP teacher into a 3D sparse network.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect caches.")
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect caches.")
 app.add_typer(cache_app, name="cache")
 log = logging.getLogger("clip2scene")
 
@@ -35,14 +35,35 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _run(fn, *args, **kwargs):
-    """Call library code; turn user-facing errors into one line and exit code 2."""
+def _interrupted(message: str) -> None:
+    """Ctrl-C: one line saying how to continue, exit 130, and nothing from threads still
+    shutting down (Dask's event loop logs 'Task was destroyed' as the interpreter exits)."""
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+    typer.echo(f"interrupted: {message}", err=True)
+    raise typer.Exit(130)
+
+
+RANDOM_TEACHER = "the teacher was randomly initialised (no CLIP weights): its pseudo-labels are meaningless."
+
+
+def _run(fn, *args, _raise: type | tuple = (), **kwargs):
+    """Call library code; turn user-facing errors into one line and exit code 2 (those of type
+    `_raise` are re-raised for the caller to handle)."""
     from clip2scene.precompute.maskclip import WeightsNotFoundError
+    from clip2scene.storage.store import remote_error
 
     try:
         return fn(*args, **kwargs)
+    except _raise:
+        raise
     except (Clip2SceneError, WeightsNotFoundError, FileExistsError) as e:
         _fail(str(e))
+    except Exception as e:  # an object store failing inside zarr (no credentials, endpoint gone)
+        err = remote_error(None, e)
+        if err is None:
+            raise
+        _fail(str(err))
 
 
 _STORAGE_HELP = "fsspec option for a cache URL, key=value (repeatable), e.g. client_kwargs.endpoint_url=http://host:9000."
@@ -59,9 +80,7 @@ def _parse_size(value: str) -> tuple[int, int]:
         h, w = (int(v) for v in value.lower().split("x"))
     except ValueError:
         _fail(f"--image-size {value!r}: expected HxW, e.g. 224x416")
-    if h <= 0 or w <= 0:
-        _fail(f"--image-size {value!r}: sizes must be positive")
-    return h, w
+    return h, w  # positive multiples of the patch: TeacherConfig / load_teacher
 
 
 def _parse_channels(value: Optional[str]):
@@ -73,20 +92,28 @@ def _parse_channels(value: Optional[str]):
         _fail(f"--channels {value!r}: expected 9 comma-separated integers")
 
 
+def _print_version(value: bool) -> None:
+    """Eager --version: answered before Click looks for a command."""
+    if value:
+        typer.echo(f"clip2scene {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details (INFO)."),
-          version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+          version: bool = typer.Option(False, "--version", is_eager=True, expose_value=False, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # Dask logs ~30 INFO lines and nanny shutdown warnings per run otherwise
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        logging.getLogger("distributed").setLevel(logging.ERROR)
     # third-party noise that says nothing about the user's run
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv(\..*)?")
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     from clip2scene.runtime import tune_malloc
 
     tune_malloc()  # big tensors reuse heap memory instead of page-faulting in fresh mmaps
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit()
 
 
 # ---------------------------------------------------------------------------------- make-sample
@@ -139,29 +166,34 @@ def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smo
                     prompt_denoising: bool = False, denoise_threshold: float = 0.5):
     from clip2scene.precompute.maskclip import TeacherConfig
 
-    if not 0.0 <= denoise_threshold <= 1.0:
-        _fail(f"--denoise-threshold {denoise_threshold}: must lie in [0, 1]")
-    return TeacherConfig(model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
-                         key_smoothing=key_smoothing, prompt_denoising=prompt_denoising,
-                         denoise_threshold=denoise_threshold)
+    return _run(TeacherConfig, model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
+                key_smoothing=key_smoothing, prompt_denoising=prompt_denoising, denoise_threshold=denoise_threshold)
 
 
 def _print_precompute(meta: dict) -> None:
     t = meta["teacher"]
     typer.echo(f"cache: {meta.get('path', '')}")
     typer.echo(f"  scans {meta['num_scans']}, points {meta['num_points']}, camera-visible points {meta['num_pairs']}")
+    if meta.get("already_complete"):
+        typer.echo("  already complete for these settings: nothing to do (pass --overwrite to rebuild it)")
     if t is None:
-        typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
+        if not meta.get("already_complete"):
+            typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
         return
     typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']} "
                f"computed in {meta.get('teacher_precision') or 'float32'}")
-    if meta.get("resumed_blocks"):
-        typer.echo(f"  resumed: {meta['resumed_blocks']} of {meta['num_blocks']} blocks were already done")
-    typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
+    if meta.get("already_complete"):
+        pass
+    elif meta.get("resumed_blocks") and meta.get("resumed_blocks") == meta.get("num_blocks"):
+        typer.echo(f"  resumed: all {meta['num_blocks']} blocks were already done; committed in {meta['seconds']:.1f} s")
+    else:
+        if meta.get("resumed_blocks"):
+            typer.echo(f"  resumed: {meta['resumed_blocks']} of {meta['num_blocks']} blocks were already done")
+        typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
     if meta.get("num_skipped"):
         typer.echo(f"  skipped {meta['num_skipped']} bad sample(s): see `clip2scene cache info`")
     if t["weights_sha256"] == "random":
-        typer.echo("  WARNING: the teacher is randomly initialised (no CLIP weights): pseudo-labels are meaningless.")
+        typer.echo(f"  WARNING: {RANDOM_TEACHER}")
 
 
 @app.command()
@@ -193,17 +225,19 @@ def precompute(
     """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
     from clip2scene.precompute.pipeline import DATASETS, DEFAULT_IMAGE_SIZE, PrecomputeConfig, run_precompute
 
-    if dataset not in DATASETS:
-        _fail(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE[dataset]))
+    # every option is validated by PrecomputeConfig / TeacherConfig (one line, exit 2)
+    size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE.get(dataset, DEFAULT_IMAGE_SIZE["nuscenes"])))
     teacher = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
                                                                 prompt_denoising, denoise_threshold)
-    cfg = PrecomputeConfig(dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
-                           sweeps=sweeps, class_set=class_set or dataset, teacher=teacher,
-                           device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
-                           block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
-                           feature_dtype=feature_dtype, teacher_precision=teacher_precision)
-    meta = _run(run_precompute, cfg)
+    cfg = _run(PrecomputeConfig, dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
+               sweeps=sweeps, class_set=class_set or (dataset if dataset in DATASETS else "nuscenes"), teacher=teacher,
+               device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
+               block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
+               feature_dtype=feature_dtype, teacher_precision=teacher_precision)
+    try:
+        meta = _run(run_precompute, cfg)
+    except KeyboardInterrupt:
+        _interrupted("precompute stopped: the blocks finished so far are kept; rerun the same command to resume")
     meta["path"] = str(out)
     _print_precompute(meta)
 
@@ -472,12 +506,25 @@ def report(
 # ---------------------------------------------------------------------------------- cache info
 @cache_app.command("info")
 def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://bucket/c.zarr)."),
-               as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+               as_json: bool = typer.Option(False, "--json/--no-json", help="Print JSON."),
                storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP)) -> None:
     """Print a cache's metadata (who built it, when, from what), counts, bytes per point, skipped samples."""
+    from clip2scene.errors import CacheError
     from clip2scene.storage import open_cache
+    from clip2scene.storage.tools import partial_info
 
-    info = _run(lambda: open_cache(path, _storage(storage_option)).info())
+    opts = _storage(storage_option)
+    try:
+        info = _run(lambda: open_cache(path, opts).info(), _raise=CacheError)
+    except CacheError as e:  # unfinished (writing / failed): show what there is, or the reason
+        partial = _run(partial_info, path, opts)
+        if partial is None or partial["status"] == "complete":
+            _fail(str(e))
+        if as_json:
+            typer.echo(json.dumps(partial, indent=2))
+        else:
+            _print_partial(partial)
+        return
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -493,6 +540,8 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     else:
         typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
         typer.echo(f"          image {t['image_size']}, dim {t['embed_dim']}, templates {t['templates_sha256'][:12]}")
+        if t["weights_sha256"] == "random":
+            typer.echo(f"  WARNING: {RANDOM_TEACHER}")
     typer.echo(f"  classes ({len(m['class_names'])}): {', '.join(m['class_names'])}")
     typer.echo(f"  scans {m['num_scans']} ({', '.join(f'{k}={v}' for k, v in info['splits'].items())}), "
                f"sweeps per scan {m['sweeps']}, input {', '.join(m['point_features'])}")
@@ -505,6 +554,31 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     typer.echo(f"  skipped samples: {len(info['skipped'])}")
     for sk in info["skipped"]:
         typer.echo(f"    {sk['token']} ({sk['scene']}): {sk['reason']}")
+
+
+def _print_partial(p: dict) -> None:
+    """`cache info` of an unfinished cache: its state, the error, what is done, how to continue."""
+    m, t = p["meta"], p["meta"].get("teacher")
+    typer.echo(f"cache {p['path']}  (schema {m.get('schema_version')}, clip2scene {m.get('tool_version')}, "
+               f"{str(p['status']).upper()}: not usable for training)")
+    if p.get("error"):
+        typer.echo(f"  error: {p['error']}")
+    if p.get("writer"):
+        w = p["writer"]
+        typer.echo(f"  being written by {w.get('user', '?')}@{w.get('host', '?')} pid {w.get('pid', '?')} since {w.get('since', '?')}")
+    typer.echo(f"  built {m.get('created')} by {m.get('created_by', '?')}")
+    d = m.get("dataset") or {}
+    typer.echo(f"  dataset {d.get('name')} {d.get('version')} from {d.get('dataroot')}")
+    if t is None:
+        typer.echo("  teacher: none (labels-only cache)")
+    else:
+        typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
+        if t.get("weights_sha256") == "random":
+            typer.echo(f"  WARNING: {RANDOM_TEACHER}")
+    typer.echo(f"  done so far: {p['blocks_done']} blocks, {p['scans_done']} scans, {p['points_done']} points; "
+               f"skipped samples: {len(p['skipped'])}")
+    if not p.get("writer"):
+        typer.echo("  rerun the same `clip2scene precompute` command to resume it (or pass --overwrite to start again)")
 
 
 @cache_app.command("verify")
@@ -566,7 +640,7 @@ def demo(
         if clip_weights is not None:
             _fail(str(e))
         typer.echo(f"  no CLIP weights here ({e})")
-        typer.echo("  -> falling back to a RANDOMLY INITIALISED ViT-B-16: the pipeline runs for real, "
+        typer.echo("  -> falling back to a randomly initialised ViT-B-16: the pipeline runs for real, "
                    "but the pseudo-labels and the mIoU below are meaningless.")
         cfg = replace(cfg, teacher=_teacher_config("ViT-B-16", "none", "224x416"))
         meta = _run(run_precompute, cfg)

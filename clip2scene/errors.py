@@ -17,5 +17,8 @@ class CacheError(Clip2SceneError):
     """A cache is missing, incomplete, of another schema, or incompatible with a checkpoint."""
 
 
-class ConfigError(Clip2SceneError):
-    """An option has a value we cannot use (the message names the option and value)."""
+class ConfigError(Clip2SceneError, ValueError):
+    """An option has a value we cannot use (the message names the option and value).
+
+    Raised by the config dataclasses' `__post_init__` (every option is validated there, once);
+    also a ValueError, so library callers that catch ValueError for bad arguments still do."""
