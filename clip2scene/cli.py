@@ -31,8 +31,20 @@ log = logging.getLogger("clip2scene")
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {_one_line(message)}", err=True)
     raise typer.Exit(2)
+
+
+def _one_line(message: str) -> str:
+    """An error re-raised from a worker process (a DataLoader worker wraps it as 'Caught X in
+    DataLoader worker process 0. Original Traceback ...') -> just the original one-line message."""
+    lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and "Traceback (most recent call last)" in message:
+        head, sep, rest = lines[-1].partition(": ")  # "clip2scene.errors.CacheError: <message>"
+        if sep and " " not in head and (head.endswith(("Error", "Exception")) or "." in head):
+            return rest
+        return lines[-1]
+    return str(message)
 
 
 def _interrupted(message: str) -> None:

@@ -104,7 +104,7 @@ class PrecomputeConfig:
         if self.feature_dtype not in ("float16", "int8"):
             raise ConfigError(f"--feature-dtype {self.feature_dtype!r}: expected float16 or int8")
         if self.teacher_precision not in PRECISIONS:
-            raise ConfigError(f"--teacher-precision {self.teacher_precision!r}: expected one of {', '.join(PRECISIONS)}")
+            raise ConfigError(f"--teacher-precision {self.teacher_precision!r}: unknown teacher precision; expected one of {', '.join(PRECISIONS)}")
         if self.teacher is not None and not isinstance(self.teacher, TeacherConfig):
             raise ConfigError(f"teacher {self.teacher!r}: expected a TeacherConfig or None")
         if not isinstance(self.overwrite, bool):
