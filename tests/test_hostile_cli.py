@@ -119,6 +119,9 @@ CASES = [
     ("cache-info-on-dataroot", ["cache", "info", "{root}"], "looks like a nuScenes dataset root", None),
     ("overwrite-complete-needs-flag", ["precompute", "--dataroot", "{root}", "--version", "v1.0-mini", "--out",
                                        "{cache}", "--sweeps", "2"] + TINY, "already exists", "same"),
+    ("overwrite-a-dataroot", ["precompute", "--dataroot", "{root}", "--version", "v1.0-mini", "--out", "{root}",
+                              "--overwrite"] + TINY, "is not a clip2scene cache: --overwrite only replaces caches",
+     "root-intact"),
     ("query-labels-value", ["query", "--checkpoint", "{tmp}/none.pt", "--labels", "yes", "a car"],
      "looks like a value for --labels, which is a flag", None),
     ("s3-dead-endpoint-precompute", PRE[:6] + ["s3://bucket/c.zarr"] + TINY + DEAD_S3,
@@ -148,6 +151,8 @@ def test_hostile_cli(args, fragment, disk, sample, cache, tmp_path, request):
     if disk == "same":
         assert before == [] and verify(str(cache)) == [] and open_cache(cache).num_scans == 3
         assert not (cache / "writer.lock").exists()
+    if disk == "root-intact":
+        assert (sample / "v1.0-mini" / "sample.json").is_file() and not (sample / "writer.lock").exists()
     assert time.perf_counter() - t0 < 120  # refused up front, never a hang
 
 
@@ -288,6 +293,7 @@ def test_zero_byte_jpeg_and_control_character_json(sample, tmp_path):
     assert "at at" not in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_resume_and_nothing_else(sample, tmp_path):
     out = tmp_path / "c.zarr"
     cmd = [sys.executable, "-m", "clip2scene.cli", *[a.format(root=sample, out=out) for a in PRE], *TINY,

@@ -227,6 +227,9 @@ class CacheWriter:
 
     def _open_or_create(self, overwrite: bool, resume_key: dict | None) -> bool:
         existing = [f for f in self.loc.list_files("") if Lock.NAME not in f]  # the lock and its temp file
+        if existing and overwrite and self._existing_meta() is None and self._recorded_key() is None:
+            raise CacheError(f"{self.path} holds {len(existing)} file(s) but is not a clip2scene cache: --overwrite "
+                             "only replaces caches; choose another --out (or remove that folder yourself)")
         if existing and overwrite:
             for f in self.loc.fs.ls(self.loc.root, detail=False):
                 if Lock.NAME not in f.rstrip("/").rsplit("/", 1)[-1]:
