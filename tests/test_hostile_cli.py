@@ -173,6 +173,17 @@ def test_version_flags_and_help():
     assert "--labels / --no-labels" in run("query", "--help").output
 
 
+def test_dask_logs_only_errors_without_verbose(tmp_path, monkeypatch):
+    import logging
+
+    monkeypatch.delenv("DASK_LOGGING__DISTRIBUTED", raising=False)
+    monkeypatch.setattr(logging.getLogger("distributed"), "level", logging.NOTSET)
+    assert_one_line_error(run("cache", "info", tmp_path / "nothing"), "cache not found")
+    # Dask workers inherit the environment and configure their loggers from it
+    assert os.environ["DASK_LOGGING__DISTRIBUTED"] == "error"
+    assert logging.getLogger("distributed").level == logging.ERROR
+
+
 def test_live_writer_is_refused_before_any_work_and_overwrite_never_removes_it(sample, tmp_path, monkeypatch):
     """Two overlapping runs, the second with --overwrite: exactly one writes."""
     out = tmp_path / "c.zarr"
