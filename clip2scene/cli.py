@@ -46,14 +46,10 @@ def _interruptible(fn, *args, **kwargs):
         raise typer.Exit(130)
 
 
-def _given() -> set[str]:
-    """Names of the current command's options that the user typed (not defaults)."""
-    import click
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context()
+def _given(ctx: typer.Context) -> set[str]:
+    """Names of the command's options that the user gave (command line or environment), not defaults."""
     return {name for name in ctx.params
-            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
 
 
 def _run(fn, *args, **kwargs):
@@ -238,9 +234,9 @@ def _model_config(arch: str, channels: Optional[str]):
     return _run(ModelConfig, arch=arch, **({} if chans is None else dict(channels=chans)))
 
 
-def _train_config(cache, out, *, arch="spvcnn", channels=None, **fields):
+def _train_config(cache, out, *, arch="spvcnn", channels=None, given: Optional[set[str]] = None, **fields):
     """TrainConfig from CLI values (TrainConfig validates them); `fields` are TrainConfig fields
-    by name. With --resume, the options not typed come from the checkpoint's run."""
+    by name. With --resume, the options not `given` (typed) come from the checkpoint's run."""
     from clip2scene.train.trainer import TrainConfig, resume_from
 
     model = _model_config(arch, channels)
@@ -249,7 +245,7 @@ def _train_config(cache, out, *, arch="spvcnn", channels=None, **fields):
     fields["storage_options"] = _storage(fields.pop("storage_option", None))
     config = _run(TrainConfig, cache=str(cache), out=str(out), model=model, **fields)
     if config.resume is not None:
-        config = _run(resume_from, config, _given())
+        config = _run(resume_from, config, given or set())
     return config
 
 
@@ -316,6 +312,7 @@ def _with_training_options(fn):
 @app.command()
 @_with_training_options
 def train(
+    ctx: typer.Context,
     cache: str = typer.Option(..., help="Cache written by precompute (folder or URL)."),
     out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, config.json)."),
     resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from: options not given are the run's own "
@@ -328,7 +325,8 @@ def train(
     Ctrl-C exits with code 130 and names the checkpoint that `--resume` continues from."""
     from clip2scene.train.trainer import train as run_train
 
-    _print_train(_interruptible(run_train, _train_config(cache, out, resume=resume, overwrite=overwrite, **options)))
+    config = _train_config(cache, out, resume=resume, overwrite=overwrite, given=_given(ctx), **options)
+    _print_train(_interruptible(run_train, config))
 
 
 @app.command()
