@@ -411,8 +411,8 @@ def evaluate(
         typer.echo(f"  result: {path}")
         _confusion_png(path)
         return
-    cfg = EvalConfig(checkpoint=str(checkpoint), cache=str(cache), split=split,
-                     out=str(out) if out else None, device=device, storage_options=opts)
+    cfg = _run(EvalConfig, checkpoint=str(checkpoint), cache=str(cache), split=split,
+               out=str(out) if out else None, device=device, storage_options=opts)
     _print_eval(_run(run_eval, cfg))
 
 

@@ -65,6 +65,15 @@ def check_bool(name: str, value) -> None:
         raise ConfigError(f"{option(name)} {value!r}: expected true or false")
 
 
+def paths_to_text(config, *names: str) -> None:
+    """In a frozen dataclass's __post_init__: os.PathLike values of `names` become str (the
+    fields are declared str; config.json and checkpoints store them as text)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, os.PathLike):
+            object.__setattr__(config, name, os.fspath(value))
+
+
 def check_text(name: str, value, allow_none: bool = False) -> None:
     """A non-empty string (paths, split names)."""
     if value is None and allow_none:

@@ -41,7 +41,7 @@ from clip2scene.errors import CacheError, ConfigError, Interrupted
 from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checks import (check_bool, check_choice, check_finite_loss, check_finite_model, check_float,
-                                     check_int, check_text, refuse_existing_run, remove_run)
+                                     check_int, check_text, paths_to_text, refuse_existing_run, remove_run)
 from clip2scene.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.evaluate import _iou_dict, _num
@@ -84,6 +84,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         """Every option's valid range, checked before any work: ConfigError naming the option."""
+        paths_to_text(self, "cache", "out", "checkpoint")
         check_text("cache", self.cache)
         check_text("out", self.out)
         check_text("checkpoint", self.checkpoint, allow_none=True)

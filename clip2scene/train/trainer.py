@@ -50,7 +50,7 @@ from clip2scene.errors import ConfigError, Interrupted
 from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checks import (check_bool, check_choice, check_finite_loss, check_finite_model, check_float,
-                                     check_int, check_text, option, refuse_existing_run, remove_run)
+                                     check_int, check_text, paths_to_text, option, refuse_existing_run, remove_run)
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of, save_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buffers, broadcast_object,
@@ -101,6 +101,7 @@ class TrainConfig:
         """Every option's valid range, checked before any work: ConfigError naming the option
         (as the CLI spells it) and the value. What depends on the cache (--sweeps beyond the
         cached frames) or the environment (CUDA, torchrun size) is checked when they are known."""
+        paths_to_text(self, "cache", "out", "resume")
         check_text("cache", self.cache)
         check_text("out", self.out)
         check_text("split", self.split)

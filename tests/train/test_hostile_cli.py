@@ -1,12 +1,13 @@
 """Hostile input to the training side of the CLI (train, finetune, linear-probe, evaluate, query).
 
 One table: command, expected exit code, a fragment of the one-line message, and what must hold on
-disk afterwards. For every row: no traceback; exit 2 is exactly one `error:` line; a command that
-fails (exit 2) never writes or changes a checkpoint (every `*.pt` in --out is as before); every
-row leaves `metrics.jsonl` strict JSON (no NaN / Infinity). Exit 130 is Ctrl-C (one line naming
-the checkpoint that `--resume` continues from; the epochs finished before it are saved). Rows that train use a 4-scan cache of 400 points and
-a tiny network, one step per epoch; the CLI runs in-process (CliRunner), and rows that need a
-NaN loss or a Ctrl-C at a given step patch the loss function for that one invocation.
+disk afterwards. For every row: no traceback; exit 2 is exactly one `error:` line, and a command
+that fails with it never writes or changes a checkpoint (every `*.pt` in --out is as before);
+every row leaves `metrics.jsonl` strict JSON (no NaN / Infinity). Exit 130 is Ctrl-C: one line
+naming the checkpoint that `--resume` continues from (epochs finished before it are saved).
+Rows that train use a 4-scan cache of 400 points and a tiny network, one step per epoch; the CLI
+runs in-process (CliRunner), and rows that need a NaN loss or a Ctrl-C at a given step patch the
+loss function for that one invocation.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -35,6 +36,7 @@ from clip2scene.train import trainer as trainer_module
 from clip2scene.train import finetune as finetune_module
 from clip2scene.train.checks import check_finite_loss, nonfinite_tensors, remove_run
 from clip2scene.train.checkpoint import load_checkpoint
+from clip2scene.train.evaluate import EvalConfig
 from clip2scene.train.finetune import FinetuneConfig
 from clip2scene.train.model import ModelConfig
 from clip2scene.train.trainer import TrainConfig, _continue_schedule, build_optimizer, resumed_config
@@ -394,6 +396,13 @@ def test_finetune_config_refuses(changes, message):
     with pytest.raises(ConfigError) as e:
         FinetuneConfig(**{**GOOD, **changes})
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eval_config_refuses():
+    with pytest.raises(ConfigError, match="--batch-size 0"):
+        EvalConfig(checkpoint="c.pt", cache="c.zarr", batch_size=0)
+    with pytest.raises(ConfigError, match="--split ''"):
+        EvalConfig(checkpoint="c.pt", cache="c.zarr", split="")
 
 
 def test_model_config_refuses_unknown_arch():
