@@ -331,6 +331,7 @@ def test_interrupted_run_resumes_in_place_without_duplicate_steps(world, tmp_pat
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_real_sigint_names_the_resume_checkpoint(world, tmp_path):
     """A real SIGINT to a training process: exit 130, one line, no traceback."""
     out = tmp_path / "run"
