@@ -238,6 +238,8 @@ ROWS = [
         setup=copy_base, after=checkpoint_kept),
     Row("resume-past-epochs", RESUME[:-1] + ["{out}/checkpoint.pt", "--epochs", "3"], 2, "is already at epoch 5",
         setup=checkpoint_at_epoch_5),
+    Row("resume-missing", RESUME[:-1] + ["{out}/nope.pt"], 2, "checkpoint not found: {out}/nope.pt",
+        after=nothing_written),
     Row("resume-other-arch", RESUME + ["--epochs", "2", "--arch", "minkunet"], 2,
         "--arch minkunet differs from the run being resumed", after=nothing_written),
     Row("resume-other-channels", RESUME + ["--epochs", "2", "--channels", "8,8,8,8,8,8,8,8,8"], 2,
