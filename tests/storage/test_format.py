@@ -77,6 +77,7 @@ def _check_array(path, name, rows, dtype, trailing, chunk, shard):
     assert [c["name"] for c in codec["configuration"]["codecs"]] == ["bytes", "zstd"], name
     assert codec["configuration"]["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
     assert codec["configuration"]["codecs"][1]["configuration"]["level"] == 3
+    assert codec["configuration"]["codecs"][1]["configuration"]["checksum"] is True  # corrupt chunks fail
     assert [c["name"] for c in codec["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
 
 
