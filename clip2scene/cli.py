@@ -146,6 +146,17 @@ def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smo
                          denoise_threshold=denoise_threshold)
 
 
+TEACHERS = ("maskclip", "simulated")  # --teacher choices
+SIMULATED_NOTE = ("SIMULATED teacher: pseudo-labels made from the synthetic sample's own class maps with CLIP-like "
+                  "errors (not CLIP; see docs/simulated-teacher.md)")
+
+
+def _simulated_teacher_config(image_size: str):
+    from clip2scene.precompute.maskclip import TeacherConfig
+
+    return TeacherConfig(model="simulated", weights="none", image_size=_parse_size(image_size), teacher="simulated")
+
+
 def _print_precompute(meta: dict) -> None:
     t = meta["teacher"]
     typer.echo(f"cache: {meta.get('path', '')}")
@@ -153,8 +164,12 @@ def _print_precompute(meta: dict) -> None:
     if t is None:
         typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
         return
-    typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']} "
-               f"computed in {meta.get('teacher_precision') or 'float32'}")
+    if t.get("model") == "simulated":
+        typer.echo(f"  teacher: {SIMULATED_NOTE}")
+        typer.echo(f"  simulated teacher {t['weights_sha256']} image {t['image_size']}, dim {t['embed_dim']}")
+    else:
+        typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']} "
+                   f"computed in {meta.get('teacher_precision') or 'float32'}")
     if meta.get("resumed_blocks"):
         typer.echo(f"  resumed: {meta['resumed_blocks']} of {meta['num_blocks']} blocks were already done")
     typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
@@ -173,6 +188,9 @@ def precompute(
     split: Optional[str] = typer.Option(None, help="Only this split (train/val); default all."),
     sweeps: int = typer.Option(3, help="Lidar frames per scan: keyframe + K-1 previous sweeps (1..10)."),
     class_set: Optional[str] = typer.Option(None, help="Prompt class set: nuscenes, semantickitti, cityscapes, scannet, all (default: the dataset's)."),
+    teacher_name: str = typer.Option("maskclip", "--teacher", help="Teacher: maskclip, or simulated (make-sample data only: "
+                                     "MaskCLIP-shaped outputs with CLIP-like errors from the sample's class maps, no weights; "
+                                     "--clip-model/--clip-weights are then ignored)."),
     clip_model: str = typer.Option("ViT-B-16", help="open_clip model name, or none: cache points and labels only (no teacher)."),
     clip_weights: str = typer.Option("openai", help="open_clip tag, checkpoint file, local-dir:DIR, or none (random)."),
     image_size: Optional[str] = typer.Option(None, help="Teacher input size HxW (default per dataset: nuscenes 224x416, semantickitti 128x416, scannet 240x320)."),
@@ -196,8 +214,13 @@ def precompute(
     if dataset not in DATASETS:
         _fail(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
     size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE[dataset]))
-    teacher = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
-                                                                prompt_denoising, denoise_threshold)
+    if teacher_name not in TEACHERS:
+        _fail(f"--teacher {teacher_name!r}: expected one of {', '.join(TEACHERS)}")
+    if teacher_name == "simulated":
+        teacher = _simulated_teacher_config(size)
+    else:
+        teacher = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
+                                                                    prompt_denoising, denoise_threshold)
     cfg = PrecomputeConfig(dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
                            sweeps=sweeps, class_set=class_set or dataset, teacher=teacher,
                            device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
@@ -333,6 +356,8 @@ def _confusion_png(eval_json) -> None:
 
 
 def _print_eval(r: dict) -> None:
+    if r.get("teacher_model") == "simulated":
+        typer.echo(f"teacher: {SIMULATED_NOTE}")
     typer.echo(f"{'class':<22}{'student IoU':>12}{'teacher IoU*':>14}")
     for name in r["class_names"]:
         typer.echo(f"{name:<22}{_fmt(r['per_class_iou'][name]):>12}{_fmt(r['teacher_per_class_iou_visible'][name]):>14}")
@@ -490,6 +515,10 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     typer.echo(f"  dataset {d['name']} {d['version']} from {d['dataroot']}")
     if t is None:
         typer.echo("  teacher: none (labels-only cache)")
+    elif t.get("model") == "simulated":
+        typer.echo(f"  teacher: {SIMULATED_NOTE}")
+        typer.echo(f"          {t['weights_sha256']}, image {t['image_size']}, dim {t['embed_dim']}, knobs "
+                   + ", ".join(f"{k}={v}" for k, v in (t.get("simulated") or {}).items() if k != "confusions"))
     else:
         typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
         typer.echo(f"          image {t['image_size']}, dim {t['embed_dim']}, templates {t['templates_sha256'][:12]}")
@@ -537,53 +566,86 @@ def cache_merge(caches: list[str] = typer.Argument(..., help="Two or more caches
 
 
 # ---------------------------------------------------------------------------------- demo
+# Demo size, chosen so that the whole demo with the simulated teacher takes <= 3 minutes on 2 cores
+# (README, "Quick start"): a lighter lidar (512 rays per ring) and small images, the paper's
+# student at a reduced width.
+DEMO_SAMPLE = dict(scenes=2, keyframes=4, sweeps=2, lidar_azimuth_steps=512)
+DEMO_SWEEPS = 3
+DEMO_CHANNELS = "16,16,32,64,128,128,64,48,48"
+DEMO_BATCH, DEMO_LR = 2, 0.05
+
+
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo"), help="Folder for the sample, cache and run (replaced)."),
-    clip_weights: Optional[str] = typer.Option(None, help="CLIP weights (default: openai if present locally, else random)."),
+    clip_weights: Optional[str] = typer.Option(None, help="Run MaskCLIP ViT-B-16 with these CLIP weights (open_clip tag, "
+                                                          "file, local-dir:DIR, or none = random ViT). Default: the "
+                                                          "simulated teacher (no weights needed)."),
     epochs: int = typer.Option(8, help="Training epochs."),
 ) -> None:
-    """Whole pipeline on a built-in synthetic sample: sample -> precompute -> train -> evaluate."""
-    from clip2scene.precompute.maskclip import WeightsNotFoundError
+    """Whole pipeline on a built-in synthetic sample: sample -> precompute -> train -> evaluate.
+
+    Without --clip-weights the teacher is the SIMULATED teacher (pseudo-labels from the sample's
+    own class maps with CLIP-like errors), and the demo shows whether the 3D student beats its
+    2D teacher; with --clip-weights it runs MaskCLIP ViT-B-16."""
     from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
     from clip2scene.precompute.synthetic import SampleConfig, make_sample
     from clip2scene.storage import open_cache
     from clip2scene.train.evaluate import EvalConfig, evaluate as run_eval
     from clip2scene.train.trainer import train as run_train
 
-    t0 = time.perf_counter()
+    if epochs < 1:
+        _fail(f"--epochs must be >= 1, got {epochs}")
+    start = t0 = time.perf_counter()
+
+    def lap() -> str:
+        nonlocal t0
+        dt, t0 = time.perf_counter() - t0, time.perf_counter()
+        return f"{dt:.0f} s"
+
     if workdir.exists():
         shutil.rmtree(workdir)
-    typer.echo("[1/4] make-sample: synthetic nuScenes, 2 scenes x 4 keyframes, 6 cameras")
-    root = _run(make_sample, workdir / "sample", SampleConfig())
-    weights = clip_weights or "openai"
-    cfg = PrecomputeConfig(dataroot=root, out=workdir / "cache.zarr", version="v1.0-mini",
-                           teacher=_teacher_config("ViT-B-16", weights, "224x416"))
-    typer.echo(f"[2/4] precompute: MaskCLIP ViT-B-16 (weights {weights}) over 48 images -> {cfg.out}")
-    try:
-        meta = run_precompute(cfg)
-    except WeightsNotFoundError as e:
-        if clip_weights is not None:
-            _fail(str(e))
-        typer.echo(f"  no CLIP weights here ({e})")
-        typer.echo("  -> falling back to a RANDOMLY INITIALISED ViT-B-16: the pipeline runs for real, "
-                   "but the pseudo-labels and the mIoU below are meaningless.")
-        cfg = replace(cfg, teacher=_teacher_config("ViT-B-16", "none", "224x416"))
-        meta = _run(run_precompute, cfg)
-    except Clip2SceneError as e:
-        _fail(str(e))
+    sample_cfg = SampleConfig(**DEMO_SAMPLE)
+    typer.echo(f"[1/4] make-sample: synthetic nuScenes, {sample_cfg.scenes} scenes x {sample_cfg.keyframes} keyframes "
+               f"(1 train, 1 val scene), 6 cameras, {sample_cfg.sweeps} sweeps per keyframe")
+    root = _run(make_sample, workdir / "sample", sample_cfg)
+    typer.echo(f"  took {lap()}")
+    simulated = clip_weights is None
+    if simulated:
+        teacher = _simulated_teacher_config("224x416")
+        typer.echo(f"[2/4] precompute: {SIMULATED_NOTE}, on {6 * sample_cfg.scenes * sample_cfg.keyframes} images")
+        typer.echo("  (no CLIP weights given; `clip2scene demo --clip-weights FILE` runs MaskCLIP ViT-B-16 instead)")
+    else:
+        teacher = _teacher_config("ViT-B-16", clip_weights, "224x416")
+        typer.echo(f"[2/4] precompute: MaskCLIP ViT-B-16 (weights {clip_weights}) over "
+                   f"{6 * sample_cfg.scenes * sample_cfg.keyframes} images")
+    cfg = PrecomputeConfig(dataroot=root, out=workdir / "cache.zarr", version="v1.0-mini", sweeps=DEMO_SWEEPS,
+                           teacher=teacher)
+    meta = _run(run_precompute, cfg)
     meta["path"] = str(cfg.out)
     _print_precompute(meta)
     info = open_cache(cfg.out).info()
-    typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per visible point)")
+    typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per "
+               f"visible point); took {lap()}")
     typer.echo(f"[3/4] train: SPVCNN (spconv) from the cache, SCR + SSR + S3, {epochs} epochs")
-    tcfg = _train_config(cfg.out, workdir / "run", epochs=epochs, batch_size=2, lr=0.05,
-                         channels="16,16,32,64,128,128,64,48,48")
+    tcfg = _train_config(cfg.out, workdir / "run", epochs=epochs, batch_size=DEMO_BATCH, lr=DEMO_LR,
+                         channels=DEMO_CHANNELS)
     _print_train(_run(run_train, tcfg))
+    typer.echo(f"  took {lap()}")
     typer.echo("[4/4] evaluate: annotation-free mIoU on the val scene (devkit protocol)")
     result = _run(run_eval, EvalConfig(checkpoint=str(workdir / "run" / "checkpoint.pt"), cache=str(cfg.out), split="val"))
     _print_eval(result)
-    typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs under {workdir}/")
+    typer.echo(f"  took {lap()}")
+    student, teacher_miou = result["miou"], result["teacher_miou_visible"]
+    who = "simulated teacher" if simulated else "teacher"
+    typer.echo(f"val mIoU: {who} pseudo-labels {_fmt(teacher_miou).strip()} (camera-visible points), "
+               f"student {_fmt(student).strip()} (all points)")
+    if student is not None and teacher_miou is not None:
+        verdict = "BEATS" if student > teacher_miou else "does NOT beat"
+        typer.echo(f"the 3D student {verdict} its 2D {who} by {100 * (student - teacher_miou):+.2f} mIoU points")
+    if meta["teacher"] and meta["teacher"].get("weights_sha256") == "random":
+        typer.echo("(random ViT teacher: both numbers are meaningless)")
+    typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s; outputs under {workdir}/")
 
 
 # ---------------------------------------------------------------------------------- pictures

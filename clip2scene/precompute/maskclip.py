@@ -147,6 +147,7 @@ class TeacherConfig:
     prompt_denoising: bool = False
     denoise_threshold: float = 0.5
     smoothing_threshold: float = 1.0
+    teacher: str = "maskclip"  # teacher kind: "maskclip", or "simulated" (synthetic samples only; see precompute.simulated)
 
 
 class WeightsNotFoundError(RuntimeError):

@@ -39,6 +39,7 @@ from clip2scene.devices import resolve_device
 from clip2scene.errors import CacheError, ConfigError, DataError
 from clip2scene.precompute.maskclip import MaskCLIP, TeacherConfig, load_teacher, resolve_precision
 from clip2scene.precompute.dataset import Dataset, ScanRef
+from clip2scene.precompute.simulated import SimulatedConfig, load_simulated_teacher
 from clip2scene.precompute.nuscenes import NuScenes, merged_points  # noqa: F401  (re-exported)
 from clip2scene.runtime import tune_malloc
 from clip2scene.storage import CacheWriter, Layout, Location, ScanRecord, open_cache, write_block
@@ -72,6 +73,7 @@ class PrecomputeConfig:
     on_error: str = "stop"  # a bad sample: "stop" (error naming the file) or "skip" (recorded in the manifest)
     feature_dtype: str = "float16"  # teacher features on disk: float16, or int8 x per-row scale (half the bytes)
     teacher_precision: str = "auto"  # teacher compute: auto (fp16 on CUDA, bf16 on AMX CPUs, else fp32), float32, bfloat16, float16
+    simulated: SimulatedConfig = field(default_factory=SimulatedConfig)  # knobs of teacher.teacher == "simulated"
 
 
 def load_image(path: Path, width: int, height: int) -> Image.Image:
@@ -207,10 +209,13 @@ def process_scan(ds: Dataset, scan: ScanRef, teacher: MaskCLIP | None, device: t
         rows = np.flatnonzero((cams >= v0) & (cams < v0 + len(chunk)))
         if len(rows) == 0:
             continue
-        images = [decode_image(v.path, v.width, v.height, device) for v in chunk]
-        batch = prepare_batch(images, tuple(teacher.fingerprint["image_size"]))
-        with teacher.autocast():
-            dense, dense_logits = teacher.dense_outputs(batch)  # (V, D, h, w), (V, C, h, w)
+        if getattr(teacher, "reads_class_maps", False):  # the simulated teacher: the views' class maps
+            dense, dense_logits = teacher.dense_outputs_for_views(chunk, ds.name)
+        else:
+            images = [decode_image(v.path, v.width, v.height, device) for v in chunk]
+            batch = prepare_batch(images, tuple(teacher.fingerprint["image_size"]))
+            with teacher.autocast():
+                dense, dense_logits = teacher.dense_outputs(batch)  # (V, D, h, w), (V, C, h, w)
         dense, dense_logits = dense.float(), dense_logits.float()
         sizes = [(v.width, v.height) for v in chunk]
         local = cams[rows] - v0
@@ -250,6 +255,9 @@ def open_dataset(name: str, dataroot: Path | str, version: str | None = None) ->
         return ScanNet(dataroot)
     raise ConfigError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS)}")
 
+
+# Teachers that are not a MaskCLIP variant, by TeacherConfig.teacher (any other name goes to load_teacher).
+SPECIAL_TEACHERS = {"simulated": load_simulated_teacher}
 
 _PROCESS_CACHE: dict = {}  # per worker process: dataset reader, scan list, teacher
 
@@ -299,6 +307,13 @@ def _teacher(config: PrecomputeConfig, class_names: tuple[str, ...], device: tor
         raise ConfigError(f"--teacher-precision: {e}") from None
 
     def make():
+        kind = config.teacher.teacher
+        if kind in SPECIAL_TEACHERS:
+            try:
+                return SPECIAL_TEACHERS[kind](class_names, config.teacher.image_size, config.simulated, device)
+            except ValueError as e:
+                raise ConfigError(f"--teacher {kind} --image-size {config.teacher.image_size[0]}x"
+                                  f"{config.teacher.image_size[1]}: {e}") from None
         try:
             teacher = load_teacher(config.teacher, class_names, device=device)
         except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower
@@ -309,7 +324,7 @@ def _teacher(config: PrecomputeConfig, class_names: tuple[str, ...], device: tor
         except ValueError as e:
             raise ConfigError(f"--teacher-precision {config.teacher_precision} on {device}: {e}") from None
 
-    return _cached(("teacher", config.teacher, tuple(class_names), str(device), precision), make)
+    return _cached(("teacher", config.teacher, config.simulated, tuple(class_names), str(device), precision), make)
 
 
 def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layout: Layout,
@@ -415,6 +430,14 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     if config.teacher is None and not ds.has_labels:
         raise ConfigError(f"{ds.dataroot} has no labels and --clip-model none asks for no teacher: nothing to cache")
     teacher = _teacher(config, class_names, resolve_device(config.device))
+    if getattr(teacher, "reads_class_maps", False):
+        from clip2scene.precompute.classmaps import CLASSMAP_DIR, find_class_map_root
+
+        first = ds.views(scans[0])
+        if first and find_class_map_root(first[0].path) is None:
+            raise ConfigError(f"--teacher {config.teacher.teacher}: {ds.dataroot} has no per-pixel class maps "
+                              f"({CLASSMAP_DIR}/): the simulated teacher only runs on samples written by "
+                              "`clip2scene make-sample`")
     meta = dict(
         dataset=dict(name=ds.name, version=ds.version, dataroot=str(Path(config.dataroot).resolve()), split=config.split),
         teacher=teacher.fingerprint if teacher is not None else None,

@@ -104,7 +104,9 @@ def _colourings(cache: Cache, scan: ScanData, key: np.ndarray, student: Student 
         covered = np.zeros(n, bool)
         labels[scan.pair_point] = teacher_labels(scan.pair_logits, cache.prompt_to_eval)
         covered[scan.pair_point] = True
-        out.append(Colouring("teacher", "teacher: MaskCLIP pseudo-labels", labels[key], covered[key]))
+        simulated = (cache.fingerprint or {}).get("model") == "simulated"
+        title = "SIMULATED teacher pseudo-labels (not CLIP)" if simulated else "teacher: MaskCLIP pseudo-labels"
+        out.append(Colouring("teacher", title, labels[key], covered[key]))
     if student is not None:
         pred = student.predict(scan.xyz, scan.feat, cache.prompt_to_eval)
         out.append(Colouring("student", f"{student.describe()} prediction", pred[key], np.ones(len(key), bool)))

@@ -122,6 +122,8 @@ class Student:
         """One line for figure titles: kind, architecture, epoch."""
         arch = self.ckpt.get("model_config", {}).get("arch", "?")
         what = "student" if self.kind == DISTILL_KIND else "fine-tuned"
+        if (self.teacher or {}).get("model") == "simulated":
+            what += " of the SIMULATED teacher"
         return f"{what} ({arch}, epoch {self.epoch})"
 
 
