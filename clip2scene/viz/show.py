@@ -104,8 +104,12 @@ def _colourings(cache: Cache, scan: ScanData, key: np.ndarray, student: Student 
         covered = np.zeros(n, bool)
         labels[scan.pair_point] = teacher_labels(scan.pair_logits, cache.prompt_to_eval)
         covered[scan.pair_point] = True
-        simulated = (cache.fingerprint or {}).get("model") == "simulated"
-        title = "SIMULATED teacher pseudo-labels (not CLIP)" if simulated else "teacher: MaskCLIP pseudo-labels"
+        fp = cache.fingerprint or {}
+        title = "teacher: MaskCLIP pseudo-labels"
+        if fp.get("model") == "simulated":
+            title = "SIMULATED teacher pseudo-labels (not CLIP)"
+        elif fp.get("weights_sha256") == "random":
+            title += " - randomly initialised teacher, meaningless"
         out.append(Colouring("teacher", title, labels[key], covered[key]))
     if student is not None:
         pred = student.predict(scan.xyz, scan.feat, cache.prompt_to_eval)
@@ -282,6 +286,8 @@ def render_scan(cache: Cache | str | Path, index: int, out_dir: str | Path, chec
                           "nothing to colour the points by (give --checkpoint)")
     dataset = str((cache.meta.get("dataset") or {}).get("name", ""))
     header = f"{dataset} scan {index}: {scan.scene} ({scan.split}), token {scan.token}"
+    if cache.has_teacher and cache.fingerprint.get("weights_sha256") == "random":
+        header += " - teacher randomly initialised (no CLIP weights)"
     stem = f"scan{int(index):04d}"
     paths: list[Path] = []
 
