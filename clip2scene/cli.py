@@ -693,12 +693,13 @@ def cache_merge(caches: list[str] = typer.Argument(..., help="Two or more caches
 
 # ---------------------------------------------------------------------------------- demo
 # Demo size, chosen so that the whole demo with the simulated teacher takes <= 3 minutes on 2 cores
-# (README, "Quick start"): a lighter lidar (512 rays per ring) and small images, the paper's
-# student at a reduced width.
-DEMO_SAMPLE = dict(scenes=2, keyframes=4, sweeps=2, lidar_azimuth_steps=512)
+# (README, "Quick start"): 4 scenes (2 train, 2 val) x 3 keyframes, a light lidar (64 rays per ring)
+# and small images; a narrow SPVCNN (one residual block per stage) trained for 80 epochs.
+DEMO_SAMPLE = dict(scenes=4, keyframes=3, sweeps=2, lidar_azimuth_steps=64, image_width=200, image_height=113)
+DEMO_IMAGE_SIZE = "224x416"  # teacher input (MaskCLIP's nuScenes size): a 14 x 26 patch grid
 DEMO_SWEEPS = 3
-DEMO_CHANNELS = "16,16,32,64,128,128,64,48,48"
-DEMO_BATCH, DEMO_LR = 2, 0.05
+DEMO_CHANNELS = (16, 16, 32, 32, 64, 64, 32, 16, 16)
+DEMO_BATCH, DEMO_LR, DEMO_EPOCHS = 2, 0.1, 80
 
 
 @app.command()
@@ -707,7 +708,7 @@ def demo(
     clip_weights: Optional[str] = typer.Option(None, help="Run MaskCLIP ViT-B-16 with these CLIP weights (open_clip tag, "
                                                           "file, local-dir:DIR, or none = random ViT). Default: the "
                                                           "simulated teacher (no weights needed)."),
-    epochs: int = typer.Option(8, help="Training epochs."),
+    epochs: int = typer.Option(DEMO_EPOCHS, help="Training epochs."),
 ) -> None:
     """Whole pipeline on a built-in synthetic sample: sample -> precompute -> train -> evaluate.
 
@@ -733,16 +734,16 @@ def demo(
         shutil.rmtree(workdir)
     sample_cfg = SampleConfig(**DEMO_SAMPLE)
     typer.echo(f"[1/4] make-sample: synthetic nuScenes, {sample_cfg.scenes} scenes x {sample_cfg.keyframes} keyframes "
-               f"(1 train, 1 val scene), 6 cameras, {sample_cfg.sweeps} sweeps per keyframe")
+               f"(half train, half val), 6 cameras, {sample_cfg.sweeps} sweeps per keyframe")
     root = _run(make_sample, workdir / "sample", sample_cfg)
     typer.echo(f"  took {lap()}")
     simulated = clip_weights is None
     if simulated:
-        teacher = _simulated_teacher_config("224x416")
+        teacher = _simulated_teacher_config(DEMO_IMAGE_SIZE)
         typer.echo(f"[2/4] precompute: {SIMULATED_NOTE}, on {6 * sample_cfg.scenes * sample_cfg.keyframes} images")
         typer.echo("  (no CLIP weights given; `clip2scene demo --clip-weights FILE` runs MaskCLIP ViT-B-16 instead)")
     else:
-        teacher = _teacher_config("ViT-B-16", clip_weights, "224x416")
+        teacher = _teacher_config("ViT-B-16", clip_weights, DEMO_IMAGE_SIZE)
         typer.echo(f"[2/4] precompute: MaskCLIP ViT-B-16 (weights {clip_weights}) over "
                    f"{6 * sample_cfg.scenes * sample_cfg.keyframes} images")
     cfg = PrecomputeConfig(dataroot=root, out=workdir / "cache.zarr", version="v1.0-mini", sweeps=DEMO_SWEEPS,
@@ -753,9 +754,13 @@ def demo(
     info = open_cache(cfg.out).info()
     typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per "
                f"visible point); took {lap()}")
-    typer.echo(f"[3/4] train: SPVCNN (spconv) from the cache, SCR + SSR + S3, {epochs} epochs")
-    tcfg = _train_config(cfg.out, workdir / "run", epochs=epochs, batch_size=DEMO_BATCH, lr=DEMO_LR,
-                         channels=DEMO_CHANNELS)
+    typer.echo(f"[3/4] train: SPVCNN (spconv, narrow) from the cache, SCR + SSR + S3, {epochs} epochs")
+    from clip2scene.train.model import ModelConfig
+    from clip2scene.train.trainer import TrainConfig
+
+    tcfg = TrainConfig(cache=str(cfg.out), out=str(workdir / "run"), epochs=epochs, batch_size=DEMO_BATCH, lr=DEMO_LR,
+                       precise_bn_batches=4,
+                       model=ModelConfig(arch="spvcnn", channels=DEMO_CHANNELS, blocks_per_stage=1))
     _print_train(_run(run_train, tcfg))
     typer.echo(f"  took {lap()}")
     typer.echo("[4/4] evaluate: annotation-free mIoU on the val scene (devkit protocol)")

@@ -118,7 +118,7 @@ def test_precompute_cli_says_simulated_and_needs_class_maps(small_sample, tmp_pa
     r = runner.invoke(app, ["cache", "info", str(cache)])
     assert r.exit_code == 0 and "SIMULATED teacher" in r.output, r.output
     info = json.loads(runner.invoke(app, ["cache", "info", str(cache), "--json"]).output)
-    assert info["meta"]["teacher"]["model"] == "simulated" and info["meta"]["teacher"]["embed_dim"] == 512
+    assert info["meta"]["teacher"]["model"] == "simulated" and info["meta"]["teacher"]["embed_dim"] == 64
     bare = tmp_path / "bare"
     shutil.copytree(small_sample, bare)
     shutil.rmtree(bare / CLASSMAP_DIR)
