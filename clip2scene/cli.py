@@ -700,6 +700,7 @@ DEMO_IMAGE_SIZE = "224x416"  # teacher input (MaskCLIP's nuScenes size): a 14 x 
 DEMO_SWEEPS = 3
 DEMO_CHANNELS = (16, 16, 32, 32, 64, 64, 32, 16, 16)
 DEMO_BATCH, DEMO_LR, DEMO_EPOCHS = 2, 0.1, 80
+DEMO_TAU = 0.1  # SCR temperature: sharper than the paper's 0.5, which left the small student predicting few classes
 
 
 @app.command()
@@ -754,12 +755,12 @@ def demo(
     info = open_cache(cfg.out).info()
     typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per "
                f"visible point); took {lap()}")
-    typer.echo(f"[3/4] train: SPVCNN (spconv, narrow) from the cache, SCR + SSR + S3, {epochs} epochs")
+    typer.echo(f"[3/4] train: SPVCNN (spconv, narrow) from the cache, SCR + SSR + S3, {epochs} epochs, tau {DEMO_TAU}")
     from clip2scene.train.model import ModelConfig
     from clip2scene.train.trainer import TrainConfig
 
     tcfg = TrainConfig(cache=str(cfg.out), out=str(workdir / "run"), epochs=epochs, batch_size=DEMO_BATCH, lr=DEMO_LR,
-                       precise_bn_batches=4,
+                       tau=DEMO_TAU, precise_bn_batches=4,
                        model=ModelConfig(arch="spvcnn", channels=DEMO_CHANNELS, blocks_per_stage=1))
     _print_train(_run(run_train, tcfg))
     typer.echo(f"  took {lap()}")

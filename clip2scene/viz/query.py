@@ -117,7 +117,7 @@ def encode_queries(student: Student, texts: list[str], weights: str | None = Non
         from clip2scene.precompute.simulated import pseudo_text_embeddings
 
         knobs = fp.get("simulated") or {}
-        return pseudo_text_embeddings(texts, int(fp["embed_dim"]), float(knobs.get("group_weight", 0.5)))
+        return pseudo_text_embeddings(texts, int(fp["embed_dim"]), float(knobs.get("group_weight", 0.0)))
     if fp.get("templates_sha256") not in (None, templates_sha256(TEMPLATES)):
         raise QueryError(f"{student.path} was distilled with other prompt templates (sha256 {fp['templates_sha256']}) "
                          f"than this clip2scene's ({templates_sha256(TEMPLATES)}): its text space differs")

@@ -60,12 +60,12 @@ def test_class_map_round_trip(tmp_path):
 
 
 def test_pseudo_text_embeddings():
-    e = pseudo_text_embeddings(["car", "a car", "Cars.", "truck", "vegetation", "a red balloon"], 256)
+    e = pseudo_text_embeddings(["car", "a car", "Cars.", "truck", "vegetation", "a red balloon"], 256, group_weight=0.5)
     assert torch.allclose(e.norm(dim=1), torch.ones(6), atol=1e-5)
     assert torch.equal(e[0], e[1]) and torch.equal(e[0], e[2])
     cos = e @ e.T
     assert cos[0, 3] > cos[0, 4] + 0.1  # look-alikes (vehicles) share a group component
-    assert torch.equal(pseudo_text_embeddings(["car"], 256)[0], e[0])  # deterministic
+    assert torch.equal(pseudo_text_embeddings(["car"], 256, group_weight=0.5)[0], e[0])  # deterministic
 
 
 def test_outputs_are_maskclip_shaped_with_patch_resolution(tmp_path):
