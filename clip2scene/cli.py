@@ -135,15 +135,47 @@ def _make_sample(out: Path, format: str, scenes: int, keyframes: int, sweeps: in
 
 
 # ---------------------------------------------------------------------------------- precompute
+def _parse_window(option: str, value: Optional[str]) -> Optional[tuple[int, int]]:
+    """--window / --stride: N (square) or HxW pixels; None stays None."""
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        _fail(f"{option} {value!r}: expected a positive size in pixels, N or HxW (e.g. 448 or 448x896)")
+    return parts[0], parts[1]
+
+
 def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smoothing: bool = False,
-                    prompt_denoising: bool = False, denoise_threshold: float = 0.5):
-    from clip2scene.precompute.maskclip import TeacherConfig
+                    prompt_denoising: bool = False, denoise_threshold: float = 0.5, teacher: str = "maskclip",
+                    window: Optional[str] = None, stride: Optional[str] = None, pamr: bool = False):
+    from clip2scene.precompute.maskclip import TEACHERS, TeacherConfig
 
     if not 0.0 <= denoise_threshold <= 1.0:
         _fail(f"--denoise-threshold {denoise_threshold}: must lie in [0, 1]")
-    return TeacherConfig(model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
-                         key_smoothing=key_smoothing, prompt_denoising=prompt_denoising,
-                         denoise_threshold=denoise_threshold)
+    if teacher not in TEACHERS:
+        _fail(f"--teacher {teacher!r}: expected one of {', '.join(TEACHERS)}")
+    if stride is not None and window is None:
+        _fail(f"--stride {stride}: needs --window")
+    win, step = _parse_window("--window", window), _parse_window("--stride", stride)
+    try:
+        return TeacherConfig(model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
+                             key_smoothing=key_smoothing, prompt_denoising=prompt_denoising,
+                             denoise_threshold=denoise_threshold, teacher=teacher, window=win, stride=step, pamr=pamr)
+    except ValueError as e:
+        _fail(f"--window {window} --stride {stride}: {e}")
+
+
+def _window_text(fp: dict) -> str:
+    """' window HxW stride HxW' of a teacher fingerprint ('' without windows), plus ' +PAMR'."""
+    out = ""
+    if fp.get("window"):
+        out += f" window {'x'.join(map(str, fp['window']))} stride {'x'.join(map(str, fp['stride']))}"
+    return out + (" +PAMR" if fp.get("pamr") else "")
 
 
 def _print_precompute(meta: dict) -> None:
@@ -153,7 +185,8 @@ def _print_precompute(meta: dict) -> None:
     if t is None:
         typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
         return
-    typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']} "
+    typer.echo(f"  teacher {t.get('teacher', 'maskclip')} on {t['model']} weights={t['weights']} "
+               f"sha256={t['weights_sha256'][:16]} image {t['image_size']}{_window_text(t)} "
                f"computed in {meta.get('teacher_precision') or 'float32'}")
     if meta.get("resumed_blocks"):
         typer.echo(f"  resumed: {meta['resumed_blocks']} of {meta['num_blocks']} blocks were already done")
@@ -173,9 +206,13 @@ def precompute(
     split: Optional[str] = typer.Option(None, help="Only this split (train/val); default all."),
     sweeps: int = typer.Option(3, help="Lidar frames per scan: keyframe + K-1 previous sweeps (1..10)."),
     class_set: Optional[str] = typer.Option(None, help="Prompt class set: nuscenes, semantickitti, cityscapes, scannet, all (default: the dataset's)."),
-    clip_model: str = typer.Option("ViT-B-16", help="open_clip model name, or none: cache points and labels only (no teacher)."),
+    teacher: str = typer.Option("maskclip", help="Dense-CLIP method: maskclip (the paper's), sclip, clearclip, naclip (docs: Choosing a teacher)."),
+    clip_model: str = typer.Option("ViT-B-16", help="open_clip ViT backbone (ViT-B-16, ViT-L-14, ViT-B-16-quickgelu, ...), or none: cache points and labels only (no teacher)."),
     clip_weights: str = typer.Option("openai", help="open_clip tag, checkpoint file, local-dir:DIR, or none (random)."),
-    image_size: Optional[str] = typer.Option(None, help="Teacher input size HxW (default per dataset: nuscenes 224x416, semantickitti 128x416, scannet 240x320)."),
+    image_size: Optional[str] = typer.Option(None, help="Teacher input size HxW (default per dataset: nuscenes 224x416, semantickitti 128x416, scannet 240x320; with --window the full camera resolution, nuscenes 896x1600, semantickitti 384x1248, scannet 480x640; rounded to the patch size)."),
+    window: Optional[str] = typer.Option(None, help="Sliding-window inference: window N or HxW pixels of the teacher input (e.g. 448), logits averaged on overlaps; default: the whole image at once."),
+    stride: Optional[str] = typer.Option(None, help="Sliding-window stride N or HxW pixels (default half the window)."),
+    pamr: bool = typer.Option(False, help="PAMR refinement of the class scores on the teacher-input pixels (NACLIP's post-processing)."),
     key_smoothing: bool = typer.Option(False, help="MaskCLIP key smoothing of the class scores."),
     prompt_denoising: bool = typer.Option(False, help="MaskCLIP prompt denoising (drop classes absent from an image)."),
     denoise_threshold: float = typer.Option(0.5, help="Prompt-denoising threshold on a class's max probability."),
@@ -191,15 +228,16 @@ def precompute(
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
     """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
-    from clip2scene.precompute.pipeline import DATASETS, DEFAULT_IMAGE_SIZE, PrecomputeConfig, run_precompute
+    from clip2scene.precompute.pipeline import DATASETS, PrecomputeConfig, default_image_size, run_precompute
 
     if dataset not in DATASETS:
         _fail(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE[dataset]))
-    teacher = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
-                                                                prompt_denoising, denoise_threshold)
+    size = image_size or "x".join(map(str, default_image_size(dataset, clip_model, windowed=window is not None)))
+    teacher_cfg = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
+                                                                    prompt_denoising, denoise_threshold, teacher,
+                                                                    window, stride, pamr)
     cfg = PrecomputeConfig(dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
-                           sweeps=sweeps, class_set=class_set or dataset, teacher=teacher,
+                           sweeps=sweeps, class_set=class_set or dataset, teacher=teacher_cfg,
                            device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
                            block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
                            feature_dtype=feature_dtype, teacher_precision=teacher_precision)
@@ -491,7 +529,8 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     if t is None:
         typer.echo("  teacher: none (labels-only cache)")
     else:
-        typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
+        typer.echo(f"  teacher {t.get('teacher', 'maskclip')} on {t['model']} weights={t['weights']} "
+                   f"sha256={t['weights_sha256']}{_window_text(t)}")
         typer.echo(f"          image {t['image_size']}, dim {t['embed_dim']}, templates {t['templates_sha256'][:12]}")
     typer.echo(f"  classes ({len(m['class_names'])}): {', '.join(m['class_names'])}")
     typer.echo(f"  scans {m['num_scans']} ({', '.join(f'{k}={v}' for k, v in info['splits'].items())}), "

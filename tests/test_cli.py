@@ -88,3 +88,41 @@ def test_missing_clip_weights_names_the_file(sample, tmp_path, monkeypatch):
             "--clip-model", "ViT-B-16", "--clip-weights", "openai")
     assert_one_line_error(r, "--clip-weights", str(tmp_path))
     assert not (tmp_path / "c").exists()
+
+
+TINY_NO_MODEL = ["--clip-weights", "none", "--image-size", "64x112"]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--teacher", "dino", *TINY], ["--teacher 'dino'", "maskclip, sclip, clearclip, naclip"]),
+    (["--teacher", "", *TINY], ["--teacher ''"]),
+    (["--window", "0", *TINY], ["--window '0'"]),
+    (["--window", "big", *TINY], ["--window 'big'"]),
+    (["--window", "32x32x32", *TINY], ["--window '32x32x32'"]),
+    (["--window", "40", *TINY], ["window 40x40", "multiple of the patch size"]),
+    (["--window", "32", "--stride", "-16", *TINY], ["--stride '-16'"]),
+    (["--window", "32", "--stride", "8", *TINY], ["stride 8x8", "multiple of the patch size"]),
+    (["--window", "32", "--stride", "48", *TINY], ["larger than the window"]),
+    (["--stride", "32", *TINY], ["--stride 32: needs --window"]),
+    (["--clip-model", "EVA02-B-16", *TINY_NO_MODEL], ["EVA02-B-16", "timm image tower"]),
+    (["--clip-model", "ViT-B-16-SigLIP", *TINY_NO_MODEL], ["ViT-B-16-SigLIP", "timm image tower"]),
+    (["--clip-model", "RN50", *TINY_NO_MODEL], ["RN50", "ResNet"]),
+    (["--clip-model", "ViT-L-14-CLIPA", *TINY_NO_MODEL], ["ViT-L-14-CLIPA", "pools"]),
+    (["--clip-model", "ViT-Q-99", *TINY_NO_MODEL], ["unknown open_clip model 'ViT-Q-99'"]),
+])
+def test_teacher_options_hostile(sample, tmp_path, args, fragments):
+    """Every teacher option (issue 16) fails on a bad value with one line, exit 2, nothing written."""
+    out = tmp_path / "c"
+    r = run("precompute", "--dataroot", sample, "--version", "v1.0-mini", "--out", out, *args)
+    assert_one_line_error(r, *fragments)
+    assert not out.exists()
+
+
+def test_teacher_variant_through_the_cli(sample, tmp_path):
+    cache = tmp_path / "c.zarr"
+    r = run("precompute", "--dataroot", sample, "--version", "v1.0-mini", "--out", cache, "--limit", 1, "--sweeps", 1,
+            "--teacher", "clearclip", "--window", "32x48", "--stride", "16", *TINY)
+    assert r.exit_code == 0, r.output
+    assert "teacher clearclip on clip2scene-tiny" in r.output and "window 32x48 stride 16x16" in r.output
+    r = run("cache", "info", cache)
+    assert r.exit_code == 0 and "teacher clearclip on clip2scene-tiny" in r.output, r.output

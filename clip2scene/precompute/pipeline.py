@@ -49,6 +49,24 @@ DATASETS = ("nuscenes", "semantickitti", "scannet")
 # Teacher input (H, W) per dataset: multiples of 16 close to the cameras' aspect ratios
 # (nuScenes 1600x900, KITTI image_2 1241x376, ScanNet 25k colour 640x480).
 DEFAULT_IMAGE_SIZE = {"nuscenes": (224, 416), "semantickitti": (128, 416), "scannet": (240, 320)}
+# Full camera resolution, the input that sliding windows tile (nuScenes 900x1600, KITTI ~376x1241,
+# ScanNet 480x640); `default_image_size` rounds it to the backbone's patch size.
+FULL_IMAGE_SIZE = {"nuscenes": (900, 1600), "semantickitti": (376, 1241), "scannet": (480, 640)}
+
+
+def default_image_size(dataset: str, clip_model: str, windowed: bool = False) -> tuple[int, int]:
+    """Teacher input (H, W) when none is given: `DEFAULT_IMAGE_SIZE`, or `FULL_IMAGE_SIZE` for
+    sliding windows, each side rounded to the nearest multiple of the backbone's patch size (16
+    when the model name is unknown here; load_teacher reports that)."""
+    from clip2scene.precompute.maskclip import _model_config
+
+    h, w = (FULL_IMAGE_SIZE if windowed else DEFAULT_IMAGE_SIZE)[dataset]
+    try:
+        patch = _model_config(clip_model.replace("/", "-")).get("vision_cfg", {}).get("patch_size", 16)
+    except (ValueError, ImportError):
+        patch = 16
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    return max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
 
 
 @dataclass(frozen=True)
@@ -302,7 +320,7 @@ def _teacher(config: PrecomputeConfig, class_names: tuple[str, ...], device: tor
         try:
             teacher = load_teacher(config.teacher, class_names, device=device)
         except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower
-            raise ConfigError(f"teacher --clip-model {config.teacher.model!r} --image-size "
+            raise ConfigError(f"teacher {config.teacher.teacher} --clip-model {config.teacher.model!r} --image-size "
                               f"{config.teacher.image_size[0]}x{config.teacher.image_size[1]}: {e}") from None
         try:
             return teacher.set_precision(precision)

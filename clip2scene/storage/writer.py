@@ -240,8 +240,12 @@ class CacheWriter:
                 raise CacheError(f"{self.path} exists and is not a complete cache (pass --overwrite to replace it)")
             for k in sorted(set(recorded) | set(resume_key)):
                 if recorded.get(k) != resume_key.get(k):
-                    raise CacheError(f"cannot resume {self.path}: {k} was {recorded.get(k)!r}, now "
-                                     f"{resume_key.get(k)!r} (pass --overwrite to start again)")
+                    key, was, now = k, recorded.get(k), resume_key.get(k)
+                    if isinstance(was, dict) and isinstance(now, dict):  # name the differing sub-field
+                        sub = next(s for s in sorted(set(was) | set(now)) if was.get(s) != now.get(s))
+                        key, was, now = f"{k}.{sub}", was.get(sub), now.get(sub)
+                    raise CacheError(f"cannot resume {self.path}: {key} was {was!r}, now "
+                                     f"{now!r} (pass --overwrite to start again)")
             self._write_root()
             log.info("resuming %s: %d blocks already done", self.path, len(self.done_blocks()))
             return True
