@@ -359,6 +359,31 @@ def ablate(
     typer.echo(f"table: {out / 'ablation.md'}")
 
 
+@app.command("compare-teachers")
+@_with_training_options
+def compare_teachers(
+    cache: list[str] = typer.Option(..., help="NAME=PATH: a cache of the same scans precomputed with one teacher (repeatable)."),
+    out: Path = typer.Option(Path("runs/teachers"), help="Folder for one run per teacher plus teachers.md/json."),
+    eval_split: str = typer.Option("val", help="Split to evaluate each student on."),
+    **options,
+) -> None:
+    """Train the same student on each teacher's cache; one table of teacher and student mIoU."""
+    from clip2scene.train.ablate import format_teacher_table, run_teacher_comparison
+
+    caches = {}
+    for item in cache:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            _fail(f"--cache {item!r}: expected NAME=PATH")
+        if name in caches:
+            _fail(f"--cache {item!r}: row name {name!r} given twice")
+        caches[name] = path
+    first = next(iter(caches.values()))
+    results = _run(run_teacher_comparison, _train_config(first, out / "base", **options), caches, out, eval_split)
+    typer.echo(format_teacher_table(results))
+    typer.echo(f"table: {out / 'teachers.md'}")
+
+
 # ---------------------------------------------------------------------------------- evaluate
 def _fmt(v) -> str:
     return "   n/a" if v is None else f"{100 * v:6.2f}"
