@@ -21,6 +21,14 @@ Usage::
                                                        # optional MaskCLIP refinements applied
     teacher.fingerprint                                # what to store next to cached outputs
 
+Other training-free dense-CLIP teachers replace MaskCLIP's last block (`TeacherConfig.teacher`,
+the name -> `DenseVariant` dict `TEACHERS`): SCLIP (q-q + k-k attention, residual and FFN kept),
+ClearCLIP (q-q attention, residual and FFN dropped), NACLIP (k-k attention with a Gaussian
+neighbourhood bias, residual and FFN dropped; PAMR optional via `TeacherConfig.pamr`).
+`TeacherConfig.window`/`stride` run any of them on sliding windows of the input, averaging on
+overlaps (`MaskCLIP.dense_outputs`). The class keeps its name `MaskCLIP` for all of them; see
+docs/teachers.md.
+
 Optional MaskCLIP refinements of the logits (`TeacherConfig.key_smoothing`,
 `TeacherConfig.prompt_denoising`; off by default as in the MaskCLIP and CLIP2Scene releases) are
 implemented by `refine_scores` and applied by `MaskCLIP.dense_outputs` on the patch grid.
