@@ -211,7 +211,7 @@ def precompute(
     clip_weights: str = typer.Option("openai", help="open_clip tag, checkpoint file, local-dir:DIR, or none (random)."),
     image_size: Optional[str] = typer.Option(None, help="Teacher input size HxW (default per dataset: nuscenes 224x416, semantickitti 128x416, scannet 240x320; with --window the full camera resolution, nuscenes 896x1600, semantickitti 384x1248, scannet 480x640; rounded to the patch size)."),
     window: Optional[str] = typer.Option(None, help="Sliding-window inference: window N or HxW pixels of the teacher input (e.g. 448), logits averaged on overlaps; default: the whole image at once."),
-    stride: Optional[str] = typer.Option(None, help="Sliding-window stride N or HxW pixels (default half the window)."),
+    stride: Optional[str] = typer.Option(None, help="Sliding-window stride N or HxW pixels (default half the window, in whole patches)."),
     pamr: bool = typer.Option(False, help="PAMR refinement of the class scores on the teacher-input pixels (NACLIP's post-processing)."),
     key_smoothing: bool = typer.Option(False, help="MaskCLIP key smoothing of the class scores."),
     prompt_denoising: bool = typer.Option(False, help="MaskCLIP prompt denoising (drop classes absent from an image)."),

@@ -199,7 +199,8 @@ class TeacherConfig:
         window: (h, w) pixels of sliding-window inference, or None (the whole image in one
             pass). Windows tile the ``image_size`` input; both must be multiples of the patch
             size (checked by `load_teacher`). See `MaskCLIP.dense_outputs`.
-        stride: (h, w) pixels between windows (<= window); None = half the window.
+        stride: (h, w) pixels between windows (<= window); None = half the window rounded down
+            to the patch size (SCLIP/NACLIP evaluate with 224/112, ClearCLIP with 448/224).
         pamr: refine the class scores with PAMR (10 iterations, dilations 8 and 16, as NACLIP's
             release) on the teacher-input pixel grid; off by default. The logits of
             `MaskCLIP.dense_outputs` are then (B, C, H, W) pixel maps instead of patch maps.
@@ -239,13 +240,6 @@ class TeacherConfig:
             if self.stride[0] > self.window[0] or self.stride[1] > self.window[1]:
                 raise ValueError(f"stride {_hw_text(self.stride)} is larger than the window {_hw_text(self.window)}: "
                                  "windows would leave gaps")
-
-    @property
-    def effective_stride(self) -> tuple[int, int] | None:
-        """The stride in use: as given, or half the window (SCLIP/NACLIP 224/112, ClearCLIP 448/224)."""
-        if self.window is None:
-            return None
-        return self.stride or (max(1, self.window[0] // 2), max(1, self.window[1] // 2))
 
 
 class WeightsNotFoundError(RuntimeError):
@@ -1056,8 +1050,8 @@ class MaskCLIP(nn.Module):
         if stride is not None and window is None:
             raise ValueError("a stride needs a window")
         self.window = None if window is None else (int(window[0]), int(window[1]))
-        if self.window is not None and stride is None:
-            stride = (max(1, self.window[0] // 2), max(1, self.window[1] // 2))
+        if self.window is not None and stride is None:  # half the window, in whole patches
+            stride = tuple(max(p, w // 2 // p * p) for w, p in zip(self.window, self.patch_size))
         self.stride = None if stride is None else (int(stride[0]), int(stride[1]))
         for name, value in (("window", self.window), ("stride", self.stride)):
             if value is not None and (value[0] % self.patch_size[0] or value[1] % self.patch_size[1] or min(value) <= 0):
@@ -1364,9 +1358,9 @@ class MaskCLIP(nn.Module):
         elif spec.attention == "qq":
             o = F.scaled_dot_product_attention(q, q, v)
         elif spec.attention == "kk+gauss":
-            key = (grid, str(x.device), x.dtype)
+            key = (grid, str(k.device), k.dtype)  # k's dtype: the autocast dtype on CUDA
             if key not in self._bias_cache:
-                self._bias_cache[key] = neighbourhood_bias(grid, spec.gaussian_std, device=x.device, dtype=x.dtype)
+                self._bias_cache[key] = neighbourhood_bias(grid, spec.gaussian_std, device=k.device, dtype=k.dtype)
             o = F.scaled_dot_product_attention(k, k, v, attn_mask=self._bias_cache[key])
         else:  # pragma: no cover - TEACHERS is fixed
             raise NotImplementedError(spec.attention)
@@ -1491,7 +1485,7 @@ def load_teacher(
     h, w = (int(s) for s in config.image_size)
     if h % ps[0] or w % ps[1] or h <= 0 or w <= 0:
         raise ValueError(f"image_size {config.image_size} must be positive multiples of the patch size {ps}")
-    for name, value in (("window", config.window), ("stride", config.effective_stride)):
+    for name, value in (("window", config.window), ("stride", config.stride)):
         if value is not None and (value[0] % ps[0] or value[1] % ps[1]):
             raise ValueError(f"{name} {_hw_text(value)} must be a multiple of the patch size {_hw_text(ps)}")
     fingerprint = {"model": info["model"], "weights": config.weights, "weights_sha256": info["weights_sha256"],
@@ -1500,7 +1494,7 @@ def load_teacher(
         clip_model, tokenizer, class_names, templates=templates, image_size=(h, w), device=device,
         fingerprint=fingerprint, key_smoothing=config.key_smoothing, prompt_denoising=config.prompt_denoising,
         denoise_threshold=config.denoise_threshold, smoothing_threshold=config.smoothing_threshold,
-        teacher=config.teacher, window=config.window, stride=config.effective_stride, pamr=config.pamr,
+        teacher=config.teacher, window=config.window, stride=config.stride, pamr=config.pamr,
     )
     logger.info(
         "%s teacher ready: %s (%s), %d classes x %d templates, image %dx%d -> grid %dx%d, D=%d, window %s, on %s",

@@ -287,7 +287,7 @@ def test_window_validation():
         TeacherConfig(window=(0, 32))
     with pytest.raises(ValueError, match="unknown teacher 'dino'"):
         TeacherConfig(teacher="dino")
-    assert TeacherConfig(window=(448, 448)).effective_stride == (224, 224)
+    assert _teacher("maskclip", window=(48, 64)).stride == (16, 32)  # half the window, in whole patches
 
 
 # ------------------------------------------------------------------------------------------
