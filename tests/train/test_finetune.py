@@ -60,6 +60,7 @@ def test_lovasz_equals_jaccard_loss_on_hard_predictions():
     lovasz_softmax(p, labels[:50]).backward()  # differentiable
 
 
+@pytest.mark.slow
 def test_finetune_random_and_pretrained_and_linear_probe(cache, pretrained, tmp_path):
     base = dict(cache=str(cache), epochs=6, batch_size=2, eval_split="val", model=TINY)
     rand = finetune(FinetuneConfig(out=str(tmp_path / "rand"), checkpoint=None, **base), progress=False)

@@ -109,6 +109,7 @@ def test_loader_workers_are_spawned_and_read_the_cache(cache, tmp_path):
     assert a["epoch_losses"] == pytest.approx(b["epoch_losses"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_persistent_workers_give_the_same_run(cache, tmp_path):
     """Two spawned, persistent, prefetching loader workers: the same weights as loading in-process
     (augmentation follows the epoch through the sampler, not the workers' dataset copies)."""
