@@ -119,6 +119,7 @@ def test_teacher_options_hostile(sample, tmp_path, args, fragments):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_teacher_variant_through_the_cli(sample, tmp_path):
     cache = tmp_path / "c.zarr"
     r = run("precompute", "--dataroot", sample, "--version", "v1.0-mini", "--out", cache, "--limit", 1, "--sweeps", 1,

@@ -189,6 +189,7 @@ def test_fast_decode_matches_pil(sample):
         decode_image(cam.path, cam.width + 1, cam.height)
 
 
+@pytest.mark.slow
 def test_teacher_variant_and_window_cache(sample, cache_path, tmp_path):
     """SCLIP with sliding windows on a 2x finer input: the fingerprint records variant, backbone and
     window; cached values are the windowed dense maps sampled at the points; resume, merge and

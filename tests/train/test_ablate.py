@@ -32,9 +32,8 @@ def test_run_ablation_writes_one_table(tmp_path):
     assert (tmp_path / "abl" / "without_ssr" / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
 def test_compare_teachers_writes_one_table(tmp_path):
-    import pytest
-
     from clip2scene.errors import CacheError
     from clip2scene.train.ablate import run_teacher_comparison
 
