@@ -101,10 +101,10 @@ def windowed_lines(w: dict, whole_info: dict) -> list[str]:
         s = max(int(inf["meta"]["num_scans"]), 1)
         rows.append([label, f"{cfg.image_size[0]}x{cfg.image_size[1]}", f"{gh}x{gw}",
                      f"{inf['bytes_per_visible_point']:.0f}", f"{inf['stored_bytes'] / s / 1e6:.2f}",
-                     f"{gh * gw * (d + c) * 2 / 1e6:.2f}"])
+                     f"{gh * gw * (d + c) * 2 / 1e3:.1f}"])
     return ["", "**sliding-window teacher** (float16 features)", ""] + C.table(
         ["teacher", "input", "patch grid", "bytes / visible point", "MB / keyframe (stored)",
-         "dense map MB / image (raw, D + C float16 per cell)"], rows) + [
+         "dense map kB / image (raw, D + C float16 per cell)"], rows) + [
         "", f"- the per-point cache stores one feature and one logit row per visible point whatever the grid; "
         f"the windowed cache was built in {w['seconds']:.0f}s"]
 
