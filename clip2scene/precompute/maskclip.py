@@ -972,7 +972,8 @@ def pamr(image: torch.Tensor, scores: torch.Tensor, steps: int = PAMR_STEPS,
 
 
 class MaskCLIP(nn.Module):
-    """Frozen MaskCLIP teacher: dense ViT features and class text embeddings.
+    """Frozen dense-CLIP teacher (MaskCLIP or another `TEACHERS` variant): dense ViT features and
+    class text embeddings.
 
     Build it with `load_teacher` (or `MaskCLIP.from_clip` from an open_clip model in memory). It
     keeps only the image tower (``self.visual``); the text tower is used once to compute
@@ -990,7 +991,11 @@ class MaskCLIP(nn.Module):
             [H, W], ``class_names``, ``templates_sha256``, ``embed_dim``, ``patch_size`` (int, or
             [ph, pw] if not square), and the logit refinements ``key_smoothing``,
             ``prompt_denoising`` (bools), ``denoise_threshold``, ``smoothing_threshold`` (floats,
-            recorded as given even when their refinement is off).
+            recorded as given even when their refinement is off), ``teacher`` (a `TEACHERS` key),
+            ``window`` and ``stride`` ([h, w] pixels or None), ``pamr`` (bool).
+        teacher, variant: the `TEACHERS` name and its `DenseVariant` (the last block's rewrite).
+        window, stride: sliding windows (h, w) in pixels, or None (whole image); see `dense_outputs`.
+        pamr: whether `dense_outputs` refines the logits with `pamr`.
         key_smoothing, prompt_denoising, denoise_threshold, smoothing_threshold: the logit
             refinements of `dense_outputs` (see `TeacherConfig` and `refine_scores`).
     """

@@ -104,7 +104,9 @@ def _colourings(cache: Cache, scan: ScanData, key: np.ndarray, student: Student 
         covered = np.zeros(n, bool)
         labels[scan.pair_point] = teacher_labels(scan.pair_logits, cache.prompt_to_eval)
         covered[scan.pair_point] = True
-        out.append(Colouring("teacher", "teacher: MaskCLIP pseudo-labels", labels[key], covered[key]))
+        variant = {"maskclip": "MaskCLIP", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}
+        name = variant.get(str(cache.fingerprint.get("teacher", "maskclip")), str(cache.fingerprint.get("teacher")))
+        out.append(Colouring("teacher", f"teacher: {name} pseudo-labels", labels[key], covered[key]))
     if student is not None:
         pred = student.predict(scan.xyz, scan.feat, cache.prompt_to_eval)
         out.append(Colouring("student", f"{student.describe()} prediction", pred[key], np.ones(len(key), bool)))
