@@ -59,6 +59,7 @@ import difflib
 import hashlib
 import json
 import logging
+import numbers
 import os
 import warnings
 import zipfile
@@ -207,7 +208,8 @@ class TeacherConfig:
 
     The four refinement fields only change the logits of `MaskCLIP.dense_outputs` (never the
     features) and are recorded in `MaskCLIP.fingerprint`, as are teacher, window, stride and pamr.
-    Raises ValueError for an unknown teacher or a malformed window/stride.
+    Raises ConfigError (a ValueError) naming the option for a value out of range, an unknown
+    teacher or a malformed window/stride.
     """
 
     model: str = "ViT-B-16"
@@ -224,22 +226,45 @@ class TeacherConfig:
     pamr: bool = False
 
     def __post_init__(self) -> None:
+        """ConfigError naming the option and value for anything out of range (image_size is
+        normalised to a tuple of two ints; multiples of the patch size are checked at load)."""
+        from clip2scene.errors import ConfigError
+
+        for name in ("model", "weights"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"--clip-{name} {getattr(self, name)!r}: expected a non-empty name")
+        size = tuple(self.image_size) if isinstance(self.image_size, (tuple, list)) else ()
+        if len(size) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in size):
+            shown = "x".join(map(str, size)) if len(size) == 2 else repr(self.image_size)
+            raise ConfigError(f"--image-size {shown}: expected two positive integers HxW, e.g. 224x416")
+        object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+        for name in ("key_smoothing", "prompt_denoising"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} {getattr(self, name)!r}: expected True or False")
+        d = self.denoise_threshold
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+            raise ConfigError(f"--denoise-threshold {d!r}: must lie in [0, 1] (denoise_threshold)")
+        k = self.smoothing_threshold
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < k < float("inf"):
+            raise ConfigError(f"smoothing_threshold {k!r}: must be a finite number > 0")
         if self.teacher not in TEACHERS:
-            raise ValueError(f"unknown teacher {self.teacher!r}; expected one of {', '.join(TEACHERS)}")
+            raise ConfigError(f"--teacher {self.teacher!r}: unknown teacher; expected one of {', '.join(TEACHERS)}")
         if self.window is None and self.stride is not None:
-            raise ValueError(f"stride {_hw_text(self.stride)} given without a window")
+            raise ConfigError(f"--stride {_hw_text(self.stride)}: given without a window (--window)")
         for name in ("window", "stride"):
             value = getattr(self, name)
             if value is None:
                 continue
             if (not isinstance(value, (tuple, list)) or len(value) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-                raise ValueError(f"{name} must be two positive integers (H, W), got {value!r}")
+                    or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in value)):
+                raise ConfigError(f"--{name} {value!r}: {name} must be two positive integers (H, W)")
             object.__setattr__(self, name, (int(value[0]), int(value[1])))
         if self.window is not None and self.stride is not None:
             if self.stride[0] > self.window[0] or self.stride[1] > self.window[1]:
-                raise ValueError(f"stride {_hw_text(self.stride)} is larger than the window {_hw_text(self.window)}: "
-                                 "windows would leave gaps")
+                raise ConfigError(f"--stride {_hw_text(self.stride)} is larger than the window {_hw_text(self.window)}: "
+                                  "windows would leave gaps")
+        if not isinstance(self.pamr, bool):
+            raise ConfigError(f"pamr {self.pamr!r}: expected True or False")
 
 
 class WeightsNotFoundError(RuntimeError):

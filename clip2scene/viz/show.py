@@ -106,7 +106,10 @@ def _colourings(cache: Cache, scan: ScanData, key: np.ndarray, student: Student 
         covered[scan.pair_point] = True
         variant = {"maskclip": "MaskCLIP", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}
         name = variant.get(str(cache.fingerprint.get("teacher", "maskclip")), str(cache.fingerprint.get("teacher")))
-        out.append(Colouring("teacher", f"teacher: {name} pseudo-labels", labels[key], covered[key]))
+        title = f"teacher: {name} pseudo-labels"
+        if cache.fingerprint.get("weights_sha256") == "random":
+            title += " - randomly initialised teacher, meaningless"
+        out.append(Colouring("teacher", title, labels[key], covered[key]))
     if student is not None:
         pred = student.predict(scan.xyz, scan.feat, cache.prompt_to_eval)
         out.append(Colouring("student", f"{student.describe()} prediction", pred[key], np.ones(len(key), bool)))
@@ -282,6 +285,8 @@ def render_scan(cache: Cache | str | Path, index: int, out_dir: str | Path, chec
                           "nothing to colour the points by (give --checkpoint)")
     dataset = str((cache.meta.get("dataset") or {}).get("name", ""))
     header = f"{dataset} scan {index}: {scan.scene} ({scan.split}), token {scan.token}"
+    if cache.has_teacher and cache.fingerprint.get("weights_sha256") == "random":
+        header += " - teacher randomly initialised (no CLIP weights)"
     stem = f"scan{int(index):04d}"
     paths: list[Path] = []
 
