@@ -285,7 +285,7 @@ def test_window_validation():
         TeacherConfig(stride=(16, 16))
     with pytest.raises(ValueError, match="two positive integers"):
         TeacherConfig(window=(0, 32))
-    with pytest.raises(ValueError, match="unknown teacher 'dino'"):
+    with pytest.raises(ValueError, match="--teacher 'dino': unknown teacher"):
         TeacherConfig(teacher="dino")
     assert _teacher("maskclip", window=(48, 64)).stride == (16, 32)  # half the window, in whole patches
 
