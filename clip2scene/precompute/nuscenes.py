@@ -32,6 +32,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.errors import DataError
@@ -189,14 +190,21 @@ def _json_error(path: Path) -> DataError:
     return DataError(f"{path}: expected a JSON list of records (objects)")
 
 
-def iter_table(path: Path) -> Iterator[dict]:
+def iter_table(path: Path, on_read=None) -> Iterator[dict]:
     """Stream the records of a JSON list-of-objects table without holding the whole file or its
     parsed form in memory (the trainval sample_data / ego_pose tables are ~2.6 million records
     each): the caller keeps only what it needs. DataError naming the file when it is not a valid
-    JSON list of objects."""
+    JSON list of objects. `on_read(n)` is called with the characters read at each read (for a
+    progress bar)."""
     dec = json.JSONDecoder()
     with path.open(encoding="utf-8") as f:
-        buf, pos, eof = f.read(_CHUNK), 0, False
+        read = f.read
+        if on_read is not None:
+            def read(n, _read=f.read):
+                text = _read(n)
+                on_read(len(text))
+                return text
+        buf, pos, eof = read(_CHUNK), 0, False
         pos = _WS.match(buf, pos).end()
         if pos >= len(buf) or buf[pos] != "[":
             raise _json_error(path)
@@ -205,7 +213,7 @@ def iter_table(path: Path) -> Iterator[dict]:
         while True:
             pos = _WS.match(buf, pos).end()
             if pos >= len(buf) - 1 and not eof:  # keep at least one character past the whitespace
-                more = f.read(_CHUNK)
+                more = read(_CHUNK)
                 eof = not more
                 buf, pos = buf[pos:] + more, 0
                 continue
@@ -227,7 +235,7 @@ def iter_table(path: Path) -> Iterator[dict]:
             except json.JSONDecodeError:
                 if eof:
                     raise _json_error(path) from None
-                more = f.read(max(_CHUNK, len(buf)))  # the record runs past the buffer: read on
+                more = read(max(_CHUNK, len(buf)))  # the record runs past the buffer: read on
                 eof = not more
                 buf, pos = buf[pos:] + more, 0
                 if not first:  # the comma is consumed: parse the record next
@@ -241,6 +249,13 @@ def iter_table(path: Path) -> Iterator[dict]:
 # sample_data fields the reader uses (the others are dropped as the table streams in)
 _SD_KEYS = ("token", "sample_token", "ego_pose_token", "calibrated_sensor_token", "timestamp", "filename",
             "width", "height", "is_key_frame", "prev")
+
+
+def _table_bar(path: Path) -> tqdm:
+    """A bytes progress bar with ETA for streaming a big table; shown on a terminal only."""
+    size = path.stat().st_size
+    return tqdm(total=size, desc=f"reading {path.name}", unit="B", unit_scale=True, leave=False,
+                disable=None if size > 50_000_000 else True)
 
 
 class NuScenes:
@@ -279,7 +294,8 @@ class NuScenes:
         path = table_dir / "sample_data.json"
         if not path.is_file():
             raise DataError(f"missing nuScenes table: {path}")
-        for sd in iter_table(path):
+        bar = _table_bar(path)
+        for sd in iter_table(path, bar.update):
             cs_token = sd.get("calibrated_sensor_token")
             try:
                 channel = channels.get(cs_token) if isinstance(cs_token, str) else None
@@ -300,12 +316,15 @@ class NuScenes:
                     f"keyframe sample_data {sd.get('token')!r}: {channel}")
                 continue
             self._key_data.setdefault(sd.get("sample_token"), {})[channel] = sd
+        bar.close()
         self._by_token["sample_data"] = sample_data
         wanted = {sd.get("ego_pose_token") for sd in sample_data.values()}
         path = table_dir / "ego_pose.json"
         if not path.is_file():
             raise DataError(f"missing nuScenes table: {path}")
-        self._by_token["ego_pose"] = {r.get("token"): r for r in iter_table(path) if r.get("token") in wanted}
+        with _table_bar(path) as bar:
+            self._by_token["ego_pose"] = {r.get("token"): r for r in iter_table(path, bar.update)
+                                          if r.get("token") in wanted}
         self._lidarseg_by_sd = {r["sample_data_token"]: r["filename"] for r in self._by_token.pop("lidarseg").values()}
         self._has_labels = bool(self._lidarseg_by_sd)
         log.info("%s %s: %d samples, %d of the sample_data records kept", self.dataroot, version,

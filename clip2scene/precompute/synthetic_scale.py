@@ -45,6 +45,7 @@ RADARS = ("RADAR_FRONT", "RADAR_FRONT_LEFT", "RADAR_FRONT_RIGHT", "RADAR_BACK_LE
 TRAINVAL_SAMPLES = 34_149
 TRAINVAL_SAMPLE_DATA = 2_631_083
 TRAINVAL_SCENES = 850
+TRAINVAL_LOGS = 68
 
 
 @dataclass(frozen=True)
@@ -201,9 +202,10 @@ def make_nuscenes_tables(out: str | Path, config: NuScenesScale = NuScenesScale(
     samples, scenes, calibs, lidarseg, logs = [], [], [], [], []
     counts = dict(sample_data=0)
     for s, name in enumerate(names):
-        log_token = _token("log", s // 12)
-        if s % 12 == 0:
-            logs.append(dict(token=log_token, logfile=f"n015-scale-{s // 12:03d}", vehicle="n015",
+        li = s * TRAINVAL_LOGS // TRAINVAL_SCENES  # 68 logs for 850 scenes, as in trainval
+        log_token = _token("log", li)
+        if not logs or logs[-1]["token"] != log_token:
+            logs.append(dict(token=log_token, logfile=f"n015-scale-{li:03d}", vehicle="n015",
                              date_captured="2018-07-24", location="singapore-onenorth"))
         cal = {}
         for ch, rec in _calibrations(s).items():
