@@ -120,6 +120,7 @@ def child_dask(args) -> dict:
     from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 
     peaks: dict[int, tuple[float, str]] = {}
+    first: dict[int, float] = {}  # RSS when first seen (a worker's footprint before its tasks)
     stop = threading.Event()
 
     def watch():
@@ -131,6 +132,7 @@ def child_dask(args) -> dict:
                     name = " ".join(p.cmdline()[-3:])[-60:]
                 except psutil.Error:
                     continue
+                first.setdefault(p.pid, rss)
                 if rss > peaks.get(p.pid, (0, ""))[0]:
                     peaks[p.pid] = (rss, name)
             stop.wait(0.2)
@@ -144,10 +146,10 @@ def child_dask(args) -> dict:
         meta = run_precompute(cfg, progress=False)
     stop.set()
     th.join()
-    procs = sorted((round(v[0]), v[1]) for v in peaks.values())
-    workers = [r for r, name in procs if "spawn_main" in name or "multiprocessing" in name]
+    procs = sorted((round(v[0]), round(first[pid]), v[1]) for pid, v in peaks.items())
+    workers = [(r, r0) for r, r0, name in procs if "--multiprocessing-fork" in name]
     return dict(run=t.row(scans=meta["num_scans"], points=meta["num_points"]),
-                coordinator_rss_mb=round(_common.peak_rss_mb()), worker_rss_mb=workers or [r for r, _ in procs],
+                coordinator_rss_mb=round(_common.peak_rss_mb()), worker_peak_and_first_seen_rss_mb=workers,
                 processes=procs)
 
 

@@ -113,3 +113,20 @@ def test_streamed_tables_match_json_load(root, tmp_path):
         assert list(nuscenes.iter_table(path)) == json.loads(path.read_text())
     finally:
         nuscenes._CHUNK = old
+
+
+def test_kitti_block_payload_holds_only_its_sequences(tmp_path):
+    from clip2scene.precompute.semantickitti import SemanticKITTI
+    from clip2scene.precompute.synthetic_kitti import KittiSampleConfig, make_semantickitti_sample
+
+    root = make_semantickitti_sample(tmp_path / "kitti", KittiSampleConfig(frames=3, lidar_beams=8,
+                                                                           lidar_azimuth_steps=64))
+    ds = SemanticKITTI(root)
+    scans = ds.scans(sweeps=3)
+    part = [s for s in scans if s.scene == "08"]
+    sub, got = pickle.loads(pickle.dumps(block_payload(ds, part)))
+    assert set(sub._poses) == {"08"} and set(ds._poses) == {"00", "08"}
+    for a, b in zip(part, got):
+        pa, pb = ds.points(a), sub.points(b)
+        assert all(np.array_equal(x, y) for x, y in zip(pa[:3], pb[:3])) and pa[3] == pb[3]
+        assert np.array_equal(ds.labels(a, pa[3]), sub.labels(b, pb[3]))
