@@ -206,10 +206,11 @@ def child_cache(args) -> dict:
                 for rec in _tiny_records(lo, hi, args.scan_points):
                     w.append(rec)
         out[f"write_{name}"] = t.row(scans=hi - lo, blocks=-(-(hi - lo) // 16), commit_s=round(commits[-1], 2))
+    before = len(commits)
     with Timer() as t:
         merge([str(tmp / "A.zarr"), str(tmp / "B.zarr")], str(tmp / "C.zarr"), overwrite=True)
     c = open_cache(tmp / "C.zarr")
-    out["merge"] = t.row(scans=c.num_scans, blocks=int(c.meta["num_blocks"]), commit_s=round(commits[-1], 2))
+    out["merge"] = t.row(scans=c.num_scans, blocks=int(c.meta["num_blocks"]), commit_s=round(max(commits[before:]), 2))
     manifest = tmp / "C.zarr" / "manifest.json"
     out["manifest"] = dict(bytes=manifest.stat().st_size, files=len(json.loads(manifest.read_text())["sha256"]),
                            block_records=len(list((tmp / "C.zarr" / "manifest" / "blocks").iterdir())))

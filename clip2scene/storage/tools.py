@@ -27,8 +27,8 @@ def verify(path: str, storage_options: dict | None = None, progress=None, on_est
     """Re-hash every file the manifest lists; returns one line per problem (corrupt, missing,
     unlisted file), naming the file (a shard of `blocks/NNNNNN/<array>` or a table).
 
-    Before the full pass, up to 16 files spread evenly over the (sorted) list are checked and
-    timed, and `on_estimate(files, seconds)` is called with the projected total time, so a
+    Before the full pass, up to 17 files spread evenly over the (sorted) list are checked and
+    timed (all but the first), and `on_estimate(files, seconds)` is called with the projected total time, so a
     caller can say how long it will take before it does. `progress` wraps the iterable of the
     remaining files (e.g. a tqdm factory)."""
     loc = Location.parse(path, storage_options)
@@ -46,13 +46,15 @@ def verify(path: str, storage_options: dict | None = None, progress=None, on_est
         elif hashlib.sha256(loc.read_bytes(rel)).hexdigest() != digest:
             found[rel] = f"corrupt: {rel} (sha256 differs from the manifest)"
 
-    k = min(16, len(items))
+    k = min(17, len(items))
     sample = sorted({round(i * (len(items) - 1) / max(k - 1, 1)) for i in range(k)}) if k else []
+    if sample:
+        check(*items[sample[0]])  # warm-up (first open of the store), not timed
     t0 = time.perf_counter()
-    for i in sample:
+    for i in sample[1:]:
         check(*items[i])
     if on_estimate is not None:
-        on_estimate(len(items), (time.perf_counter() - t0) * len(items) / max(len(sample), 1))
+        on_estimate(len(items), (time.perf_counter() - t0) * len(items) / max(len(sample) - 1, 1))
     taken = set(sample)
     rest = [it for i, it in enumerate(items) if i not in taken]
     for rel, digest in (progress(rest) if progress else rest):
