@@ -496,7 +496,8 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     result = dict(writer.meta)
     result["seconds"] = seconds
     result["resumed_blocks"] = len(blocks) - len(todo)
-    images = sum(b.get("images", 0) for i, b in writer.done_blocks().items() if i in {t[0] for t in todo})
+    ran = {t[0] for t in todo}
+    images = sum(b.get("images", 0) for i, b in writer.done_blocks().items() if i in ran)
     result["images_per_second"] = images / max(seconds, 1e-9)  # images this run computed
     log.info("precompute done: %d scans in %.1fs", len(scans), seconds)
     return result
