@@ -35,6 +35,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _interruptible(fn, *args, **kwargs):
+    """`_run` for train / finetune / linear-probe / ablate: Ctrl-C prints one line (how to
+    continue: the `--resume` checkpoint) and exits with code 130 (128 + SIGINT), no traceback."""
+    try:
+        return _run(fn, *args, **kwargs)
+    except KeyboardInterrupt as e:  # clip2scene.errors.Interrupted says how to continue
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(str(e) if str(e) else "interrupted", err=True)
+        raise typer.Exit(130)
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """Names of the command's options that the user gave (command line or environment), not defaults."""
+    return {name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
 def _run(fn, *args, **kwargs):
     """Call library code; turn user-facing errors into one line and exit code 2."""
     from clip2scene.precompute.maskclip import WeightsNotFoundError
@@ -210,36 +227,46 @@ def precompute(
 
 # ---------------------------------------------------------------------------------- train
 def _model_config(arch: str, channels: Optional[str]):
-    """ModelConfig from --arch / --channels (one-line error on bad values)."""
+    """ModelConfig from --arch / --channels (ModelConfig validates: one-line error on bad values)."""
     from clip2scene.train.model import ModelConfig
 
-    try:
-        model = ModelConfig(arch=arch)
-        chans = _parse_channels(channels)
-        return replace(model, channels=chans) if chans is not None else model
-    except ValueError as e:
-        _fail(f"--arch {arch!r} / --channels {channels!r}: {e}")
+    chans = _parse_channels(channels)
+    return _run(ModelConfig, arch=arch, **({} if chans is None else dict(channels=chans)))
 
 
-def _train_config(cache, out, *, arch="spvcnn", channels=None, **fields):
-    """TrainConfig from CLI values; `fields` are TrainConfig fields by name."""
-    from clip2scene.train.trainer import TrainConfig
+def _train_config(cache, out, *, arch="spvcnn", channels=None, given: Optional[set[str]] = None, **fields):
+    """TrainConfig from CLI values (TrainConfig validates them); `fields` are TrainConfig fields
+    by name. With --resume, the options not `given` (typed) come from the checkpoint's run."""
+    from clip2scene.train.trainer import TrainConfig, resume_from
 
     model = _model_config(arch, channels)
     if fields.get("resume") is not None:
         fields["resume"] = str(fields["resume"])
     fields["storage_options"] = _storage(fields.pop("storage_option", None))
-    return TrainConfig(cache=str(cache), out=str(out), model=model, **fields)
+    config = _run(TrainConfig, cache=str(cache), out=str(out), model=model, **fields)
+    if config.resume is not None:
+        config = _run(resume_from, config, given or set())
+    return config
 
 
 def _print_train(s: dict) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for all
         return
+    if s.get("nothing_to_do"):
+        typer.echo(f"nothing to do: {s['checkpoint']} is already at epoch {s['epoch']} of {s['epochs']} "
+                   f"(give --epochs N > {s['epochs']} to train longer)")
+        return
     typer.echo(f"run: {s['run']}  ({s['arch']}, {s['parameters'] / 1e6:.2f}M parameters, {s['device']})")
-    typer.echo(f"  {s['train_scans']} scans x {s['epochs']} epochs = {s['steps']} steps in {s['seconds']:.1f} s "
+    resumed = f" (resumed at epoch {s['start_epoch']})" if s.get("start_epoch") else ""
+    typer.echo(f"  {s['train_scans']} scans x {s['epochs']} epochs{resumed} = {s['steps']} steps in {s['seconds']:.1f} s "
                f"({s['scans_per_second']:.2f} scans/s)")
+    if s.get("schedule_note"):
+        typer.echo(f"  note: {s['schedule_note']}")
     typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in s["epoch_losses"]))
     typer.echo(f"  checkpoint: {s['checkpoint']}")
+    if s.get("teacher_weights_sha256") == "random":
+        typer.echo("  WARNING: distilled from a randomly initialised teacher (no CLIP weights): the student "
+                   "learned meaningless pseudo-labels.")
 
 
 def _training_options(
@@ -285,16 +312,21 @@ def _with_training_options(fn):
 @app.command()
 @_with_training_options
 def train(
+    ctx: typer.Context,
     cache: str = typer.Option(..., help="Cache written by precompute (folder or URL)."),
     out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, config.json)."),
-    resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from."),
+    resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from: options not given are the run's own "
+                                                     "(model, lr, ...); a larger --epochs extends the run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in --out (its run files are removed)."),
     **options,
 ) -> None:
     """Stage two: train the sparse 3D student from the cache alone (SCR + SSR + S3 by default).
-    Several processes: `torchrun --nproc-per-node N -m clip2scene.cli train ...` (DDP)."""
+    Several processes: `torchrun --nproc-per-node N -m clip2scene.cli train ...` (DDP).
+    Ctrl-C exits with code 130 and names the checkpoint that `--resume` continues from."""
     from clip2scene.train.trainer import train as run_train
 
-    _print_train(_run(run_train, _train_config(cache, out, resume=resume, **options)))
+    config = _train_config(cache, out, resume=resume, overwrite=overwrite, given=_given(ctx), **options)
+    _print_train(_interruptible(run_train, config))
 
 
 @app.command()
@@ -305,6 +337,7 @@ def ablate(
     prompt_cache: list[str] = typer.Option([], help="NAME=PATH: a cache of the same data precomputed with "
                                                     "--class-set NAME, for the prompt-set rows (repeatable)."),
     eval_split: str = typer.Option("val", help="Split to evaluate each row on."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the runs of a previous ablation in --out."),
     **options,
 ) -> None:
     """Run the rows of the paper's Table 3 and write one table."""
@@ -316,7 +349,8 @@ def ablate(
         if not sep or not name or not path:
             _fail(f"--prompt-cache {item!r}: expected NAME=PATH")
         caches[name] = path
-    results = _run(run_ablation, _train_config(cache, out / "base", **options), out, caches, eval_split)
+    results = _interruptible(run_ablation, _train_config(cache, out / "base", overwrite=overwrite, **options), out,
+                             caches, eval_split)
     typer.echo(format_table(results))
     typer.echo(f"table: {out / 'ablation.md'}")
 
@@ -336,12 +370,14 @@ def _print_eval(r: dict) -> None:
     typer.echo(f"{'class':<22}{'student IoU':>12}{'teacher IoU*':>14}")
     for name in r["class_names"]:
         typer.echo(f"{name:<22}{_fmt(r['per_class_iou'][name]):>12}{_fmt(r['teacher_per_class_iou_visible'][name]):>14}")
-    typer.echo(f"{'mIoU':<22}{_fmt(r['miou']):>12}{_fmt(r['teacher_miou_visible']):>14}")
+    random = r.get("teacher_weights") == "random"
+    typer.echo(f"{'mIoU':<22}{_fmt(r['miou']):>12}{_fmt(r['teacher_miou_visible']):>14}"
+               + ("  (RANDOM teacher, no CLIP weights)" if random else ""))
     typer.echo(f"({r['split']}: {r['scans']} scans, {r['points']} points; *teacher pseudo-labels on camera-visible "
                f"points only; n/a = class absent from truth and prediction)")
     typer.echo(f"results: {r['json']}")
     _confusion_png(r["json"])
-    if r.get("teacher_weights") == "random":
+    if random:
         typer.echo("WARNING: the teacher was randomly initialised (no CLIP weights): these numbers are not meaningful.")
 
 
@@ -375,8 +411,8 @@ def evaluate(
         typer.echo(f"  result: {path}")
         _confusion_png(path)
         return
-    cfg = EvalConfig(checkpoint=str(checkpoint), cache=str(cache), split=split,
-                     out=str(out) if out else None, device=device, storage_options=opts)
+    cfg = _run(EvalConfig, checkpoint=str(checkpoint), cache=str(cache), split=split,
+               out=str(out) if out else None, device=device, storage_options=opts)
     _print_eval(_run(run_eval, cfg))
 
 
@@ -393,17 +429,17 @@ def _print_finetune(r: dict) -> None:
 def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_fraction: float, epochs: int,
                   batch_size: int, lr: float, head_lr_mult: float, lovasz_weight: float, eval_split: str,
                   voxel_size: Optional[float], arch: str, channels: Optional[str], device: str, workers: int, seed: int,
-                  augment: bool, storage_option: Optional[list[str]] = None) -> None:
+                  augment: bool, storage_option: Optional[list[str]] = None, overwrite: bool = False) -> None:
     from clip2scene.train.finetune import FinetuneConfig, finetune
 
     model = _model_config(arch, channels)
-    cfg = FinetuneConfig(cache=str(cache), out=str(out), checkpoint=None if checkpoint == "none" else checkpoint,
+    cfg = _run(FinetuneConfig, cache=str(cache), out=str(out), checkpoint=None if checkpoint == "none" else checkpoint,
                          mode=mode, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
                          head_lr_mult=head_lr_mult, lovasz_weight=lovasz_weight,
                          eval_split=None if eval_split == "none" else eval_split, voxel_size=voxel_size,
                          device=device, workers=workers, seed=seed, augment=augment, model=model,
-                         storage_options=_storage(storage_option))
-    _print_finetune(_run(finetune, cfg))
+                         storage_options=_storage(storage_option), overwrite=overwrite)
+    _print_finetune(_interruptible(finetune, cfg))
 
 
 @app.command()
@@ -426,10 +462,13 @@ def finetune(
     seed: int = typer.Option(0, help="Random seed."),
     augment: bool = typer.Option(True, help="Random z-rotation and flips."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
-    """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone."""
+    """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone.
+    Ctrl-C exits with code 130 (no resume: start again with --overwrite)."""
     _finetune_cmd("finetune", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
-                  lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment, storage_option)
+                  lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment, storage_option,
+                  overwrite=overwrite)
 
 
 @app.command("linear-probe")
@@ -448,10 +487,12 @@ def linear_probe(
     workers: int = typer.Option(0, help="DataLoader workers."),
     seed: int = typer.Option(0, help="Random seed."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
     """Linear probe: frozen pre-trained backbone, a linear classifier trained on labels."""
     _finetune_cmd("linear", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
-                  lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True, storage_option)
+                  lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True, storage_option,
+                  overwrite=overwrite)
 
 
 @app.command()

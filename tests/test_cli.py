@@ -34,6 +34,7 @@ def sample(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_pipeline_through_the_cli(sample, tmp_path):
     cache = tmp_path / "cache.zarr"
     r = run("precompute", "--dataset", "nuscenes", "--dataroot", sample, "--version", "v1.0-mini", "--out", cache,

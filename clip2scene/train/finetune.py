@@ -37,9 +37,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clip2scene.devices import resolve_device
-from clip2scene.errors import CacheError, ConfigError
+from clip2scene.errors import CacheError, ConfigError, Interrupted
 from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
+from clip2scene.train.checks import (check_bool, check_choice, check_finite_loss, check_finite_model, check_float,
+                                     check_int, check_text, paths_to_text, refuse_existing_run, remove_run)
 from clip2scene.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.evaluate import _iou_dict, _num
@@ -51,6 +53,7 @@ from clip2scene.train.trainer import forward_points, precise_batchnorm
 log = logging.getLogger(__name__)
 
 SEGMENTER_KIND = "segmenter"  # checkpoint["kind"] of a fine-tuned / linear-probed model
+MODES = ("finetune", "linear")  # all weights / frozen backbone with a linear head
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,38 @@ class FinetuneConfig:
     precise_bn_batches: int = 16  # re-estimate BatchNorm statistics after training (finetune mode)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # used for random init only
     storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL
+    overwrite: bool = False  # replace a previous run in `out` (its run files are removed first)
+
+    def __post_init__(self) -> None:
+        """Every option's valid range, checked before any work: ConfigError naming the option."""
+        paths_to_text(self, "cache", "out", "checkpoint")
+        check_text("cache", self.cache)
+        check_text("out", self.out)
+        check_text("checkpoint", self.checkpoint, allow_none=True)
+        check_choice("mode", self.mode, MODES)
+        if self.mode == "linear" and self.checkpoint is None:
+            raise ConfigError("a linear probe of a random backbone measures nothing: give --checkpoint")
+        check_float("label_fraction", self.label_fraction, 0.0, 1.0, low_open=True)
+        check_text("split", self.split)
+        check_text("eval_split", self.eval_split, allow_none=True)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_float("lr", self.lr, 0.0, low_open=True)
+        check_float("head_lr_mult", self.head_lr_mult, 0.0, low_open=True)
+        check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("lovasz_weight", self.lovasz_weight, 0.0)
+        check_float("voxel_size", self.voxel_size, 0.0, low_open=True, allow_none=True)
+        check_bool("augment", self.augment)
+        check_text("device", self.device)
+        check_int("workers", self.workers, 0)
+        check_int("seed", self.seed, 0)
+        check_int("precise_bn_batches", self.precise_bn_batches, 0)
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError(f"model {self.model!r}: expected a ModelConfig")
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError(f"storage_options {self.storage_options!r}: expected a dict")
+        check_bool("overwrite", self.overwrite)
 
 
 class Segmenter(nn.Module):
@@ -94,9 +129,8 @@ class Segmenter(nn.Module):
 
 def label_subset(indices: np.ndarray, fraction: float) -> np.ndarray:
     """The labelled training scans: every round(1 / fraction)-th of `indices` (SLidR: 1% = every
-    100th), starting with the first. (S,) int64 -> (S',) int64."""
-    if not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"--label-fraction {fraction}: must lie in (0, 1]")
+    100th), starting with the first. (S,) int64 -> (S',) int64; `fraction` in (0, 1] (checked by
+    FinetuneConfig)."""
     step = max(1, round(1.0 / fraction))
     return np.asarray(indices, dtype=np.int64)[::step]
 
@@ -139,14 +173,20 @@ def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, lovasz_weight: 
 
 
 def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
-    """Train per `config`, save the model, evaluate on `eval_split`; returns (and writes) result.json."""
-    if config.mode not in ("finetune", "linear"):
-        raise ConfigError(f"mode {config.mode!r}: expected finetune or linear")
-    if config.mode == "linear" and config.checkpoint is None:
-        raise ConfigError("a linear probe of a random backbone measures nothing: give --checkpoint")
-    if config.epochs < 1 or config.batch_size < 1:
-        raise ConfigError(f"--epochs and --batch-size must be >= 1 (got {config.epochs}, {config.batch_size})")
+    """Train per `config`, save the model, evaluate on `eval_split`; returns (and writes) result.json.
+
+    Refuses an `out` that already holds a run unless `config.overwrite`. Raises TrainingError at
+    the first non-finite loss (nothing is saved) and `Interrupted` on Ctrl-C."""
+    try:
+        return _finetune(config, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {config.mode} has no --resume; start it again with --overwrite") from None
+
+
+def _finetune(config: FinetuneConfig, progress: bool) -> dict:
     device = resolve_device(config.device)
+    if not config.overwrite:
+        refuse_existing_run(config.out, command=config.mode)
     cache = open_cache(config.cache, config.storage_options)
     if not cache.has_labels:
         raise CacheError(f"cache {cache.path} has no ground-truth labels: fine-tuning needs them")
@@ -172,6 +212,10 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
 
     out = Path(config.out)
+    if config.overwrite:
+        removed = remove_run(out)
+        if removed:
+            log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = asdict(config)
     cfg_dict["model"]["channels"] = list(cfg_dict["model"]["channels"])
@@ -181,6 +225,8 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
              config.mode, len(indices), len(all_train), config.label_fraction, total, init["init"])
     t0 = time.perf_counter()
     losses = []
+    kept = "nothing was saved (fine-tuning saves at the end)"
+    step = 0
     with (out / "metrics.jsonl").open("w") as mf:
         for epoch in range(config.epochs):
             dataset.set_epoch(epoch)
@@ -200,13 +246,16 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                step += 1
+                check_finite_loss(step, epoch + 1, float(loss.detach()), terms, kept)
                 epoch_losses.append(float(loss.detach()))
-                mf.write(json.dumps(dict(epoch=epoch + 1, loss=epoch_losses[-1], **terms,
-                                         lr=optimizer.param_groups[0]["lr"])) + "\n")
+                mf.write(json.dumps(dict(step=step, epoch=epoch + 1, loss=epoch_losses[-1], **terms,
+                                         lr=optimizer.param_groups[0]["lr"]), allow_nan=False) + "\n")
             losses.append(float(np.mean(epoch_losses)))
             log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
         if config.mode == "finetune":
             precise_batchnorm(model, loader, config.precise_bn_batches, voxel_size, device)
+    check_finite_model(model, step, config.epochs, kept)
     seconds = time.perf_counter() - t0
     ckpt_path = out / "checkpoint.pt"
     state = dict(format=CHECKPOINT_FORMAT, version=1, kind=SEGMENTER_KIND, model_config=init["model_config"],
