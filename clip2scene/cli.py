@@ -23,16 +23,37 @@ import typer
 from clip2scene import __version__
 from clip2scene.errors import Clip2SceneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="CLIP2Scene: distil a cached CLIP teacher into a 3D sparse network.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect caches.")
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect caches.")
 app.add_typer(cache_app, name="cache")
 log = logging.getLogger("clip2scene")
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {_one_line(message)}", err=True)
     raise typer.Exit(2)
+
+
+def _one_line(message: str) -> str:
+    """An error re-raised from a worker process (a DataLoader worker wraps it as 'Caught X in
+    DataLoader worker process 0. Original Traceback ...') -> just the original one-line message."""
+    lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and "Traceback (most recent call last)" in message:
+        head, sep, rest = lines[-1].partition(": ")  # "clip2scene.errors.CacheError: <message>"
+        if sep and " " not in head and (head.endswith(("Error", "Exception")) or "." in head):
+            return rest
+        return lines[-1]
+    return str(message)
+
+
+def _interrupted(message: str) -> None:
+    """Ctrl-C: one line saying how to continue, exit 130, and nothing from threads still
+    shutting down (Dask's event loop logs 'Task was destroyed' as the interpreter exits)."""
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+    typer.echo(f"interrupted: {message}", err=True)
+    raise typer.Exit(130)
 
 
 def _interruptible(fn, *args, **kwargs):
@@ -52,14 +73,26 @@ def _given(ctx: typer.Context) -> set[str]:
             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
 
 
-def _run(fn, *args, **kwargs):
-    """Call library code; turn user-facing errors into one line and exit code 2."""
+RANDOM_TEACHER = "the teacher was randomly initialised (no CLIP weights): its pseudo-labels are meaningless."
+
+
+def _run(fn, *args, _raise: type | tuple = (), **kwargs):
+    """Call library code; turn user-facing errors into one line and exit code 2 (those of type
+    `_raise` are re-raised for the caller to handle)."""
     from clip2scene.precompute.maskclip import WeightsNotFoundError
+    from clip2scene.storage.store import remote_error
 
     try:
         return fn(*args, **kwargs)
+    except _raise:
+        raise
     except (Clip2SceneError, WeightsNotFoundError, FileExistsError) as e:
         _fail(str(e))
+    except Exception as e:  # an object store failing inside zarr (no credentials, endpoint gone)
+        err = remote_error(None, e)
+        if err is None:
+            raise
+        _fail(str(err))
 
 
 _STORAGE_HELP = "fsspec option for a cache URL, key=value (repeatable), e.g. client_kwargs.endpoint_url=http://host:9000."
@@ -76,9 +109,7 @@ def _parse_size(value: str) -> tuple[int, int]:
         h, w = (int(v) for v in value.lower().split("x"))
     except ValueError:
         _fail(f"--image-size {value!r}: expected HxW, e.g. 224x416")
-    if h <= 0 or w <= 0:
-        _fail(f"--image-size {value!r}: sizes must be positive")
-    return h, w
+    return h, w  # positive multiples of the patch: TeacherConfig / load_teacher
 
 
 def _parse_channels(value: Optional[str]):
@@ -90,20 +121,28 @@ def _parse_channels(value: Optional[str]):
         _fail(f"--channels {value!r}: expected 9 comma-separated integers")
 
 
+def _print_version(value: bool) -> None:
+    """Eager --version: answered before Click looks for a command."""
+    if value:
+        typer.echo(f"clip2scene {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details (INFO)."),
-          version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+          version: bool = typer.Option(False, "--version", is_eager=True, expose_value=False, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # Dask logs ~30 INFO lines and nanny shutdown warnings per run otherwise
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        logging.getLogger("distributed").setLevel(logging.ERROR)
     # third-party noise that says nothing about the user's run
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv(\..*)?")
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     from clip2scene.runtime import tune_malloc
 
     tune_malloc()  # big tensors reuse heap memory instead of page-faulting in fresh mmaps
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit()
 
 
 # ---------------------------------------------------------------------------------- make-sample
@@ -156,29 +195,34 @@ def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smo
                     prompt_denoising: bool = False, denoise_threshold: float = 0.5):
     from clip2scene.precompute.maskclip import TeacherConfig
 
-    if not 0.0 <= denoise_threshold <= 1.0:
-        _fail(f"--denoise-threshold {denoise_threshold}: must lie in [0, 1]")
-    return TeacherConfig(model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
-                         key_smoothing=key_smoothing, prompt_denoising=prompt_denoising,
-                         denoise_threshold=denoise_threshold)
+    return _run(TeacherConfig, model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
+                key_smoothing=key_smoothing, prompt_denoising=prompt_denoising, denoise_threshold=denoise_threshold)
 
 
 def _print_precompute(meta: dict) -> None:
     t = meta["teacher"]
     typer.echo(f"cache: {meta.get('path', '')}")
     typer.echo(f"  scans {meta['num_scans']}, points {meta['num_points']}, camera-visible points {meta['num_pairs']}")
+    if meta.get("already_complete"):
+        typer.echo("  already complete for these settings: nothing to do (pass --overwrite to rebuild it)")
     if t is None:
-        typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
+        if not meta.get("already_complete"):
+            typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
         return
     typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']} "
                f"computed in {meta.get('teacher_precision') or 'float32'}")
-    if meta.get("resumed_blocks"):
-        typer.echo(f"  resumed: {meta['resumed_blocks']} of {meta['num_blocks']} blocks were already done")
-    typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
+    if meta.get("already_complete"):
+        pass
+    elif meta.get("resumed_blocks") and meta.get("resumed_blocks") == meta.get("num_blocks"):
+        typer.echo(f"  resumed: all {meta['num_blocks']} blocks were already done; committed in {meta['seconds']:.1f} s")
+    else:
+        if meta.get("resumed_blocks"):
+            typer.echo(f"  resumed: {meta['resumed_blocks']} of {meta['num_blocks']} blocks were already done")
+        typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
     if meta.get("num_skipped"):
         typer.echo(f"  skipped {meta['num_skipped']} bad sample(s): see `clip2scene cache info`")
     if t["weights_sha256"] == "random":
-        typer.echo("  WARNING: the teacher is randomly initialised (no CLIP weights): pseudo-labels are meaningless.")
+        typer.echo(f"  WARNING: {RANDOM_TEACHER}")
 
 
 @app.command()
@@ -210,17 +254,19 @@ def precompute(
     """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
     from clip2scene.precompute.pipeline import DATASETS, DEFAULT_IMAGE_SIZE, PrecomputeConfig, run_precompute
 
-    if dataset not in DATASETS:
-        _fail(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE[dataset]))
+    # every option is validated by PrecomputeConfig / TeacherConfig (one line, exit 2)
+    size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE.get(dataset, DEFAULT_IMAGE_SIZE["nuscenes"])))
     teacher = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
                                                                 prompt_denoising, denoise_threshold)
-    cfg = PrecomputeConfig(dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
-                           sweeps=sweeps, class_set=class_set or dataset, teacher=teacher,
-                           device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
-                           block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
-                           feature_dtype=feature_dtype, teacher_precision=teacher_precision)
-    meta = _run(run_precompute, cfg)
+    cfg = _run(PrecomputeConfig, dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
+               sweeps=sweeps, class_set=class_set or (dataset if dataset in DATASETS else "nuscenes"), teacher=teacher,
+               device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
+               block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
+               feature_dtype=feature_dtype, teacher_precision=teacher_precision)
+    try:
+        meta = _run(run_precompute, cfg)
+    except KeyboardInterrupt:
+        _interrupted("precompute stopped: the blocks finished so far are kept; rerun the same command to resume")
     meta["path"] = str(out)
     _print_precompute(meta)
 
@@ -317,7 +363,7 @@ def train(
     out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, config.json)."),
     resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from: options not given are the run's own "
                                                      "(model, lr, ...); a larger --epochs extends the run."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in --out (its run files are removed)."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
     **options,
 ) -> None:
     """Stage two: train the sparse 3D student from the cache alone (SCR + SSR + S3 by default).
@@ -337,7 +383,7 @@ def ablate(
     prompt_cache: list[str] = typer.Option([], help="NAME=PATH: a cache of the same data precomputed with "
                                                     "--class-set NAME, for the prompt-set rows (repeatable)."),
     eval_split: str = typer.Option("val", help="Split to evaluate each row on."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the runs of a previous ablation in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace the runs of a previous ablation in --out."),
     **options,
 ) -> None:
     """Run the rows of the paper's Table 3 and write one table."""
@@ -462,7 +508,7 @@ def finetune(
     seed: int = typer.Option(0, help="Random seed."),
     augment: bool = typer.Option(True, help="Random z-rotation and flips."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in --out (its run files are removed)."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
     """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone.
     Ctrl-C exits with code 130 (no resume: start again with --overwrite)."""
@@ -487,7 +533,7 @@ def linear_probe(
     workers: int = typer.Option(0, help="DataLoader workers."),
     seed: int = typer.Option(0, help="Random seed."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in --out (its run files are removed)."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
     """Linear probe: frozen pre-trained backbone, a linear classifier trained on labels."""
     _finetune_cmd("linear", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
@@ -513,12 +559,25 @@ def report(
 # ---------------------------------------------------------------------------------- cache info
 @cache_app.command("info")
 def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://bucket/c.zarr)."),
-               as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+               as_json: bool = typer.Option(False, "--json/--no-json", help="Print JSON."),
                storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP)) -> None:
     """Print a cache's metadata (who built it, when, from what), counts, bytes per point, skipped samples."""
+    from clip2scene.errors import CacheError
     from clip2scene.storage import open_cache
+    from clip2scene.storage.tools import partial_info
 
-    info = _run(lambda: open_cache(path, _storage(storage_option)).info())
+    opts = _storage(storage_option)
+    try:
+        info = _run(lambda: open_cache(path, opts).info(), _raise=CacheError)
+    except CacheError as e:  # unfinished (writing / failed): show what there is, or the reason
+        partial = _run(partial_info, path, opts)
+        if partial is None or partial["status"] == "complete":
+            _fail(str(e))
+        if as_json:
+            typer.echo(json.dumps(partial, indent=2))
+        else:
+            _print_partial(partial)
+        return
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -534,6 +593,8 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     else:
         typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
         typer.echo(f"          image {t['image_size']}, dim {t['embed_dim']}, templates {t['templates_sha256'][:12]}")
+        if t["weights_sha256"] == "random":
+            typer.echo(f"  WARNING: {RANDOM_TEACHER}")
     typer.echo(f"  classes ({len(m['class_names'])}): {', '.join(m['class_names'])}")
     typer.echo(f"  scans {m['num_scans']} ({', '.join(f'{k}={v}' for k, v in info['splits'].items())}), "
                f"sweeps per scan {m['sweeps']}, input {', '.join(m['point_features'])}")
@@ -556,6 +617,31 @@ def _duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60} s"
     return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def _print_partial(p: dict) -> None:
+    """`cache info` of an unfinished cache: its state, the error, what is done, how to continue."""
+    m, t = p["meta"], p["meta"].get("teacher")
+    typer.echo(f"cache {p['path']}  (schema {m.get('schema_version')}, clip2scene {m.get('tool_version')}, "
+               f"{str(p['status']).upper()}: not usable for training)")
+    if p.get("error"):
+        typer.echo(f"  error: {p['error']}")
+    if p.get("writer"):
+        w = p["writer"]
+        typer.echo(f"  being written by {w.get('user', '?')}@{w.get('host', '?')} pid {w.get('pid', '?')} since {w.get('since', '?')}")
+    typer.echo(f"  built {m.get('created')} by {m.get('created_by', '?')}")
+    d = m.get("dataset") or {}
+    typer.echo(f"  dataset {d.get('name')} {d.get('version')} from {d.get('dataroot')}")
+    if t is None:
+        typer.echo("  teacher: none (labels-only cache)")
+    else:
+        typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
+        if t.get("weights_sha256") == "random":
+            typer.echo(f"  WARNING: {RANDOM_TEACHER}")
+    typer.echo(f"  done so far: {p['blocks_done']} blocks, {p['scans_done']} scans, {p['points_done']} points; "
+               f"skipped samples: {len(p['skipped'])}")
+    if not p.get("writer"):
+        typer.echo("  rerun the same `clip2scene precompute` command to resume it (or pass --overwrite to start again)")
 
 
 @cache_app.command("verify")
@@ -623,7 +709,7 @@ def demo(
         if clip_weights is not None:
             _fail(str(e))
         typer.echo(f"  no CLIP weights here ({e})")
-        typer.echo("  -> falling back to a RANDOMLY INITIALISED ViT-B-16: the pipeline runs for real, "
+        typer.echo("  -> falling back to a randomly initialised ViT-B-16: the pipeline runs for real, "
                    "but the pseudo-labels and the mIoU below are meaningless.")
         cfg = replace(cfg, teacher=_teacher_config("ViT-B-16", "none", "224x416"))
         meta = _run(run_precompute, cfg)

@@ -19,7 +19,9 @@ class CacheError(Clip2SceneError):
 
 class ConfigError(Clip2SceneError, ValueError):
     """An option has a value we cannot use (the message names the option and value).
-    Also a ValueError, so config dataclasses raise it from ``__post_init__`` like any bad value."""
+
+    Raised by the config dataclasses' `__post_init__` (every option is validated there, once);
+    also a ValueError, so library callers that catch ValueError for bad arguments still do."""
 
 
 class TrainingError(Clip2SceneError):

@@ -184,7 +184,7 @@ def _json_error(path: Path) -> DataError:
         with path.open() as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        return DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})")
+        return DataError(f"{path}: not valid JSON ({e.msg.rstrip(': ')}: line {e.lineno} column {e.colno})")
     if not isinstance(data, list):
         return DataError(f"{path}: expected a JSON list of records")
     return DataError(f"{path}: expected a JSON list of records (objects)")
@@ -273,7 +273,10 @@ class NuScenes:
             raise DataError(f"dataroot not found: {self.dataroot}")
         table_dir = self.dataroot / version
         if not table_dir.is_dir():
-            raise DataError(f"no table folder for version {version!r}: {table_dir}")
+            found = sorted(d.name for d in self.dataroot.iterdir() if d.is_dir() and (d / "sample.json").is_file())
+            hint = (f"; this dataroot has {', '.join(found)}: pass --version {found[0]}" if found
+                    else "; no folder here holds nuScenes tables (sample.json, ...)")
+            raise DataError(f"no table folder for version {version!r}: {table_dir}{hint}")
         # Small tables whole; sample_data and ego_pose (millions of records at trainval size)
         # streamed, keeping only what scans use: keyframes of every channel, the LIDAR_TOP
         # sweeps their `prev` chains reach, and the ego poses of those (docs/scaling.md).
