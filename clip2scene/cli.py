@@ -668,6 +668,16 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
         typer.echo(f"    {sk['token']} ({sk['scene']}): {sk['reason']}")
 
 
+def _duration(seconds: float) -> str:
+    """'42 s', '3 min 5 s', '2 h 10 min'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{max(s, 1)} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
 def _print_partial(p: dict) -> None:
     """`cache info` of an unfinished cache: its state, the error, what is done, how to continue."""
     m, t = p["meta"], p["meta"].get("teacher")
@@ -701,7 +711,11 @@ def cache_verify(path: str = typer.Argument(..., help="Cache folder or URL."),
 
     from clip2scene.storage.tools import verify
 
-    problems = _run(verify, path, _storage(storage_option), lambda it: tqdm(it, desc="verify", unit="file"))
+    def estimate(files: int, seconds: float) -> None:
+        typer.echo(f"verify: {files} files, about {_duration(seconds)} (timed on a sample of them)", err=True)
+
+    problems = _run(verify, path, _storage(storage_option), lambda it: tqdm(it, desc="verify", unit="file"),
+                    estimate)
     for p in problems:
         typer.echo(p)
     if problems:
@@ -716,9 +730,11 @@ def cache_merge(caches: list[str] = typer.Argument(..., help="Two or more caches
                 overwrite: bool = typer.Option(False, help="Replace an existing cache at --out."),
                 storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP)) -> None:
     """Combine caches built on different scans with the same teacher, without recomputing."""
+    from tqdm.auto import tqdm
+
     from clip2scene.storage.tools import merge
 
-    meta = _run(merge, caches, out, _storage(storage_option), overwrite)
+    meta = _run(merge, caches, out, _storage(storage_option), overwrite, lambda it: tqdm(it, desc="merge", unit="block"))
     typer.echo(f"merged {len(caches)} caches into {out}: {meta['num_scans']} scans, {meta['num_points']} points")
 
 
