@@ -105,7 +105,9 @@ def _colourings(cache: Cache, scan: ScanData, key: np.ndarray, student: Student 
         labels[scan.pair_point] = teacher_labels(scan.pair_logits, cache.prompt_to_eval)
         covered[scan.pair_point] = True
         fp = cache.fingerprint or {}
-        title = "teacher: MaskCLIP pseudo-labels"
+        variant = {"maskclip": "MaskCLIP", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}
+        name = variant.get(str(fp.get("teacher", "maskclip")), str(fp.get("teacher")))
+        title = f"teacher: {name} pseudo-labels"
         if fp.get("model") == "simulated":
             title = "SIMULATED teacher pseudo-labels (not CLIP)"
         elif fp.get("weights_sha256") == "random":
