@@ -118,6 +118,10 @@ CASES = [
     ("teacher-unknown", PRE + TINY + ["--teacher", "dino"], "--teacher 'dino': unknown teacher; expected one of "
      "maskclip, sclip, clearclip, naclip", "absent"),
     ("teacher-empty", PRE + TINY + ["--teacher", ""], "--teacher ''", "absent"),
+    # the simulated teacher and the demo (issue 15); no class maps: tests/precompute/test_simulated.py
+    ("teacher-simulated-image-size", PRE + ["--teacher", "simulated", "--image-size", "64x100"],
+     "--teacher simulated --image-size 64x100", "absent"),
+    ("demo-epochs-zero", ["demo", "--workdir", "{out}", "--epochs", "0"], "--epochs must be >= 1", "absent"),
     ("window-zero", PRE + TINY + ["--window", "0"], "--window '0': expected a positive size", "absent"),
     ("window-word", PRE + TINY + ["--window", "big"], "--window 'big'", "absent"),
     ("window-three-sides", PRE + TINY + ["--window", "32x32x32"], "--window '32x32x32'", "absent"),
