@@ -10,7 +10,7 @@ only) is fine-tuned from random weights (`finetune --checkpoint none`) with the 
 mean over the first epoch's (the check: no spike above 2x), divergence events, and the per-class
 IoU on the held-out keyframes for the classes that appear there. With `--train-scans N > 0` the
 same for `train` (stage two) on a cache with a random-weights ViT-B-16 teacher over the first N
-keyframes. Curves: `clip2scene plot` of every run, copied to docs/img/.
+training keyframes. Curves: `clip2scene plot` of every run, copied to docs/img/.
 
     .venv/bin/python benchmarks/learning_check.py                       # the settings (long on CPU)
     .venv/bin/python benchmarks/learning_check.py --epochs 6 --channels 16,16,32,64,128,128,64,48,48
@@ -173,7 +173,7 @@ def main() -> None:
             tcache = tmp / "teacher.zarr"
             t0 = time.perf_counter()
             run_precompute(PrecomputeConfig(dataroot=root, out=str(tcache), version="v1.0-mini", sweeps=1,
-                                            limit=args.train_scans, teacher=TeacherConfig(model="ViT-B-16", weights="none"),
+                                            split="unknown", limit=args.train_scans, teacher=TeacherConfig(model="ViT-B-16", weights="none"),
                                             device=args.device), progress=False)
             tp = time.perf_counter() - t0
             tsplit = "unknown"
