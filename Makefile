@@ -1,11 +1,12 @@
-# clip2scene: `make demo` runs the whole pipeline on a built-in sample, `make test` runs the tests,
+# clip2scene: `make demo` runs the whole pipeline on a built-in sample, `make test` runs the tests
+# (`make test-fast` skips those marked slow),
 # `make bench` runs the benchmarks (appends to docs/benchmarks.md).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the suite without the end-to-end and multi-process tests marked slow (a quick check while editing)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash benchmarks/run_all.sh

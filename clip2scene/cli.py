@@ -23,26 +23,76 @@ import typer
 from clip2scene import __version__
 from clip2scene.errors import Clip2SceneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="CLIP2Scene: distil a cached CLIP teacher into a 3D sparse network.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect caches.")
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect caches.")
 app.add_typer(cache_app, name="cache")
 log = logging.getLogger("clip2scene")
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {_one_line(message)}", err=True)
     raise typer.Exit(2)
 
 
-def _run(fn, *args, **kwargs):
-    """Call library code; turn user-facing errors into one line and exit code 2."""
+def _one_line(message: str) -> str:
+    """An error re-raised from a worker process (a DataLoader worker wraps it as 'Caught X in
+    DataLoader worker process 0. Original Traceback ...') -> just the original one-line message."""
+    lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and "Traceback (most recent call last)" in message:
+        head, sep, rest = lines[-1].partition(": ")  # "clip2scene.errors.CacheError: <message>"
+        if sep and " " not in head and (head.endswith(("Error", "Exception")) or "." in head):
+            return rest
+        return lines[-1]
+    return str(message)
+
+
+def _interrupted(message: str) -> None:
+    """Ctrl-C: one line saying how to continue, exit 130, and nothing from threads still
+    shutting down (Dask's event loop logs 'Task was destroyed' as the interpreter exits)."""
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+    typer.echo(f"interrupted: {message}", err=True)
+    raise typer.Exit(130)
+
+
+def _interruptible(fn, *args, **kwargs):
+    """`_run` for train / finetune / linear-probe / ablate: Ctrl-C prints one line (how to
+    continue: the `--resume` checkpoint) and exits with code 130 (128 + SIGINT), no traceback."""
+    try:
+        return _run(fn, *args, **kwargs)
+    except KeyboardInterrupt as e:  # clip2scene.errors.Interrupted says how to continue
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(str(e) if str(e) else "interrupted", err=True)
+        raise typer.Exit(130)
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """Names of the command's options that the user gave (command line or environment), not defaults."""
+    return {name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+RANDOM_TEACHER = "the teacher was randomly initialised (no CLIP weights): its pseudo-labels are meaningless."
+
+
+def _run(fn, *args, _raise: type | tuple = (), **kwargs):
+    """Call library code; turn user-facing errors into one line and exit code 2 (those of type
+    `_raise` are re-raised for the caller to handle)."""
     from clip2scene.precompute.maskclip import WeightsNotFoundError
+    from clip2scene.storage.store import remote_error
 
     try:
         return fn(*args, **kwargs)
+    except _raise:
+        raise
     except (Clip2SceneError, WeightsNotFoundError, FileExistsError) as e:
         _fail(str(e))
+    except Exception as e:  # an object store failing inside zarr (no credentials, endpoint gone)
+        err = remote_error(None, e)
+        if err is None:
+            raise
+        _fail(str(err))
 
 
 _STORAGE_HELP = "fsspec option for a cache URL, key=value (repeatable), e.g. client_kwargs.endpoint_url=http://host:9000."
@@ -59,9 +109,7 @@ def _parse_size(value: str) -> tuple[int, int]:
         h, w = (int(v) for v in value.lower().split("x"))
     except ValueError:
         _fail(f"--image-size {value!r}: expected HxW, e.g. 224x416")
-    if h <= 0 or w <= 0:
-        _fail(f"--image-size {value!r}: sizes must be positive")
-    return h, w
+    return h, w  # positive multiples of the patch: TeacherConfig / load_teacher
 
 
 def _parse_channels(value: Optional[str]):
@@ -73,20 +121,28 @@ def _parse_channels(value: Optional[str]):
         _fail(f"--channels {value!r}: expected 9 comma-separated integers")
 
 
+def _print_version(value: bool) -> None:
+    """Eager --version: answered before Click looks for a command."""
+    if value:
+        typer.echo(f"clip2scene {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details (INFO)."),
-          version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+          version: bool = typer.Option(False, "--version", is_eager=True, expose_value=False, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # Dask logs ~30 INFO lines and nanny shutdown warnings per run otherwise
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        logging.getLogger("distributed").setLevel(logging.ERROR)
     # third-party noise that says nothing about the user's run
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv(\..*)?")
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     from clip2scene.runtime import tune_malloc
 
     tune_malloc()  # big tensors reuse heap memory instead of page-faulting in fresh mmaps
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit()
 
 
 # ---------------------------------------------------------------------------------- make-sample
@@ -139,29 +195,34 @@ def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smo
                     prompt_denoising: bool = False, denoise_threshold: float = 0.5):
     from clip2scene.precompute.maskclip import TeacherConfig
 
-    if not 0.0 <= denoise_threshold <= 1.0:
-        _fail(f"--denoise-threshold {denoise_threshold}: must lie in [0, 1]")
-    return TeacherConfig(model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
-                         key_smoothing=key_smoothing, prompt_denoising=prompt_denoising,
-                         denoise_threshold=denoise_threshold)
+    return _run(TeacherConfig, model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
+                key_smoothing=key_smoothing, prompt_denoising=prompt_denoising, denoise_threshold=denoise_threshold)
 
 
 def _print_precompute(meta: dict) -> None:
     t = meta["teacher"]
     typer.echo(f"cache: {meta.get('path', '')}")
     typer.echo(f"  scans {meta['num_scans']}, points {meta['num_points']}, camera-visible points {meta['num_pairs']}")
+    if meta.get("already_complete"):
+        typer.echo("  already complete for these settings: nothing to do (pass --overwrite to rebuild it)")
     if t is None:
-        typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
+        if not meta.get("already_complete"):
+            typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
         return
     typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']} "
                f"computed in {meta.get('teacher_precision') or 'float32'}")
-    if meta.get("resumed_blocks"):
-        typer.echo(f"  resumed: {meta['resumed_blocks']} of {meta['num_blocks']} blocks were already done")
-    typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
+    if meta.get("already_complete"):
+        pass
+    elif meta.get("resumed_blocks") and meta.get("resumed_blocks") == meta.get("num_blocks"):
+        typer.echo(f"  resumed: all {meta['num_blocks']} blocks were already done; committed in {meta['seconds']:.1f} s")
+    else:
+        if meta.get("resumed_blocks"):
+            typer.echo(f"  resumed: {meta['resumed_blocks']} of {meta['num_blocks']} blocks were already done")
+        typer.echo(f"  {meta['seconds']:.1f} s, {meta['images_per_second']:.2f} images/s")
     if meta.get("num_skipped"):
         typer.echo(f"  skipped {meta['num_skipped']} bad sample(s): see `clip2scene cache info`")
     if t["weights_sha256"] == "random":
-        typer.echo("  WARNING: the teacher is randomly initialised (no CLIP weights): pseudo-labels are meaningless.")
+        typer.echo(f"  WARNING: {RANDOM_TEACHER}")
 
 
 @app.command()
@@ -193,43 +254,45 @@ def precompute(
     """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
     from clip2scene.precompute.pipeline import DATASETS, DEFAULT_IMAGE_SIZE, PrecomputeConfig, run_precompute
 
-    if dataset not in DATASETS:
-        _fail(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE[dataset]))
+    # every option is validated by PrecomputeConfig / TeacherConfig (one line, exit 2)
+    size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE.get(dataset, DEFAULT_IMAGE_SIZE["nuscenes"])))
     teacher = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
                                                                 prompt_denoising, denoise_threshold)
-    cfg = PrecomputeConfig(dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
-                           sweeps=sweeps, class_set=class_set or dataset, teacher=teacher,
-                           device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
-                           block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
-                           feature_dtype=feature_dtype, teacher_precision=teacher_precision)
-    meta = _run(run_precompute, cfg)
+    cfg = _run(PrecomputeConfig, dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
+               sweeps=sweeps, class_set=class_set or (dataset if dataset in DATASETS else "nuscenes"), teacher=teacher,
+               device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
+               block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
+               feature_dtype=feature_dtype, teacher_precision=teacher_precision)
+    try:
+        meta = _run(run_precompute, cfg)
+    except KeyboardInterrupt:
+        _interrupted("precompute stopped: the blocks finished so far are kept; rerun the same command to resume")
     meta["path"] = str(out)
     _print_precompute(meta)
 
 
 # ---------------------------------------------------------------------------------- train
 def _model_config(arch: str, channels: Optional[str]):
-    """ModelConfig from --arch / --channels (one-line error on bad values)."""
+    """ModelConfig from --arch / --channels (ModelConfig validates: one-line error on bad values)."""
     from clip2scene.train.model import ModelConfig
 
-    try:
-        model = ModelConfig(arch=arch)
-        chans = _parse_channels(channels)
-        return replace(model, channels=chans) if chans is not None else model
-    except ValueError as e:
-        _fail(f"--arch {arch!r} / --channels {channels!r}: {e}")
+    chans = _parse_channels(channels)
+    return _run(ModelConfig, arch=arch, **({} if chans is None else dict(channels=chans)))
 
 
-def _train_config(cache, out, *, arch="spvcnn", channels=None, **fields):
-    """TrainConfig from CLI values; `fields` are TrainConfig fields by name."""
-    from clip2scene.train.trainer import TrainConfig
+def _train_config(cache, out, *, arch="spvcnn", channels=None, given: Optional[set[str]] = None, **fields):
+    """TrainConfig from CLI values (TrainConfig validates them); `fields` are TrainConfig fields
+    by name. With --resume, the options not `given` (typed) come from the checkpoint's run."""
+    from clip2scene.train.trainer import TrainConfig, resume_from
 
     model = _model_config(arch, channels)
     if fields.get("resume") is not None:
         fields["resume"] = str(fields["resume"])
     fields["storage_options"] = _storage(fields.pop("storage_option", None))
-    return _run(TrainConfig, cache=str(cache), out=str(out), model=model, **fields)
+    config = _run(TrainConfig, cache=str(cache), out=str(out), model=model, **fields)
+    if config.resume is not None:
+        config = _run(resume_from, config, given or set())
+    return config
 
 
 _RECIPE_SOURCE = {"train": "method.md section 5: pre-training batch 4",
@@ -258,13 +321,23 @@ def _print_schedule(cfg, kind: str) -> None:
 def _print_train(s: dict) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for all
         return
+    if s.get("nothing_to_do"):
+        typer.echo(f"nothing to do: {s['checkpoint']} is already at epoch {s['epoch']} of {s['epochs']} "
+                   f"(give --epochs N > {s['epochs']} to train longer)")
+        return
     typer.echo(f"run: {s['run']}  ({s['arch']}, {s['parameters'] / 1e6:.2f}M parameters, {s['device']})")
-    typer.echo(f"  {s['train_scans']} scans x {s['epochs']} epochs = {s['steps']} steps in {s['seconds']:.1f} s "
+    resumed = f" (resumed at epoch {s['start_epoch']})" if s.get("start_epoch") else ""
+    typer.echo(f"  {s['train_scans']} scans x {s['epochs']} epochs{resumed} = {s['steps']} steps in {s['seconds']:.1f} s "
                f"({s['scans_per_second']:.2f} scans/s)")
+    if s.get("schedule_note"):
+        typer.echo(f"  note: {s['schedule_note']}")
     typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in s["epoch_losses"]))
     if s.get("divergences"):
         typer.echo(f"  WARNING: {s['divergences']} step(s) with a loss above the divergence threshold (see metrics.jsonl)")
     typer.echo(f"  checkpoint: {s['checkpoint']}")
+    if s.get("teacher_weights_sha256") == "random":
+        typer.echo("  WARNING: distilled from a randomly initialised teacher (no CLIP weights): the student "
+                   "learned meaningless pseudo-labels.")
 
 
 _WARMUP_HELP = "Linear warm-up steps before the cosine (default: half the first epoch, at most 300; 0 = off)."
@@ -325,18 +398,22 @@ def _with_training_options(fn):
 @app.command()
 @_with_training_options
 def train(
+    ctx: typer.Context,
     cache: str = typer.Option(..., help="Cache written by precompute (folder or URL)."),
     out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, config.json)."),
-    resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from."),
+    resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from: options not given are the run's own "
+                                                     "(model, lr, ...); a larger --epochs extends the run."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
     **options,
 ) -> None:
     """Stage two: train the sparse 3D student from the cache alone (SCR + SSR + S3 by default).
-    Several processes: `torchrun --nproc-per-node N -m clip2scene.cli train ...` (DDP)."""
+    Several processes: `torchrun --nproc-per-node N -m clip2scene.cli train ...` (DDP).
+    Ctrl-C exits with code 130 and names the checkpoint that `--resume` continues from."""
     from clip2scene.train.trainer import train as run_train
 
-    cfg = _train_config(cache, out, resume=resume, **options)
-    _print_schedule(cfg, "train")
-    _print_train(_run(run_train, cfg))
+    config = _train_config(cache, out, resume=resume, overwrite=overwrite, given=_given(ctx), **options)
+    _print_schedule(config, "train")
+    _print_train(_interruptible(run_train, config))
 
 
 @app.command()
@@ -347,6 +424,7 @@ def ablate(
     prompt_cache: list[str] = typer.Option([], help="NAME=PATH: a cache of the same data precomputed with "
                                                     "--class-set NAME, for the prompt-set rows (repeatable)."),
     eval_split: str = typer.Option("val", help="Split to evaluate each row on."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace the runs of a previous ablation in --out."),
     **options,
 ) -> None:
     """Run the rows of the paper's Table 3 and write one table."""
@@ -358,7 +436,8 @@ def ablate(
         if not sep or not name or not path:
             _fail(f"--prompt-cache {item!r}: expected NAME=PATH")
         caches[name] = path
-    results = _run(run_ablation, _train_config(cache, out / "base", **options), out, caches, eval_split)
+    results = _interruptible(run_ablation, _train_config(cache, out / "base", overwrite=overwrite, **options), out,
+                             caches, eval_split)
     typer.echo(format_table(results))
     typer.echo(f"table: {out / 'ablation.md'}")
 
@@ -378,12 +457,14 @@ def _print_eval(r: dict) -> None:
     typer.echo(f"{'class':<22}{'student IoU':>12}{'teacher IoU*':>14}")
     for name in r["class_names"]:
         typer.echo(f"{name:<22}{_fmt(r['per_class_iou'][name]):>12}{_fmt(r['teacher_per_class_iou_visible'][name]):>14}")
-    typer.echo(f"{'mIoU':<22}{_fmt(r['miou']):>12}{_fmt(r['teacher_miou_visible']):>14}")
+    random = r.get("teacher_weights") == "random"
+    typer.echo(f"{'mIoU':<22}{_fmt(r['miou']):>12}{_fmt(r['teacher_miou_visible']):>14}"
+               + ("  (RANDOM teacher, no CLIP weights)" if random else ""))
     typer.echo(f"({r['split']}: {r['scans']} scans, {r['points']} points; *teacher pseudo-labels on camera-visible "
                f"points only; n/a = class absent from truth and prediction)")
     typer.echo(f"results: {r['json']}")
     _confusion_png(r["json"])
-    if r.get("teacher_weights") == "random":
+    if random:
         typer.echo("WARNING: the teacher was randomly initialised (no CLIP weights): these numbers are not meaningful.")
 
 
@@ -417,8 +498,8 @@ def evaluate(
         typer.echo(f"  result: {path}")
         _confusion_png(path)
         return
-    cfg = EvalConfig(checkpoint=str(checkpoint), cache=str(cache), split=split,
-                     out=str(out) if out else None, device=device, storage_options=opts)
+    cfg = _run(EvalConfig, checkpoint=str(checkpoint), cache=str(cache), split=split,
+               out=str(out) if out else None, device=device, storage_options=opts)
     _print_eval(_run(run_eval, cfg))
 
 
@@ -438,18 +519,19 @@ def _print_finetune(r: dict) -> None:
 def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_fraction: float, epochs: int,
                   batch_size: int, lr: float, head_lr_mult: float, lovasz_weight: float, eval_split: str,
                   voxel_size: Optional[float], arch: str, channels: Optional[str], device: str, workers: int, seed: int,
-                  augment: bool, storage_option: Optional[list[str]] = None, **guard) -> None:
+                  augment: bool, storage_option: Optional[list[str]] = None, overwrite: bool = False,
+                  **guard) -> None:
     from clip2scene.train.finetune import FinetuneConfig, finetune
 
     model = _model_config(arch, channels)
     cfg = _run(FinetuneConfig, cache=str(cache), out=str(out), checkpoint=None if checkpoint == "none" else checkpoint,
-               mode=mode, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
-               head_lr_mult=head_lr_mult, lovasz_weight=lovasz_weight,
-               eval_split=None if eval_split == "none" else eval_split, voxel_size=voxel_size,
-               device=device, workers=workers, seed=seed, augment=augment, model=model,
-               storage_options=_storage(storage_option), **guard)
+                         mode=mode, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
+                         head_lr_mult=head_lr_mult, lovasz_weight=lovasz_weight,
+                         eval_split=None if eval_split == "none" else eval_split, voxel_size=voxel_size,
+                         device=device, workers=workers, seed=seed, augment=augment, model=model,
+                         storage_options=_storage(storage_option), overwrite=overwrite, **guard)
     _print_schedule(cfg, "finetune")
-    _print_finetune(_run(finetune, cfg))
+    _print_finetune(_interruptible(finetune, cfg))
 
 
 @app.command()
@@ -480,10 +562,13 @@ def finetune(
     divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
     divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
     stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
-    """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone."""
+    """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone.
+    Ctrl-C exits with code 130 (no resume: start again with --overwrite)."""
     _finetune_cmd("finetune", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
-                  lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment, storage_option, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
+                  lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment, storage_option,
+                  overwrite=overwrite, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
                   lr_scaling=lr_scaling, reference_batch=reference_batch, divergence_factor=divergence_factor,
                   divergence_window=divergence_window, stop_on_divergence=stop_on_divergence)
 
@@ -512,10 +597,12 @@ def linear_probe(
     divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
     divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
     stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
     """Linear probe: frozen pre-trained backbone, a linear classifier trained on labels."""
     _finetune_cmd("linear", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
-                  lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True, storage_option, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
+                  lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True, storage_option,
+                  overwrite=overwrite, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
                   lr_scaling=lr_scaling, reference_batch=reference_batch, divergence_factor=divergence_factor,
                   divergence_window=divergence_window, stop_on_divergence=stop_on_divergence)
 
@@ -538,12 +625,25 @@ def report(
 # ---------------------------------------------------------------------------------- cache info
 @cache_app.command("info")
 def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://bucket/c.zarr)."),
-               as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+               as_json: bool = typer.Option(False, "--json/--no-json", help="Print JSON."),
                storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP)) -> None:
     """Print a cache's metadata (who built it, when, from what), counts, bytes per point, skipped samples."""
+    from clip2scene.errors import CacheError
     from clip2scene.storage import open_cache
+    from clip2scene.storage.tools import partial_info
 
-    info = _run(lambda: open_cache(path, _storage(storage_option)).info())
+    opts = _storage(storage_option)
+    try:
+        info = _run(lambda: open_cache(path, opts).info(), _raise=CacheError)
+    except CacheError as e:  # unfinished (writing / failed): show what there is, or the reason
+        partial = _run(partial_info, path, opts)
+        if partial is None or partial["status"] == "complete":
+            _fail(str(e))
+        if as_json:
+            typer.echo(json.dumps(partial, indent=2))
+        else:
+            _print_partial(partial)
+        return
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -559,6 +659,8 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     else:
         typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
         typer.echo(f"          image {t['image_size']}, dim {t['embed_dim']}, templates {t['templates_sha256'][:12]}")
+        if t["weights_sha256"] == "random":
+            typer.echo(f"  WARNING: {RANDOM_TEACHER}")
     typer.echo(f"  classes ({len(m['class_names'])}): {', '.join(m['class_names'])}")
     typer.echo(f"  scans {m['num_scans']} ({', '.join(f'{k}={v}' for k, v in info['splits'].items())}), "
                f"sweeps per scan {m['sweeps']}, input {', '.join(m['point_features'])}")
@@ -571,6 +673,31 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     typer.echo(f"  skipped samples: {len(info['skipped'])}")
     for sk in info["skipped"]:
         typer.echo(f"    {sk['token']} ({sk['scene']}): {sk['reason']}")
+
+
+def _print_partial(p: dict) -> None:
+    """`cache info` of an unfinished cache: its state, the error, what is done, how to continue."""
+    m, t = p["meta"], p["meta"].get("teacher")
+    typer.echo(f"cache {p['path']}  (schema {m.get('schema_version')}, clip2scene {m.get('tool_version')}, "
+               f"{str(p['status']).upper()}: not usable for training)")
+    if p.get("error"):
+        typer.echo(f"  error: {p['error']}")
+    if p.get("writer"):
+        w = p["writer"]
+        typer.echo(f"  being written by {w.get('user', '?')}@{w.get('host', '?')} pid {w.get('pid', '?')} since {w.get('since', '?')}")
+    typer.echo(f"  built {m.get('created')} by {m.get('created_by', '?')}")
+    d = m.get("dataset") or {}
+    typer.echo(f"  dataset {d.get('name')} {d.get('version')} from {d.get('dataroot')}")
+    if t is None:
+        typer.echo("  teacher: none (labels-only cache)")
+    else:
+        typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
+        if t.get("weights_sha256") == "random":
+            typer.echo(f"  WARNING: {RANDOM_TEACHER}")
+    typer.echo(f"  done so far: {p['blocks_done']} blocks, {p['scans_done']} scans, {p['points_done']} points; "
+               f"skipped samples: {len(p['skipped'])}")
+    if not p.get("writer"):
+        typer.echo("  rerun the same `clip2scene precompute` command to resume it (or pass --overwrite to start again)")
 
 
 @cache_app.command("verify")
@@ -632,7 +759,7 @@ def demo(
         if clip_weights is not None:
             _fail(str(e))
         typer.echo(f"  no CLIP weights here ({e})")
-        typer.echo("  -> falling back to a RANDOMLY INITIALISED ViT-B-16: the pipeline runs for real, "
+        typer.echo("  -> falling back to a randomly initialised ViT-B-16: the pipeline runs for real, "
                    "but the pseudo-labels and the mIoU below are meaningless.")
         cfg = replace(cfg, teacher=_teacher_config("ViT-B-16", "none", "224x416"))
         meta = _run(run_precompute, cfg)

@@ -34,6 +34,7 @@ def sample(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_pipeline_through_the_cli(sample, tmp_path):
     cache = tmp_path / "cache.zarr"
     r = run("precompute", "--dataset", "nuscenes", "--dataroot", sample, "--version", "v1.0-mini", "--out", cache,
@@ -71,7 +72,10 @@ def test_bad_inputs_are_one_line_errors(sample, tmp_path):
     pcd.write_bytes(pcd.read_bytes()[:-4])
     r = run("precompute", "--dataroot", root, "--version", "v1.0-mini", "--out", tmp_path / "c4", *TINY)
     assert_one_line_error(r, pcd.name, "not a multiple of 20")
-    assert_one_line_error(run("cache", "info", tmp_path / "c4"), "not complete")
+    info = run("cache", "info", tmp_path / "c4")  # a failed cache is shown, with its error
+    assert info.exit_code == 0 and "FAILED: not usable for training" in info.output, info.output
+    assert "not a multiple of 20" in info.output and "rerun the same" in info.output
+    assert_one_line_error(run("train", "--cache", tmp_path / "c4", "--out", tmp_path / "r4"), "not complete")
     (root / "v1.0-mini" / "ego_pose.json").unlink()
     assert_one_line_error(run("precompute", "--dataroot", root, "--version", "v1.0-mini", "--out", tmp_path / "c5", *TINY),
                           "ego_pose.json")

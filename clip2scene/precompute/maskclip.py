@@ -51,6 +51,7 @@ import difflib
 import hashlib
 import json
 import logging
+import numbers
 import os
 import warnings
 import zipfile
@@ -147,6 +148,29 @@ class TeacherConfig:
     prompt_denoising: bool = False
     denoise_threshold: float = 0.5
     smoothing_threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        """ConfigError naming the option and value for anything out of range (image_size is
+        normalised to a tuple of two ints; multiples of the patch size are checked at load)."""
+        from clip2scene.errors import ConfigError
+
+        for name in ("model", "weights"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"--clip-{name} {getattr(self, name)!r}: expected a non-empty name")
+        size = tuple(self.image_size) if isinstance(self.image_size, (tuple, list)) else ()
+        if len(size) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in size):
+            shown = "x".join(map(str, size)) if len(size) == 2 else repr(self.image_size)
+            raise ConfigError(f"--image-size {shown}: expected two positive integers HxW, e.g. 224x416")
+        object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+        for name in ("key_smoothing", "prompt_denoising"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} {getattr(self, name)!r}: expected True or False")
+        d = self.denoise_threshold
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+            raise ConfigError(f"--denoise-threshold {d!r}: must lie in [0, 1] (denoise_threshold)")
+        k = self.smoothing_threshold
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < k < float("inf"):
+            raise ConfigError(f"smoothing_threshold {k!r}: must be a finite number > 0")
 
 
 class WeightsNotFoundError(RuntimeError):

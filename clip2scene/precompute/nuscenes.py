@@ -171,7 +171,7 @@ def _load_table(root: Path, name: str, required: bool = True) -> list[dict]:
         with path.open() as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise DataError(f"{path}: not valid JSON ({e.msg.rstrip(': ')}: line {e.lineno} column {e.colno})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records")
     return data
@@ -192,7 +192,10 @@ class NuScenes:
             raise DataError(f"dataroot not found: {self.dataroot}")
         table_dir = self.dataroot / version
         if not table_dir.is_dir():
-            raise DataError(f"no table folder for version {version!r}: {table_dir}")
+            found = sorted(d.name for d in self.dataroot.iterdir() if d.is_dir() and (d / "sample.json").is_file())
+            hint = (f"; this dataroot has {', '.join(found)}: pass --version {found[0]}" if found
+                    else "; no folder here holds nuScenes tables (sample.json, ...)")
+            raise DataError(f"no table folder for version {version!r}: {table_dir}{hint}")
         t = {name: _load_table(table_dir, name) for name in TABLES}
         t["lidarseg"] = _load_table(table_dir, "lidarseg", required=False)
         self._by_token = {name: {r["token"]: r for r in recs} for name, recs in t.items()}

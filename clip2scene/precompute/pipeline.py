@@ -20,11 +20,15 @@ CLI: `clip2scene precompute --dataset nuscenes|semantickitti|scannet --dataroot 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
+import numbers
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +41,12 @@ from tqdm.auto import tqdm
 from clip2scene.classes import get_class_set, get_eval_classes, prompt_to_eval
 from clip2scene.devices import resolve_device
 from clip2scene.errors import CacheError, ConfigError, DataError
-from clip2scene.precompute.maskclip import MaskCLIP, TeacherConfig, load_teacher, resolve_precision
+from clip2scene.precompute.maskclip import PRECISIONS, MaskCLIP, TeacherConfig, load_teacher, resolve_precision
 from clip2scene.precompute.dataset import Dataset, ScanRef
 from clip2scene.precompute.nuscenes import NuScenes, merged_points  # noqa: F401  (re-exported)
 from clip2scene.runtime import tune_malloc
 from clip2scene.storage import CacheWriter, Layout, Location, ScanRecord, open_cache, write_block
+from clip2scene.storage.store import Lock
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +78,69 @@ class PrecomputeConfig:
     feature_dtype: str = "float16"  # teacher features on disk: float16, or int8 x per-row scale (half the bytes)
     teacher_precision: str = "auto"  # teacher compute: auto (fp16 on CUDA, bf16 on AMX CPUs, else fp32), float32, bfloat16, float16
 
+    def __post_init__(self) -> None:
+        """Every option checked here, once: ConfigError with one line naming the option and value."""
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"--dataset {self.dataset!r}: unknown dataset; expected one of {', '.join(DATASETS)}")
+        if not str(self.dataroot):
+            raise ConfigError("--dataroot: empty path")
+        object.__setattr__(self, "dataroot", Path(self.dataroot))
+        if not str(self.out):
+            raise ConfigError("--out: empty path")
+        _check_int("--sweeps", self.sweeps, 1, 10)
+        if self.limit is not None:
+            _check_int("--limit", self.limit, 1, note=" (omit it for every scan)")
+        _check_int("--block-size", self.block_size, 1)
+        _check_int("view_batch", self.view_batch, 1)
+        _check_int("--workers", self.workers, 0, note=" (0 = run in this process)")
+        if self.scheduler is not None:
+            if not isinstance(self.scheduler, str) or not self.scheduler.strip():
+                raise ConfigError(f"--scheduler {self.scheduler!r}: expected a scheduler address, e.g. tcp://host:8786")
+            if self.workers:
+                raise ConfigError(f"--workers {self.workers} and --scheduler {self.scheduler}: give one of them "
+                                  "(--workers starts a local cluster, --scheduler uses a running one)")
+        if self.on_error not in ("stop", "skip"):
+            raise ConfigError(f"--on-error {self.on_error!r}: expected stop or skip")
+        if self.feature_dtype not in ("float16", "int8"):
+            raise ConfigError(f"--feature-dtype {self.feature_dtype!r}: expected float16 or int8")
+        if self.teacher_precision not in PRECISIONS:
+            raise ConfigError(f"--teacher-precision {self.teacher_precision!r}: unknown teacher precision; expected one of {', '.join(PRECISIONS)}")
+        if self.teacher is not None and not isinstance(self.teacher, TeacherConfig):
+            raise ConfigError(f"teacher {self.teacher!r}: expected a TeacherConfig or None")
+        if not isinstance(self.overwrite, bool):
+            raise ConfigError(f"--overwrite {self.overwrite!r}: expected True or False")
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError(f"storage_options {self.storage_options!r}: expected a dict")
+        get_class_set(self.class_set)  # ConfigError naming an unknown class set
+        device = resolve_device(self.device)  # ConfigError for a malformed device or absent CUDA
+        if self.teacher is not None and self.teacher_precision == "float16" and device.type != "cuda":
+            raise ConfigError(f"--teacher-precision float16 on --device {self.device}: float16 is for CUDA only "
+                              "(use bfloat16 or float32)")
+
+
+def _check_int(option: str, value, lo: int, hi: int | None = None, note: str = "") -> None:
+    """ConfigError unless `value` is an integer in [lo, hi]."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    if not ok:
+        want = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{option} {value!r}: must be an integer {want}{note}")
+
+
+def _check_image_file(path: Path) -> None:
+    """DataError naming the file if it is missing or empty (0 bytes: a truncated copy or download)."""
+    try:
+        size = Path(path).stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"camera image not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read camera image ({e.strerror or e})") from None
+    if size == 0:
+        raise DataError(f"{path}: camera image file is empty (0 bytes): corrupt or truncated copy")
+
 
 def load_image(path: Path, width: int, height: int) -> Image.Image:
     """Decode a camera JPEG as RGB; DataError names the file if missing, corrupt or of the wrong size."""
+    _check_image_file(path)
     try:
         with Image.open(path) as im:
             im.load()
@@ -103,6 +168,7 @@ def decode_image(path: Path, width: int, height: int, device: torch.device | str
     import torchvision.io as tvio
 
     device = torch.device(device)
+    _check_image_file(path)
     try:
         data = tvio.read_file(str(path))
     except (FileNotFoundError, RuntimeError):
@@ -372,7 +438,10 @@ def _run_blocks(config: PrecomputeConfig, todo: list[tuple[int, int, int]], layo
 
     cluster = None
     if config.scheduler:
-        client = Client(config.scheduler)
+        try:
+            client = Client(config.scheduler)
+        except (OSError, TimeoutError, ValueError) as e:
+            raise ConfigError(f"--scheduler {config.scheduler}: cannot connect ({str(e).splitlines()[0]})") from None
     else:
         cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
                                dashboard_address=None)
@@ -391,6 +460,41 @@ def _run_blocks(config: PrecomputeConfig, todo: list[tuple[int, int, int]], layo
             cluster.close()
 
 
+def _probe_scheduler(address: str, timeout: float = 5.0) -> None:
+    """ConfigError if nothing accepts TCP connections at a tcp:// (or bare host:port) scheduler
+    address; other protocols are left to Dask's own connect."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if "://" in address and not address.startswith("tcp://"):
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None:
+        raise ConfigError(f"--scheduler {address}: expected tcp://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"--scheduler {address}: cannot connect ({e.strerror or e}); is the Dask scheduler running?") from None
+
+
+@contextlib.contextmanager
+def _disk_full_is_resumable(out) -> Iterator[None]:
+    """A full disk (or quota) while writing -> one-line CacheError saying the cache is resumable
+    (the writer has marked it failed, never complete, and released its lock)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        raise CacheError(f"{out}: no space left on the device{where}; the blocks finished so far are kept and "
+                         "the cache is not marked complete: free some space and rerun the same command to resume") from None
+
+
 def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     """Build (or resume) the cache described by `config`; returns its metadata plus timing numbers.
 
@@ -399,14 +503,11 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     process, the single coordinator. Rerunning after a crash resumes: recorded blocks are kept,
     the others redone, and the result is the same cache as an uninterrupted run.
     """
-    if not 1 <= config.sweeps <= 10:
-        raise ConfigError(f"--sweeps must be between 1 and 10, got {config.sweeps}")
-    if config.on_error not in ("stop", "skip"):
-        raise ConfigError(f"--on-error {config.on_error!r}: expected stop or skip")
-    if config.feature_dtype not in ("float16", "int8"):
-        raise ConfigError(f"--feature-dtype {config.feature_dtype!r}: expected float16 or int8")
-    if config.block_size < 1:
-        raise ConfigError(f"--block-size must be >= 1, got {config.block_size}")
+    # a cache another process is writing, or a scheduler nobody listens on, is refused before any
+    # work (the teacher takes long to load)
+    Lock(Location.parse(config.out, config.storage_options)).check_free()
+    if config.scheduler:
+        _probe_scheduler(config.scheduler)
     class_names = get_class_set(config.class_set)
     run_id = uuid.uuid4().hex
     ds, scans = _dataset_and_scans(config, run_id)
@@ -444,19 +545,20 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
             return dict(existing.meta, seconds=0.0, resumed_blocks=len(blocks), images_per_second=float("nan"),
                         already_complete=True)
     t0 = time.perf_counter()
-    writer = CacheWriter(config.out, meta, len(class_names), embed_dim, ds.has_labels, config.overwrite,
-                         storage_options=config.storage_options, block_size=config.block_size,
-                         resume_key=key, feature_dtype=config.feature_dtype)
-    with writer:
-        done = writer.done_blocks()
-        todo = [b for b in blocks if b[0] not in done]
-        if writer.resumed:
-            log.info("resuming: %d of %d blocks already done", len(blocks) - len(todo), len(blocks))
-        _run_blocks(config, todo, layout, writer, teacher.fingerprint["weights_sha256"] if teacher else None, progress,
-                    run_id)
-        if teacher is not None:
-            writer.set_text_embeddings(teacher.text_embeddings.cpu().numpy())
-        writer.commit(num_blocks=len(blocks))
+    with _disk_full_is_resumable(config.out):
+        writer = CacheWriter(config.out, meta, len(class_names), embed_dim, ds.has_labels, config.overwrite,
+                             storage_options=config.storage_options, block_size=config.block_size,
+                             resume_key=key, feature_dtype=config.feature_dtype)
+        with writer:
+            done = writer.done_blocks()
+            todo = [b for b in blocks if b[0] not in done]
+            if writer.resumed:
+                log.info("resuming: %d of %d blocks already done", len(blocks) - len(todo), len(blocks))
+            _run_blocks(config, todo, layout, writer, teacher.fingerprint["weights_sha256"] if teacher else None,
+                        progress, run_id)
+            if teacher is not None:
+                writer.set_text_embeddings(teacher.text_embeddings.cpu().numpy())
+            writer.commit(num_blocks=len(blocks))
     seconds = time.perf_counter() - t0
     result = dict(writer.meta)
     result["seconds"] = seconds

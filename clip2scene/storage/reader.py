@@ -21,7 +21,7 @@ import zarr
 
 from clip2scene.errors import CacheError
 from clip2scene.storage import schema
-from clip2scene.storage.store import Location
+from clip2scene.storage.store import Location, remote_error
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ class Cache:
         try:
             group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r")
         except Exception as e:  # zarr raises several types for a non-group folder
-            raise CacheError(f"{self.path}: not a Zarr group ({type(e).__name__})") from None
+            if remote_error(self.path, e) is not None:
+                raise remote_error(self.path, e) from None
+            raise CacheError(_not_a_cache(self.loc, e)) from None
         meta = dict(group.attrs).get(schema.ATTR_KEY)
         if not isinstance(meta, dict) or meta.get("format") != schema.FORMAT_NAME:
             raise CacheError(f"{self.path}: not a clip2scene cache (no '{schema.ATTR_KEY}' attributes)")
@@ -82,6 +84,7 @@ class Cache:
         self.text_embeddings = (np.asarray(group["text/embeddings"][...], dtype=np.float32)
                                 if self.has_teacher else None)  # (C, D) float32, None without a teacher
         self._blocks: dict[int, zarr.Group] = {}
+        self._files: list[str] | None = None  # manifest.json's file list, read on first block access
 
     # Zarr handles are reopened lazily in DataLoader worker processes.
     def __getstate__(self):
@@ -92,8 +95,45 @@ class Cache:
 
     def block_group(self, b: int) -> zarr.Group:
         if b not in self._blocks:
-            self._blocks[b] = self.group[schema.block_path(b)]
+            prefix = schema.block_path(b)
+            # zarr reads an absent shard as zeros: check the block's files against the manifest
+            # once per process (one listing) so a lost file is an error, not silent zeros
+            listed = [f for f in self._manifest_files() if f.startswith(prefix + "/")]
+            missing = sorted(set(listed) - set(self.loc.list_files(prefix)))
+            if missing:
+                raise CacheError(f"{self.path}: {missing[0]} is missing ({len(missing)} file(s) of block {b}); run "
+                                 f"`clip2scene cache verify {self.path}`, and rebuild the cache or restore the files")
+            with self._damage(prefix):
+                self._blocks[b] = self.group[prefix]
         return self._blocks[b]
+
+    def _manifest_files(self) -> list[str]:
+        if self._files is None:
+            self._files = sorted(self.manifest().get("sha256", {}))
+        return self._files
+
+    def _damage(self, what: str):
+        """Context: a failure decoding stored bytes (zstd checksum, crc32c, torn metadata)
+        becomes a CacheError naming the file, never a silent or anonymous failure."""
+        return _Damage(self.path, what)
+
+    def _rows(self, b: int, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of blocks/NNNNNN/<name>; CacheError naming the shard file if it is corrupt."""
+        g = self.block_group(b)
+        where = f"{schema.block_path(b)}/{name}"
+        with self._damage(where):
+            arr = g[name]
+        try:
+            return arr[lo:hi]
+        except Exception as e:
+            if remote_error(self.path, e) is not None:
+                raise
+            step = (arr.shards or arr.chunks)[0]
+            keys = [arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+                    for i in range(lo // step, max(hi - 1, lo) // step + 1)]
+            files = ", ".join(f"{where}/{k}" for k in keys)
+            raise CacheError(f"{self.path}: {files} is corrupt ({_first_line(e)}); run `clip2scene cache verify "
+                             f"{self.path}`, and rebuild the cache or restore that file") from None
 
     @property
     def group(self) -> zarr.Group:
@@ -152,7 +192,7 @@ class Cache:
         """Read scan `i`; teacher features (the largest array) only when `features`."""
         if not 0 <= i < self.num_scans:
             raise IndexError(f"scan index {i} out of range 0..{self.num_scans - 1}")
-        g = self.block_group(int(self.block[i]))
+        b = int(self.block[i])
         p0 = int(self.point_start[i])
         p1 = p0 + int(self.point_count[i])
         q0 = int(self.pair_start[i])
@@ -162,24 +202,25 @@ class Cache:
             token=str(self.token[i]),
             scene=str(self.scene[i]),
             split=str(self.split[i]),
-            xyz=g["points/xyz"][p0:p1],
-            feat=g["points/feat"][p0:p1],
-            sweep=g["points/sweep"][p0:p1],
-            label=g["points/label"][p0:p1] if self.has_labels else None,
-            pair_point=g["pairs/point"][q0:q1],
-            pair_camera=g["pairs/camera"][q0:q1],
-            pair_uv=g["pairs/uv"][q0:q1],
-            pair_logits=g["pairs/logits"][q0:q1] if self.has_teacher else None,
-            pair_features=self._features(g, q0, q1) if features and self.has_teacher else None,
+            xyz=self._rows(b, "points/xyz", p0, p1),
+            feat=self._rows(b, "points/feat", p0, p1),
+            sweep=self._rows(b, "points/sweep", p0, p1),
+            label=self._rows(b, "points/label", p0, p1) if self.has_labels else None,
+            pair_point=self._rows(b, "pairs/point", q0, q1),
+            pair_camera=self._rows(b, "pairs/camera", q0, q1),
+            pair_uv=self._rows(b, "pairs/uv", q0, q1),
+            pair_logits=self._rows(b, "pairs/logits", q0, q1) if self.has_teacher else None,
+            pair_features=self._features(b, q0, q1) if features and self.has_teacher else None,
         )
 
-    def _features(self, g: zarr.Group, q0: int, q1: int) -> np.ndarray:
+    def _features(self, b: int, q0: int, q1: int) -> np.ndarray:
         """(m, D) float16 teacher features (dequantised when stored as int8)."""
         if self.meta.get("feature_dtype", "float16") == "int8":
             from clip2scene.storage.writer import dequantize_features
 
-            return dequantize_features(g["pairs/features"][q0:q1], g["pairs/feature_scale"][q0:q1])
-        return g["pairs/features"][q0:q1]
+            return dequantize_features(self._rows(b, "pairs/features", q0, q1),
+                                       self._rows(b, "pairs/feature_scale", q0, q1))
+        return self._rows(b, "pairs/features", q0, q1)
 
     def manifest(self) -> dict:
         """manifest.json: blocks, skipped samples, sha256 per stored file."""
@@ -219,6 +260,50 @@ class Cache:
             bytes_per_visible_point=total / m,
             skipped=self.manifest().get("skipped", []),
         )
+
+
+# files or folders at the top of a dataset root, per format
+_DATAROOT_SIGNS = {"nuScenes": ("samples", "sweeps", "v1.0-mini", "v1.0-trainval", "v1.0-test"),
+                   "SemanticKITTI": ("sequences",), "ScanNet": ("scans", "scannetv2-labels.combined.tsv")}
+
+
+def _not_a_cache(loc: Location, e: Exception) -> str:
+    """Why `loc` is not a cache: a dataset root (say so: run precompute) or some other folder."""
+    try:
+        names = {f.rstrip("/").rsplit("/", 1)[-1] for f in loc.fs.ls(loc.root, detail=False)}
+    except Exception:
+        names = set()
+    for fmt, signs in _DATAROOT_SIGNS.items():
+        if names & set(signs):
+            dataset = "" if fmt == "nuScenes" else f" --dataset {fmt.lower()}"
+            return (f"{loc.url}: this looks like a {fmt} dataset root, not a cache; build a cache from it first: "
+                    f"clip2scene precompute{dataset} --dataroot {loc.url} --out CACHE.zarr, then pass --cache CACHE.zarr")
+    return f"{loc.url}: not a clip2scene cache (no Zarr group here: {type(e).__name__})"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+class _Damage:
+    """See `Cache._damage`."""
+
+    def __init__(self, path: str, what: str):
+        self.path, self.what = path, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, (CacheError, KeyboardInterrupt, MemoryError)):
+            return False
+        if not isinstance(exc, Exception) or remote_error(self.path, exc) is not None:
+            return False
+        if isinstance(exc, KeyError):
+            raise CacheError(f"{self.path}: {self.what} is missing; run `clip2scene cache verify {self.path}`") from None
+        raise CacheError(f"{self.path}: {self.what}/zarr.json is corrupt ({_first_line(exc)}); run "
+                         f"`clip2scene cache verify {self.path}`") from None
 
 
 def open_cache(path: str | Path, storage_options: dict | None = None) -> Cache:

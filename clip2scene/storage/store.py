@@ -53,6 +53,72 @@ def parse_storage_options(values: list[str] | None) -> dict:
     return out
 
 
+def first_difference(key: str, a, b) -> tuple[str, object, object]:
+    """The dotted name and both values of the first differing field of two settings: for dicts it
+    descends to the differing sub-field (`teacher.image_size`), so a message names that field
+    and not two whole dicts."""
+    while isinstance(a, dict) and isinstance(b, dict):
+        sub = next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), None)
+        if sub is None:
+            break
+        key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+    return key, a, b
+
+
+def _remote_error_types() -> tuple[type, ...]:
+    """Exception types of an unreachable or refusing object store (those installed)."""
+    types: list[type] = [ConnectionError, TimeoutError, PermissionError]
+    try:
+        import botocore.exceptions as be
+
+        types += [be.BotoCoreError, be.ClientError]  # NoCredentialsError, EndpointConnectionError, ...
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def remote_error(url: str | None, e: BaseException) -> CacheError | None:
+    """The one-line CacheError for a storage failure `e` at `url` (no credentials, dead endpoint,
+    access denied), or None when `e` is something else."""
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, TypeError) and "unexpected keyword argument" in detail:  # s3fs/botocore at first use
+        return CacheError(f"{url or 'cache storage'}: bad --storage-option ({detail})")
+    if isinstance(e, CacheError) or not isinstance(e, _remote_error_types()):
+        return None
+    name = type(e).__name__
+    if "credential" in name.lower() or "credential" in detail.lower():
+        hint = ("no credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or ~/.aws), or pass "
+                "--storage-option key=... --storage-option secret=... (anon=true for a public bucket)")
+    elif isinstance(e, PermissionError) or "denied" in detail.lower() or "forbidden" in detail.lower():
+        hint = "access denied: check the credentials and the bucket's permissions"
+    else:
+        hint = "cannot reach the storage: check the URL, --storage-option client_kwargs.endpoint_url and the network"
+    return CacheError(f"{url or 'cache storage'}: {hint} ({name}: {detail})")
+
+
+class _RemoteErrors:
+    """Context manager: storage failures of a remote location become one-line CacheErrors."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and not isinstance(exc, FileNotFoundError):
+            err = remote_error(self.url, exc)
+            if err is not None:
+                raise err from None
+        return False
+
+
 @dataclass(frozen=True)
 class Location:
     """A cache root: `url` as the user gave it, its fsspec filesystem and path inside it."""
@@ -76,15 +142,21 @@ class Location:
     def fs(self) -> fsspec.AbstractFileSystem:
         if self.is_local:
             return fsspec.filesystem("file")
-        fs, _ = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        return fs
+        return self._url_to_fs()[0]
+
+    def _url_to_fs(self):
+        try:
+            return fsspec.core.url_to_fs(self.url, **self.storage_options)
+        except ImportError as e:  # gs:// without gcsfs, ...
+            raise CacheError(f"{self.url}: {str(e).splitlines()[0]}") from None
+        except (TypeError, ValueError) as e:  # an option the filesystem does not take
+            raise CacheError(f"{self.url}: bad --storage-option {self.storage_options} ({e})") from None
 
     @property
     def root(self) -> str:
         if self.is_local:
             return str(self.local_path.resolve())
-        _, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        return path.rstrip("/")
+        return self._url_to_fs()[1].rstrip("/")
 
     def key(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -97,12 +169,18 @@ class Location:
         return zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options or None,
                                                  read_only=read_only)
 
+    def _guard(self):
+        """Remote storage failures (credentials, endpoint) -> CacheError naming the URL."""
+        return _RemoteErrors(self.url)
+
     def exists(self, rel: str = "") -> bool:
-        return self.fs.exists(self.key(rel))
+        with self._guard():
+            return self.fs.exists(self.key(rel))
 
     def read_bytes(self, rel: str) -> bytes:
         try:
-            return self.fs.cat_file(self.key(rel))
+            with self._guard():
+                return self.fs.cat_file(self.key(rel))
         except FileNotFoundError:
             raise CacheError(f"{self.url}: missing {rel}") from None
 
@@ -118,14 +196,15 @@ class Location:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
-            self.fs.pipe_file(self.key(rel), data)  # one PUT: atomic on object stores
+            with self._guard():
+                self.fs.pipe_file(self.key(rel), data)  # one PUT: atomic on object stores
 
     def read_json(self, rel: str) -> dict:
         raw = self.read_bytes(rel)
         try:
             return json.loads(raw)
         except json.JSONDecodeError as e:
-            raise CacheError(f"{self.url}/{rel}: not valid JSON ({e.msg})") from None
+            raise CacheError(f"{self.url}/{rel}: not valid JSON ({e.msg.rstrip(': ')}: line {e.lineno} column {e.colno})") from None
 
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
@@ -133,17 +212,20 @@ class Location:
     def remove(self, rel: str) -> None:
         """Delete a file or a whole prefix, if present."""
         k = self.key(rel)
-        if self.fs.exists(k):
-            self.fs.rm(k, recursive=True)
+        with self._guard():
+            if self.fs.exists(k):
+                self.fs.rm(k, recursive=True)
 
     def list_files(self, rel: str) -> list[str]:
         """Every object under `rel` as paths relative to the cache root (sorted)."""
         base = self.key(rel)
-        if not self.fs.exists(base):
+        if not self.exists(rel):
             return []
         root = self.root + "/"
         out = []
-        for p in self.fs.find(base):
+        with self._guard():
+            found = self.fs.find(base)
+        for p in found:
             out.append(p[len(root):] if p.startswith(root) else p.split(root, 1)[-1])
         return sorted(out)
 
@@ -212,11 +294,25 @@ class Lock:
             if holder and self._stale(holder):
                 self.loc.remove(self.NAME)
                 continue
-            raise CacheError(
-                f"{self.loc.url} is being written by {holder.get('user', '?')}@{holder.get('host', '?')} "
-                f"pid {holder.get('pid', '?')} since {holder.get('since', '?')}; wait for it, or delete "
-                f"{self.loc.url}/{self.NAME} if that process is gone")
+            raise self._busy(holder)
         raise CacheError(f"{self.loc.url}: could not take the writer lock")
+
+    def _busy(self, holder: dict) -> CacheError:
+        return CacheError(
+            f"{self.loc.url} is being written by {holder.get('user', '?')}@{holder.get('host', '?')} "
+            f"pid {holder.get('pid', '?')} since {holder.get('since', '?')}; wait for it, or delete "
+            f"{self.loc.url}/{self.NAME} if that process is gone")
+
+    def check_free(self) -> None:
+        """CacheError if a live writer holds the lock (a stale one is ignored); takes nothing.
+
+        Lets a writer refuse before any expensive work (loading a teacher); `acquire` still
+        decides, so a writer that starts in between is refused there."""
+        if not self.loc.exists(self.NAME):
+            return
+        holder = self._holder()
+        if holder and not self._stale(holder):
+            raise self._busy(holder)
 
     def release(self) -> None:
         if self.held and (self._holder() or {}).get("id") == self.token["id"]:

@@ -16,7 +16,7 @@ import numpy as np
 from clip2scene.errors import CacheError
 from clip2scene.storage import schema
 from clip2scene.storage.reader import Cache, open_cache
-from clip2scene.storage.store import Location
+from clip2scene.storage.store import Location, first_difference
 from clip2scene.storage.writer import CacheWriter
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,42 @@ def verify(path: str, storage_options: dict | None = None, progress=None) -> lis
     return problems
 
 
+def partial_info(path: str, storage_options: dict | None = None) -> dict | None:
+    """What an unfinished cache holds (status "writing" or "failed"): its metadata with the error,
+    the blocks and scans recorded so far, skipped samples and the writer lock's holder. None when
+    `path` holds no clip2scene metadata at all (`open_cache` explains why)."""
+    import zarr
+
+    loc = Location.parse(path, storage_options)
+    if not loc.exists(""):
+        return None
+    try:
+        meta = dict(zarr.open_group(loc.zarr_store(read_only=True), mode="r").attrs).get(schema.ATTR_KEY)
+    except Exception:  # no or torn root metadata
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != schema.FORMAT_NAME:
+        return None
+    blocks = []
+    for f in loc.list_files(schema.BLOCK_RECORDS):
+        if f.endswith(".json"):
+            try:
+                blocks.append(loc.read_json(f))
+            except CacheError:
+                continue
+    holder = None
+    if loc.exists("writer.lock"):
+        try:
+            import json as _json
+
+            holder = _json.loads(loc.read_bytes("writer.lock"))
+        except (CacheError, ValueError):
+            holder = {}
+    return dict(path=str(path), meta=meta, status=meta.get("status"), error=meta.get("error"),
+                blocks_done=len(blocks), scans_done=sum(len(b.get("scans", [])) for b in blocks),
+                points_done=sum(s.get("points", 0) for b in blocks for s in b.get("scans", [])),
+                skipped=[s for b in blocks for s in b.get("skipped", [])], writer=holder)
+
+
 def merge(paths: list[str], out: str, storage_options: dict | None = None, overwrite: bool = False) -> dict:
     """Combine complete caches built with the same teacher and settings into one, copying their
     blocks byte for byte (checksums carry over). Scans must not repeat. Returns the new metadata."""
@@ -56,10 +92,7 @@ def merge(paths: list[str], out: str, storage_options: dict | None = None, overw
     for other in caches[1:]:
         for key in schema.COMPATIBLE_META:
             if first.meta.get(key) != other.meta.get(key):
-                a, b = first.meta.get(key), other.meta.get(key)
-                if isinstance(a, dict) and isinstance(b, dict):  # name the differing sub-field
-                    sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-                    key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+                key, a, b = first_difference(key, first.meta.get(key), other.meta.get(key))  # the sub-field
                 raise CacheError(f"cannot merge {first.path} and {other.path}: {key} differs ({a!r} vs {b!r})")
     seen: dict[str, str] = {}
     for c in caches:

@@ -30,7 +30,7 @@ from zarr.codecs import ZstdCodec
 from clip2scene import __version__
 from clip2scene.errors import CacheError
 from clip2scene.storage import schema
-from clip2scene.storage.store import Location, Lock, node_name
+from clip2scene.storage.store import Location, Lock, first_difference, node_name
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def write_block(loc: Location, index: int, records: list[ScanRecord], layout: La
         chunk, shard = _geometry(len(data), spec.chunk_rows, spec.shard_rows)
         arr = group.create_array(spec.name, shape=data.shape, dtype=spec.dtype,
                                  chunks=(chunk,) + trailing, shards=(shard,) + trailing,
-                                 compressors=ZstdCodec(level=3), fill_value=0)
+                                 compressors=ZstdCodec(level=3, checksum=True), fill_value=0)
         if len(data):
             arr[...] = data
     scans = [dict(token=r.token, scene=r.scene, split=r.split, timestamp=int(r.timestamp), lidar_path=r.lidar_path,
@@ -227,6 +227,9 @@ class CacheWriter:
 
     def _open_or_create(self, overwrite: bool, resume_key: dict | None) -> bool:
         existing = [f for f in self.loc.list_files("") if Lock.NAME not in f]  # the lock and its temp file
+        if existing and overwrite and self._existing_meta() is None and self._recorded_key() is None:
+            raise CacheError(f"{self.path} holds {len(existing)} file(s) but is not a clip2scene cache: --overwrite "
+                             "only replaces caches; choose another --out (or remove that folder yourself)")
         if existing and overwrite:
             for f in self.loc.fs.ls(self.loc.root, detail=False):
                 if Lock.NAME not in f.rstrip("/").rsplit("/", 1)[-1]:
@@ -238,10 +241,10 @@ class CacheWriter:
             recorded = self._recorded_key()
             if resume_key is None or recorded is None:
                 raise CacheError(f"{self.path} exists and is not a complete cache (pass --overwrite to replace it)")
-            for k in sorted(set(recorded) | set(resume_key)):
-                if recorded.get(k) != resume_key.get(k):
-                    raise CacheError(f"cannot resume {self.path}: {k} was {recorded.get(k)!r}, now "
-                                     f"{resume_key.get(k)!r} (pass --overwrite to start again)")
+            if recorded != resume_key:
+                k, was, now = first_difference("settings", recorded, resume_key)
+                raise CacheError(f"cannot resume {self.path}: {k.removeprefix('settings.')} was {was!r}, now "
+                                 f"{now!r} (rerun with the earlier settings to finish it, or pass --overwrite to start again)")
             self._write_root()
             log.info("resuming %s: %d blocks already done", self.path, len(self.done_blocks()))
             return True
@@ -312,7 +315,7 @@ class CacheWriter:
         trailing = data.shape[1:]
         arr = group.create_array(name, shape=data.shape, dtype=dtype, chunks=(chunk,) + trailing,
                                  shards=(shard,) + trailing,
-                                 compressors=ZstdCodec(level=3) if dtype != "string" else "auto",
+                                 compressors=ZstdCodec(level=3, checksum=True) if dtype != "string" else "auto",
                                  fill_value=0 if dtype != "string" else "", overwrite=True)
         if len(data):
             arr[...] = data
@@ -395,4 +398,7 @@ class CacheWriter:
         if exc_type is None:
             self.commit()
         elif not self._closed:
-            self.fail(f"{exc_type.__name__}: {exc}")
+            try:
+                self.fail(f"{exc_type.__name__}: {exc}")
+            except Exception as e:  # e.g. the disk is full: the original error matters, the lock is released
+                log.warning("%s: could not record the failed status (%s)", self.path, e)

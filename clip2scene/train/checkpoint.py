@@ -15,6 +15,7 @@ import torch
 
 from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import Cache
+from clip2scene.train.checks import count_tensors, nonfinite_tensors
 from clip2scene.train.model import ModelConfig
 
 CHECKPOINT_FORMAT = "clip2scene-checkpoint"
@@ -48,8 +49,9 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, model_config: ModelCo
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint on CPU; ConfigError names the file if it is missing or not ours."""
+def load_checkpoint(path: str | Path, check_finite: bool = True) -> dict:
+    """Load a checkpoint on CPU; ConfigError names the file if it is missing, not ours, or (with
+    `check_finite`) holds a NaN/Inf in its weights, buffers, optimiser state or text embeddings."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
@@ -59,6 +61,12 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ConfigError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path}: not a clip2scene checkpoint")
+    if check_finite:
+        tensors = {k: ckpt.get(k) for k in ("state_dict", "optimizer", "text_embeddings")}
+        bad = nonfinite_tensors(tensors)
+        if bad:
+            raise ConfigError(f"{path}: {len(bad)} of {count_tensors(tensors)} tensors hold NaN/Inf (first {bad[0]}): "
+                              "the run that wrote it diverged; use an earlier checkpoint")
     return ckpt
 
 

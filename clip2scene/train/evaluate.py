@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import open_cache
+from clip2scene.train.checks import check_int, check_text, paths_to_text
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.loss import text_logits
@@ -45,6 +46,18 @@ class EvalConfig:
     device: str = "cpu"  # torch device
     batch_size: int = 1  # scans per forward pass
     storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL
+
+    def __post_init__(self) -> None:
+        """ConfigError naming the option and value, before any work."""
+        paths_to_text(self, "checkpoint", "cache", "out")
+        check_text("checkpoint", self.checkpoint)
+        check_text("cache", self.cache)
+        check_text("split", self.split)
+        check_text("out", self.out, allow_none=True)
+        check_text("device", self.device)
+        check_int("batch_size", self.batch_size, 1)
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError(f"storage_options {self.storage_options!r}: expected a dict")
 
 
 def _num(v: float) -> float | None:

@@ -37,9 +37,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clip2scene.devices import resolve_device
-from clip2scene.errors import CacheError, ConfigError
+from clip2scene.errors import CacheError, ConfigError, Interrupted
 from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
+from clip2scene.train.checks import (check_bool, check_choice, check_finite_loss, check_finite_model, check_float,
+                                     check_int, check_text, paths_to_text, refuse_existing_run, remove_run)
 from clip2scene.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.evaluate import _iou_dict, _num
@@ -52,6 +54,7 @@ from clip2scene.train.trainer import _validate_guard_rails, forward_points, prec
 log = logging.getLogger(__name__)
 
 SEGMENTER_KIND = "segmenter"  # checkpoint["kind"] of a fine-tuned / linear-probed model
+MODES = ("finetune", "linear")  # all weights / frozen backbone with a linear head
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class FinetuneConfig:
     precise_bn_batches: int = 16  # re-estimate BatchNorm statistics after training (finetune mode)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # used for random init only
     storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL
+    overwrite: bool = False  # replace a previous run in `out` (its run files are removed first)
     head_input: str = "l2"  # classifier input: "l2" (unit-norm point features, see Segmenter) or "raw"
     # guard rails (train/stability.py); `lr` is the backbone rate at `reference_batch`, scaled by `lr_scaling`
     warmup_steps: int | None = None  # linear warm-up steps (None = auto: half the first epoch, <= 300; 0 = off)
@@ -88,7 +92,37 @@ class FinetuneConfig:
     divergence_window: int = 50  # steps in the running median
     stop_on_divergence: bool = False  # stop at the first divergence, keeping the last epoch's checkpoint
 
-    def __post_init__(self):
+
+    def __post_init__(self) -> None:
+        """Every option's valid range, checked before any work: ConfigError naming the option."""
+        paths_to_text(self, "cache", "out", "checkpoint")
+        check_text("cache", self.cache)
+        check_text("out", self.out)
+        check_text("checkpoint", self.checkpoint, allow_none=True)
+        check_choice("mode", self.mode, MODES)
+        if self.mode == "linear" and self.checkpoint is None:
+            raise ConfigError("a linear probe of a random backbone measures nothing: give --checkpoint")
+        check_float("label_fraction", self.label_fraction, 0.0, 1.0, low_open=True)
+        check_text("split", self.split)
+        check_text("eval_split", self.eval_split, allow_none=True)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_float("lr", self.lr, 0.0, low_open=True)
+        check_float("head_lr_mult", self.head_lr_mult, 0.0, low_open=True)
+        check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("lovasz_weight", self.lovasz_weight, 0.0)
+        check_float("voxel_size", self.voxel_size, 0.0, low_open=True, allow_none=True)
+        check_bool("augment", self.augment)
+        check_text("device", self.device)
+        check_int("workers", self.workers, 0)
+        check_int("seed", self.seed, 0)
+        check_int("precise_bn_batches", self.precise_bn_batches, 0)
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError(f"model {self.model!r}: expected a ModelConfig")
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError(f"storage_options {self.storage_options!r}: expected a dict")
+        check_bool("overwrite", self.overwrite)
         if self.head_input not in HEAD_INPUTS:
             raise ConfigError(f"--head-input {self.head_input!r}: expected one of {', '.join(HEAD_INPUTS)}")
         _validate_guard_rails(self)
@@ -127,9 +161,8 @@ class Segmenter(nn.Module):
 
 def label_subset(indices: np.ndarray, fraction: float) -> np.ndarray:
     """The labelled training scans: every round(1 / fraction)-th of `indices` (SLidR: 1% = every
-    100th), starting with the first. (S,) int64 -> (S',) int64."""
-    if not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"--label-fraction {fraction}: must lie in (0, 1]")
+    100th), starting with the first. (S,) int64 -> (S',) int64; `fraction` in (0, 1] (checked by
+    FinetuneConfig)."""
     step = max(1, round(1.0 / fraction))
     return np.asarray(indices, dtype=np.int64)[::step]
 
@@ -172,14 +205,20 @@ def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, lovasz_weight: 
 
 
 def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
-    """Train per `config`, save the model, evaluate on `eval_split`; returns (and writes) result.json."""
-    if config.mode not in ("finetune", "linear"):
-        raise ConfigError(f"mode {config.mode!r}: expected finetune or linear")
-    if config.mode == "linear" and config.checkpoint is None:
-        raise ConfigError("a linear probe of a random backbone measures nothing: give --checkpoint")
-    if config.epochs < 1 or config.batch_size < 1:
-        raise ConfigError(f"--epochs and --batch-size must be >= 1 (got {config.epochs}, {config.batch_size})")
+    """Train per `config`, save the model, evaluate on `eval_split`; returns (and writes) result.json.
+
+    Refuses an `out` that already holds a run unless `config.overwrite`. Raises TrainingError at
+    the first non-finite loss (nothing is saved) and `Interrupted` on Ctrl-C."""
+    try:
+        return _finetune(config, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {config.mode} has no --resume; start it again with --overwrite") from None
+
+
+def _finetune(config: FinetuneConfig, progress: bool) -> dict:
     device = resolve_device(config.device)
+    if not config.overwrite:
+        refuse_existing_run(config.out, command=config.mode)
     cache = open_cache(config.cache, config.storage_options)
     if not cache.has_labels:
         raise CacheError(f"cache {cache.path} has no ground-truth labels: fine-tuning needs them")
@@ -209,6 +248,10 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, schedule["warmup_steps"]))
 
     out = Path(config.out)
+    if config.overwrite:
+        removed = remove_run(out)
+        if removed:
+            log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = asdict(config)
     cfg_dict["model"]["channels"] = list(cfg_dict["model"]["channels"])
@@ -234,6 +277,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
     monitor = DivergenceMonitor(config.divergence_window, config.divergence_factor)
     t0 = time.perf_counter()
     losses = []
+    kept = "nothing was saved (fine-tuning saves at the end)"
     step = 0
     with (out / "metrics.jsonl").open("w") as mf:
         for epoch in range(config.epochs):
@@ -257,28 +301,30 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
                 scheduler.step()
                 step += 1
                 value = float(loss.detach())
+                check_finite_loss(step, epoch + 1, value, terms, kept)
                 epoch_losses.append(value)
                 level = monitor.median
                 diverged = monitor.update(value)
                 row = dict(step=step, epoch=epoch + 1, loss=value, **terms, lr=optimizer.param_groups[0]["lr"],
-                           head_lr=optimizer.param_groups[-1]["lr"], grad_norm=grad_norm)
+                           head_lr=optimizer.param_groups[-1]["lr"],
+                           grad_norm=grad_norm if math.isfinite(grad_norm) else None)
                 if diverged:
                     row.update(diverged=True, loss_median=level)
                     log.warning("step %d: loss %.4g is above %g x the median %.4g of the last %d steps (divergence)",
                                 step, value, config.divergence_factor, level, len(monitor.window))
-                mf.write(json.dumps(row) + "\n")
+                mf.write(json.dumps(row, allow_nan=False) + "\n")
                 if diverged and config.stop_on_divergence:
                     mf.flush()
-                    kept = f"{ckpt_path} (epoch {epoch})" if epoch > 0 else "none (no epoch finished)"
                     raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {config.divergence_factor:g} x "
-                                           f"the running median {level:.4g} (--stop-on-divergence): stopped; "
-                                           f"last good checkpoint: {kept}")
+                                           f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept}")
             losses.append(float(np.mean(epoch_losses)))
             log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
             if epoch + 1 < config.epochs and config.stop_on_divergence:
-                save(epoch + 1)  # the resume-free "last good" model a stopped run keeps
+                save(epoch + 1)  # the "last good" model a stopped run keeps
+                kept = f"the last good checkpoint {ckpt_path} (epoch {epoch + 1}) is kept"
         if config.mode == "finetune":
             precise_batchnorm(model, loader, config.precise_bn_batches, voxel_size, device)
+    check_finite_model(model, step, config.epochs, kept)
     seconds = time.perf_counter() - t0
     save(config.epochs)
     result = dict(run=str(out), checkpoint=str(ckpt_path), mode=config.mode, init=init["init"],

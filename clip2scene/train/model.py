@@ -50,6 +50,7 @@ from spconv.core import ConvAlgo
 from spconv.pytorch.conv import SparseConvolution
 from torch import nn
 
+from clip2scene.errors import ConfigError
 from clip2scene.train.voxelize import Voxels, scatter_mean
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,7 @@ class ModelConfig:
     """Hyper-parameters of the student network.
 
     Attributes:
-        arch: one of :data:`KNOWN_ARCHS`: ``"minkunet"`` or ``"spvcnn"`` (checked by
-            :func:`build_model`).
+        arch: one of :data:`KNOWN_ARCHS`: ``"minkunet"`` or ``"spvcnn"``.
         in_channels: input features per point / voxel (1 = intensity).
         out_channels: width of the head output = text-embedding dimension of the teacher.
         channels: 9 widths: stem, 4 encoder stages, 4 decoder stages.
@@ -89,17 +89,25 @@ class ModelConfig:
     blocks_per_stage: int = 2
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        """ConfigError (a ValueError) naming the field and value when one is unusable."""
+        if self.arch not in KNOWN_ARCHS:
+            raise ConfigError(f"--arch {self.arch!r}: unknown model arch; known: {', '.join(KNOWN_ARCHS)}")
+        try:
+            channels = tuple(int(c) for c in self.channels)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--channels {self.channels!r}: expected 9 integers") from None
+        object.__setattr__(self, "channels", channels)
         if len(self.channels) != 9:
-            raise ValueError(
-                f"channels must have 9 entries (stem, 4 encoder, 4 decoder), got {self.channels}"
+            raise ConfigError(
+                f"--channels {','.join(map(str, self.channels))}: must have 9 entries (stem, 4 encoder, 4 decoder), "
+                f"got {len(self.channels)}"
             )
         if any(c < 1 for c in self.channels):
-            raise ValueError(f"channels must be positive, got {self.channels}")
-        if self.in_channels < 1 or self.out_channels < 1:
-            raise ValueError("in_channels and out_channels must be >= 1")
-        if self.blocks_per_stage < 1:
-            raise ValueError(f"blocks_per_stage must be >= 1, got {self.blocks_per_stage}")
+            raise ConfigError(f"--channels {','.join(map(str, self.channels))}: widths must be >= 1")
+        for name in ("in_channels", "out_channels", "blocks_per_stage"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model {name} {value!r}: must be an integer >= 1")
 
     def halved(self) -> "ModelConfig":
         """A copy with every channel width halved (a cheaper student)."""

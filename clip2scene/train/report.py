@@ -36,7 +36,7 @@ def gather(paths: list[str | Path]) -> list[dict]:
         try:
             r = json.loads(f.read_text())
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{f}: not valid JSON ({e.msg})") from None
+            raise ConfigError(f"{f}: not valid JSON ({e.msg.rstrip(': ')}: line {e.lineno} column {e.colno})") from None
         if "mode" not in r or "label_fraction" not in r:
             raise ConfigError(f"{f}: not a finetune/linear-probe result")
         r["_path"] = str(f)

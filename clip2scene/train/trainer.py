@@ -35,8 +35,9 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import torch
@@ -45,10 +46,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clip2scene.devices import resolve_device
-from clip2scene.errors import ConfigError
+from clip2scene.errors import ConfigError, Interrupted
 from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
-from clip2scene.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from clip2scene.train.checks import (check_bool, check_choice, check_finite_loss, check_finite_model, check_float,
+                                     check_int, check_text, paths_to_text, option, refuse_existing_run, remove_run)
+from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of, save_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buffers, broadcast_object,
                                           detect_env, process_group)
@@ -59,6 +62,8 @@ from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, cli
 from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
+
+SELF_TRAINING = ("point", "batch", "off")  # S3 switch modes (see `_switch`)
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class TrainConfig:
     switch_epoch: int | None = None  # first epoch (0-based) with S3 switching; None = epochs // 2
     switch_prob: float = 0.5  # probability of using the network's own prediction
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # student architecture
+    overwrite: bool = False  # replace a previous run in `out` (its run files are removed first)
     # guard rails (train/stability.py); `lr` is the rate at `reference_batch`, scaled by `lr_scaling`
     warmup_steps: int | None = None  # linear warm-up steps (None = auto: half the first epoch, <= 300; 0 = off)
     clip_grad_norm: float | None = None  # clip the total gradient L2 norm to this (None = off; the norm is logged anyway)
@@ -101,7 +107,48 @@ class TrainConfig:
     divergence_window: int = 50  # steps in the running median
     stop_on_divergence: bool = False  # stop at the first divergence, keeping the last epoch's checkpoint
 
-    def __post_init__(self):
+
+    def __post_init__(self) -> None:
+        """Every option's valid range, checked before any work: ConfigError naming the option
+        (as the CLI spells it) and the value. What depends on the cache (--sweeps beyond the
+        cached frames) or the environment (CUDA, torchrun size) is checked when they are known."""
+        paths_to_text(self, "cache", "out", "resume")
+        check_text("cache", self.cache)
+        check_text("out", self.out)
+        check_text("split", self.split)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_float("lr", self.lr, 0.0, low_open=True)
+        check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("tau", self.tau, 0.0, low_open=True)
+        check_float("voxel_size", self.voxel_size, 0.0, low_open=True, allow_none=True)
+        check_bool("augment", self.augment)
+        check_text("device", self.device)
+        check_int("workers", self.workers, 0)
+        check_int("seed", self.seed, 0)
+        check_text("resume", self.resume, allow_none=True)
+        check_int("precise_bn_batches", self.precise_bn_batches, 0)
+        check_bool("keep_checkpoints", self.keep_checkpoints)
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError(f"storage_options {self.storage_options!r}: expected a dict")
+        check_bool("amp", self.amp)
+        check_int("sweeps", self.sweeps, 1, allow_none=True)
+        for name in ("scr_weight", "ssr_weight", "kl_weight"):
+            check_float(name, getattr(self, name), 0.0)
+        if not (self.scr_weight or self.ssr_weight or self.kl_weight):
+            raise ConfigError("--scr-weight, --ssr-weight and --kl-weight are all 0: nothing to train")
+        check_float("ssr_lambda", self.ssr_lambda, 0.0, low_open=True)
+        check_float("ssr_grid", self.ssr_grid, 0.0, low_open=True)
+        check_choice("self_training", self.self_training, SELF_TRAINING)
+        check_int("switch_epoch", self.switch_epoch, 0, allow_none=True)
+        check_float("switch_prob", self.switch_prob, 0.0, 1.0)
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError(f"model {self.model!r}: expected a ModelConfig")
+        check_bool("overwrite", self.overwrite)
+        if self.overwrite and self.resume and Path(self.resume).resolve().parent == Path(self.out).resolve():
+            raise ConfigError(f"--overwrite would delete {self.resume}, the checkpoint --resume continues from: "
+                              "leave --overwrite out to continue the run in place")
         _validate_guard_rails(self)
 
 
@@ -255,31 +302,142 @@ def _loader(dataset: ScanDataset, sampler: EpochSampler, batch_size: int, config
                       pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers else None)
 
 
+# Options that may differ between a run and its resume: where and how it runs, not what it
+# computes. `epochs` may grow (the run is extended; see `_continue_schedule`).
+RESUME_FREE = ("cache", "out", "resume", "epochs", "device", "workers", "keep_checkpoints", "amp",
+               "storage_options", "precise_bn_batches", "overwrite", "divergence_factor", "divergence_window",
+               "stop_on_divergence")
+_MODEL_FIELDS = ("arch", "channels", "blocks_per_stage")  # what defines the student (in/out come from the cache)
+
+
+def resumed_config(config: TrainConfig, ckpt: dict, given: Collection[str] | None = None,
+                   path: str | Path = "checkpoint") -> TrainConfig:
+    """The config that continues the run saved in `ckpt` (a loaded checkpoint).
+
+    Every run-defining option (all but RESUME_FREE) and the model (arch, channels,
+    blocks_per_stage) that is not `given` takes the saved run's value; a given one that differs
+    is a ConfigError naming the option. `given` holds TrainConfig field names and "arch" /
+    "channels" / "blocks_per_stage" (what the user typed); None (library use) counts every
+    option whose value is not None as given. `epochs` not given: the saved run's."""
+    if ckpt.get("kind") == "segmenter":
+        raise ConfigError(f"{path} is a fine-tuned model: --resume takes a checkpoint of `clip2scene train`")
+    saved = dict(ckpt.get("train_config") or {})
+    changes: dict = {}
+
+    def is_given(name: str, value) -> bool:
+        return value is not None if given is None else name in given
+
+    for f in fields(TrainConfig):
+        name = f.name
+        if name == "model" or name not in saved or (name in RESUME_FREE and name != "epochs"):
+            continue
+        value = getattr(config, name)
+        if not is_given(name, value):
+            changes[name] = saved[name]
+        elif name != "epochs" and value != saved[name]:
+            raise ConfigError(f"{option(name)} {value!r} differs from the run being resumed ({path} has "
+                              f"{saved[name]!r}): leave {option(name)} out to continue that run")
+    theirs = model_config_of(ckpt)
+    for name in _MODEL_FIELDS:
+        value, old = getattr(config.model, name), getattr(theirs, name)
+        if (given is None or name in given) and value != old:
+            shown = ",".join(map(str, value)) if name == "channels" else value
+            was = ",".join(map(str, old)) if name == "channels" else old
+            raise ConfigError(f"{option(name)} {shown} differs from the run being resumed ({path} has {was}): "
+                              f"leave {option(name)} out to continue that run")
+    changes["model"] = replace(config.model, **{k: getattr(theirs, k) for k in _MODEL_FIELDS})
+    return replace(config, **changes)
+
+
+def resume_from(config: TrainConfig, given: Collection[str]) -> TrainConfig:
+    """`resumed_config` with the checkpoint `config.resume` (the CLI: `given` = options typed)."""
+    return resumed_config(config, load_checkpoint(config.resume), given, config.resume)
+
+
+def _continue_schedule(optimizer, scheduler, saved_epochs: int, epochs: int) -> str | None:
+    """After loading the optimiser and scheduler of a resumed run: set the learning rate of the
+    next step from the schedule of *this* run. Unchanged `epochs`: exactly the saved rate (the
+    resume equals the uninterrupted run). More epochs: the cosine is stretched over the new
+    total, so the rate jumps to the stretched curve's value; returns a line saying so."""
+    step = scheduler.last_epoch
+    before = optimizer.param_groups[0]["lr"]
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(step)  # LambdaLR's own formula: bitwise the saved rate when unchanged
+    after = optimizer.param_groups[0]["lr"]
+    if epochs == saved_epochs:
+        return None
+    return (f"extended from {saved_epochs} to {epochs} epochs: the cosine schedule now runs over {epochs} epochs, "
+            f"so the learning rate continues at {after:.4g} (it was {before:.4g} at step {step} on the "
+            f"{saved_epochs}-epoch schedule)")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep the lines of metrics.jsonl up to `last_step` (a run resumed in place continues after its
+    checkpoint; steps of an interrupted epoch would otherwise appear twice). Returns lines dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a torn last line of a killed run
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+    return len(lines) - len(keep)
+
+
 def train(config: TrainConfig, progress: bool = True) -> dict:
     """Train per `config`; returns a summary dict (losses, timings, parameter count, paths).
+
+    Refuses an `out` that already holds a run unless `config.overwrite` or `config.resume` is a
+    checkpoint of that run. A resume of a finished run returns at once with
+    `nothing_to_do=True`. Raises TrainingError at the first non-finite loss (no checkpoint
+    written for that epoch) and `Interrupted` (a KeyboardInterrupt naming the checkpoint to
+    resume from) on Ctrl-C.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this with the same config: DDP training
     with `batch_size` as the global batch (see the module docstring); all ranks return rank 0's
     summary and the process group is destroyed on return."""
     device = resolve_device(config.device)
-    if config.epochs < 1 or config.batch_size < 1:
-        raise ConfigError(f"--epochs and --batch-size must be >= 1 (got {config.epochs}, {config.batch_size})")
     env = detect_env()
     if config.batch_size % env.world_size:
         raise ConfigError(f"--batch-size {config.batch_size} is the global batch: it must be a multiple of "
                           f"the {env.world_size} torchrun processes")
+    if not config.overwrite:
+        refuse_existing_run(config.out, config.resume)
     with process_group(env, device) as rank_device:
         return _train(config, env, rank_device, progress)
 
 
 def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bool) -> dict:
     main = env.is_main
+    out = Path(config.out)
+    ckpt = None
+    start_epoch = 0
+    if config.resume:
+        ckpt = load_checkpoint(config.resume)  # refuses a non-finite checkpoint
+        config = resumed_config(config, ckpt, None, config.resume)
+        start_epoch = int(ckpt["epoch"])
+        if start_epoch > config.epochs:
+            raise ConfigError(f"--epochs {config.epochs}: {config.resume} is already at epoch {start_epoch}")
+        if start_epoch == config.epochs:
+            done = dict(run=str(out), checkpoint=str(config.resume), nothing_to_do=True, epoch=start_epoch,
+                        epochs=config.epochs, epoch_losses=[], steps=0, processes=env.world_size)
+            return broadcast_object(done, env)
     cache = open_cache(config.cache, config.storage_options)
     if not cache.has_teacher:
         raise ConfigError(f"cache {cache.path} has no teacher outputs (built with --clip-model none): "
                           "distillation needs them; use `clip2scene finetune` on it")
-    if config.voxel_size is None:
-        config = replace(config, voxel_size=cache.voxel_size)
+    cached_sweeps = int(cache.meta.get("sweeps") or 1)
+    if config.sweeps is not None and config.sweeps > cached_sweeps:
+        raise ConfigError(f"--sweeps {config.sweeps}: cache {cache.path} holds {cached_sweeps} lidar frame(s) per scan")
+    config = replace(config, voxel_size=config.voxel_size or cache.voxel_size,
+                     switch_epoch=config.epochs // 2 if config.switch_epoch is None else config.switch_epoch)
     indices = cache.indices(config.split)
     if len(indices) == 0:
         counts = ", ".join(f"{k}={int((cache.split == k).sum())}" for k in sorted(set(cache.split.tolist())))
@@ -293,24 +451,24 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     total_steps = steps_per_epoch * config.epochs
     optimizer, scheduler = build_optimizer(model, config, total_steps, steps_per_epoch)
     schedule = schedule_info(config, steps_per_epoch, total_steps)
-    start_epoch = 0
-    if config.resume:
-        ckpt = load_checkpoint(config.resume)
+    schedule_note = None
+    last_good = None  # (checkpoint path, epoch) that --resume would continue from
+    if ckpt is not None:
         check_compatible(ckpt, cache, config.resume)
         model.load_state_dict(ckpt["state_dict"])
         if ckpt.get("optimizer"):
             optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler"):
             scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch = int(ckpt["epoch"])
+            schedule_note = _continue_schedule(optimizer, scheduler, int(ckpt["train_config"]["epochs"]), config.epochs)
+        last_good = (config.resume, start_epoch)
+        del ckpt
         if main:
             log.info("resumed from %s at epoch %d", config.resume, start_epoch)
+            if schedule_note:
+                log.info("%s", schedule_note)
 
     text = torch.from_numpy(cache.text_embeddings).to(device)
-    if config.self_training not in ("point", "batch", "off"):
-        raise ConfigError(f"--self-training {config.self_training!r}: expected point, batch or off")
-    if not (config.scr_weight or config.ssr_weight or config.kl_weight):
-        raise ConfigError("all loss weights are 0: nothing to train")
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed,
                           features=bool(config.ssr_weight), sweeps=config.sweeps)
     sampler = EpochSampler(len(dataset), seed=config.seed, rank=env.rank, world_size=env.world_size,
@@ -323,10 +481,18 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         # BatchNorm statistics before every forward. device_ids=None: inputs are already on the
         # rank's device (DDP's input mover does not know Voxels).
         step_model = DistributedDataParallel(step_model, device_ids=None, find_unused_parameters=False)
-    out = Path(config.out)
     metrics_path = out / "metrics.jsonl"
     params = count_parameters(model)
+    step = start_epoch * steps_per_epoch
     if main:
+        if config.overwrite:
+            removed = remove_run(out)
+            if removed:
+                log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out)
+        elif config.resume and Path(config.resume).resolve().parent == out.resolve():
+            dropped = _truncate_metrics(metrics_path, step)
+            if dropped:
+                log.info("dropped %d metrics lines after step %d (the interrupted part of the run)", dropped, step)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dict(_train_config_dict(config), schedule=schedule), indent=2))
         log.info("training %s (%.2fM params) on %d scans, %d steps, %d process(es)", model_config.arch,
@@ -335,13 +501,16 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                  config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size,
                  schedule["effective_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
 
+    def kept() -> str:
+        return (f"the last good checkpoint {last_good[0]} (epoch {last_good[1]}) is kept" if last_good
+                else "no checkpoint was written")
+
     t0 = time.perf_counter()
     losses: list[float] = []
     scans_done = 0
-    step = start_epoch * steps_per_epoch
+    epoch = start_epoch
     mf = metrics_path.open("a") if main else None
     monitor = DivergenceMonitor(config.divergence_window, config.divergence_factor)
-    last_good_epoch = start_epoch
     try:
         amp = config.amp and device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=amp)  # a no-op pass-through when disabled
@@ -362,6 +531,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                 scaler.scale(loss).backward()  # DDP: gradients averaged over the ranks here
                 scaler.unscale_(optimizer)  # true gradients for the norm (a no-op without AMP)
                 grad_norm = clip_gradients(model.parameters(), config.clip_grad_norm)  # the same on every rank
+                grad_norm = grad_norm if math.isfinite(grad_norm) else None  # strict JSON (AMP overflow: step skipped)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -371,6 +541,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                                        int(batch["xyz"].shape[0])], env, device)
                 value = sums[0] / env.world_size
                 terms = {k: v / env.world_size for k, v in zip(keys, sums[1:-2])}
+                check_finite_loss(step, epoch + 1, value, terms, kept())  # the same values on every rank
                 n_scans, n_points = int(sums[-2]), int(sums[-1])
                 scans_done += n_scans
                 dt = time.perf_counter() - ts
@@ -385,21 +556,19 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                         log.warning("step %d: loss %.4g is above %g x the median %.4g of the last %d steps (divergence)",
                                     step, value, config.divergence_factor, level, len(monitor.window))
                 if mf is not None:
-                    mf.write(json.dumps(row) + "\n")
+                    mf.write(json.dumps(row, allow_nan=False) + "\n")
                 if diverged and config.stop_on_divergence:
                     if mf is not None:
                         mf.flush()
-                    kept = (f"{out / 'checkpoint.pt'} (epoch {last_good_epoch})" if last_good_epoch > 0
-                            else "none (no epoch finished)")
                     raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {config.divergence_factor:g} x "
-                                           f"the running median {level:.4g} (--stop-on-divergence): stopped; "
-                                           f"last good checkpoint: {kept}")
+                                           f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept()}")
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
             if mf is not None:
                 mf.flush()
             losses.append(float(np.mean(epoch_losses)))
             if epoch + 1 == config.epochs:
                 _final_batchnorm(model, dataset, config, env, device, epoch)
+            check_finite_model(model, step, epoch + 1, kept())  # identical weights on every rank
             if main:
                 paths = [out / "checkpoint.pt"] + ([out / f"checkpoint_epoch{epoch + 1}.pt"] if config.keep_checkpoints else [])
                 for path in paths:
@@ -407,7 +576,13 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                                     train_config=_train_config_dict(config), cache=cache, epoch=epoch + 1,
                                     optimizer=optimizer, scheduler=scheduler)
                 log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
-            last_good_epoch = epoch + 1
+            last_good = (str(out / "checkpoint.pt"), epoch + 1)
+    except KeyboardInterrupt:
+        if last_good:
+            hint = f"`--resume {last_good[0]}` continues from epoch {last_good[1]}"
+        else:
+            hint = "no checkpoint was written yet: start again (with --overwrite)"
+        raise Interrupted(f"interrupted in epoch {epoch + 1} of {config.epochs}; {hint}") from None
     finally:
         if mf is not None:
             mf.close()
@@ -419,6 +594,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         parameters=params,
         train_scans=int(len(indices)),
         epochs=config.epochs,
+        start_epoch=start_epoch,
         steps=step,
         epoch_losses=losses,
         seconds=seconds,
@@ -427,6 +603,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         processes=env.world_size,
         schedule=schedule,
         divergences=monitor.events,
+        teacher_weights_sha256=cache.fingerprint.get("weights_sha256"),
+        schedule_note=schedule_note,
     )
     return broadcast_object(summary, env)
 

@@ -75,6 +75,9 @@ def show(
         typer.echo("no camera pictures (dataroot or images not available here; see --dataroot, -v for details)")
     for p in paths:
         typer.echo(str(p))
+    if c.has_teacher and c.fingerprint.get("weights_sha256") == "random":
+        typer.echo("WARNING: the cache's teacher was randomly initialised (no CLIP weights): its pseudo-labels "
+                   "in these pictures are meaningless.")
 
 
 @_guard
@@ -108,7 +111,7 @@ def query(
     index: int = typer.Option(0, help="Scan index in --cache."),
     points: Optional[Path] = typer.Option(None, help="Raw lidar file instead of a cache: nuScenes *.pcd.bin or KITTI *.bin."),
     points_format: str = typer.Option("auto", help="Format of --points: auto, nuscenes or kitti."),
-    labels: bool = typer.Option(False, "--labels", help="Also write the argmax-over-queries segmentation picture."),
+    labels: bool = typer.Option(False, "--labels/--no-labels", help="Also write the argmax-over-queries segmentation picture."),
     out: Path = typer.Option(Path("query"), help="Output folder for the PNGs and query.json."),
     top_k: int = typer.Option(20, help="Best points per query listed in query.json."),
     clip_weights: Optional[str] = typer.Option(None, help="The teacher's CLIP weights here, when not where the checkpoint says (sha256 is checked)."),
@@ -116,7 +119,12 @@ def query(
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
     """Open-vocabulary query: score every point against free text with the student (heat maps)."""
+    from clip2scene.errors import ConfigError
     from clip2scene.viz.query import query_scan
+
+    if texts[0].lower() in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+        raise ConfigError(f"query text {texts[0]!r} looks like a value for --labels, which is a flag: write "
+                          "--labels or --no-labels alone (to query that word, put another text first)")
 
     r = query_scan(checkpoint, list(texts), cache=cache, index=index if cache is not None else None,
                    points_file=points, labels=labels, out_dir=out, device=device, top_k=top_k,

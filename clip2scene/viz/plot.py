@@ -62,7 +62,7 @@ def load_metrics(path: str | Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {no} is not valid JSON ({e.msg})") from None
+            raise DataError(f"{path}: line {no} is not valid JSON ({e.msg.rstrip(': ')}: line {e.lineno} column {e.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {no} is not a JSON object")
         rows.append(row)
@@ -277,7 +277,7 @@ def confusion_from_eval(eval_json: str | Path, out: str | Path | None = None, dp
     except FileNotFoundError:
         raise ConfigError(f"no such file: {path}") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg})") from None
+        raise DataError(f"{path}: not valid JSON ({e.msg.rstrip(': ')}: line {e.lineno} column {e.colno})") from None
     if not isinstance(r, dict) or "confusion_matrix" not in r or "class_names" not in r:
         raise ConfigError(f"{path}: no confusion_matrix / class_names (not a `clip2scene evaluate` result)")
     split = r.get("split") or path.stem

@@ -104,7 +104,10 @@ def _colourings(cache: Cache, scan: ScanData, key: np.ndarray, student: Student 
         covered = np.zeros(n, bool)
         labels[scan.pair_point] = teacher_labels(scan.pair_logits, cache.prompt_to_eval)
         covered[scan.pair_point] = True
-        out.append(Colouring("teacher", "teacher: MaskCLIP pseudo-labels", labels[key], covered[key]))
+        title = "teacher: MaskCLIP pseudo-labels"
+        if cache.fingerprint.get("weights_sha256") == "random":
+            title += " - randomly initialised teacher, meaningless"
+        out.append(Colouring("teacher", title, labels[key], covered[key]))
     if student is not None:
         pred = student.predict(scan.xyz, scan.feat, cache.prompt_to_eval)
         out.append(Colouring("student", f"{student.describe()} prediction", pred[key], np.ones(len(key), bool)))
@@ -280,6 +283,8 @@ def render_scan(cache: Cache | str | Path, index: int, out_dir: str | Path, chec
                           "nothing to colour the points by (give --checkpoint)")
     dataset = str((cache.meta.get("dataset") or {}).get("name", ""))
     header = f"{dataset} scan {index}: {scan.scene} ({scan.split}), token {scan.token}"
+    if cache.has_teacher and cache.fingerprint.get("weights_sha256") == "random":
+        header += " - teacher randomly initialised (no CLIP weights)"
     stem = f"scan{int(index):04d}"
     paths: list[Path] = []
 

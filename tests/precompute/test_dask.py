@@ -16,6 +16,7 @@ def _files(path):
     return {k: v for k, v in json.loads((path / "manifest.json").read_text())["sha256"].items() if k != "zarr.json"}
 
 
+@pytest.mark.slow
 def test_dask_cluster_precompute_equals_single_process(tmp_path):
     distributed = pytest.importorskip("distributed")
     from clip2scene.precompute.synthetic import SampleConfig, make_sample

@@ -145,7 +145,7 @@ def test_bad_input_leaves_no_complete_cache(sample, tmp_path):
     assert kf.sample_token not in open_cache(skip).token.tolist()
     with pytest.raises(CacheError, match="already exists"):
         run_precompute(PrecomputeConfig(dataroot=root, out=skip, version="v1.0-mini", teacher=TINY), progress=False)
-    with pytest.raises(ConfigError, match="unknown dataset 'kitti'"):
+    with pytest.raises(ConfigError, match="--dataset 'kitti': unknown dataset"):
         run_precompute(PrecomputeConfig(dataroot=root, out=tmp_path / "x", dataset="kitti", teacher=TINY))
     with pytest.raises(ConfigError, match="unknown class set 'coco'"):
         run_precompute(PrecomputeConfig(dataroot=root, out=tmp_path / "x", class_set="coco", teacher=TINY))

@@ -74,6 +74,7 @@ def test_format_is_pinned(tmp_path):
             assert tuple(codec["configuration"]["chunk_shape"]) == (min(chunk, rows),) + trailing, name
             assert [c["name"] for c in codec["configuration"]["codecs"]] == ["bytes", "zstd"], name
             assert codec["configuration"]["codecs"][1]["configuration"]["level"] == 3
+            assert codec["configuration"]["codecs"][1]["configuration"]["checksum"] is True  # corrupt chunks fail
             assert [c["name"] for c in codec["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
     for name, dtype in [("scans/block", "int32"), ("scans/point_start", "int64"), ("scans/point_count", "int64"),
                         ("scans/pair_start", "int64"), ("scans/pair_count", "int64"),

@@ -28,6 +28,7 @@ def s3(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow
 def test_precompute_train_evaluate_on_s3(s3, tmp_path):
     from clip2scene.precompute.synthetic import SampleConfig, make_sample
 

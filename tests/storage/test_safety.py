@@ -54,6 +54,7 @@ def _cli(sample, out):
             "--image-size", "64x112", "--block-size", "1"]
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_gives_the_same_cache(sample, reference, tmp_path):
     out = tmp_path / "c.zarr"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -89,6 +90,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_same_cache(sample, refer
     assert verify(str(out)) == []
 
 
+@pytest.mark.slow
 def test_verify_finds_every_flipped_byte(reference, tmp_path):
     import shutil
 
@@ -112,6 +114,7 @@ def test_verify_finds_every_flipped_byte(reference, tmp_path):
     assert verify(str(path)) == [f"missing: {files[0]}"]
 
 
+@pytest.mark.slow
 def test_merge_caches_of_different_scenes(sample, reference, tmp_path):
     parts = []
     for split in ("train", "val"):

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from clip2scene.train.ablate import ablation_rows, run_ablation
 from clip2scene.train.trainer import TrainConfig
 from tests.train.test_trainer import TINY, write_cache
@@ -15,6 +17,7 @@ def test_rows_follow_cached_sweeps():
     assert kl.changes["scr_weight"] == 0 and kl.changes["kl_weight"] == 1
 
 
+@pytest.mark.slow
 def test_run_ablation_writes_one_table(tmp_path):
     cache = write_cache(tmp_path / "c.zarr")
     base = TrainConfig(cache=str(cache), out=str(tmp_path / "base"), epochs=2, batch_size=2, lr=0.05, model=TINY,

@@ -182,6 +182,7 @@ def test_s3_point_draws_are_keyed_per_scan(cache4):
     assert torch.equal(together[~labelled], target[~labelled])
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_emulated_ranks(cache4, tmp_path):
     """`torchrun --nproc-per-node 2` (gloo, CPU) against one process that emulates the two ranks.
 

@@ -101,6 +101,7 @@ def run(cache, out, **changes):
     return evaluate(EvalConfig(checkpoint=ckpt, cache=str(cache), split="train"), progress=False)
 
 
+@pytest.mark.slow
 def test_training_denoises_noisy_pseudo_labels(noisy, tmp_path):
     cache, noisy_miou = noisy
     scr = run(cache, tmp_path / "scr", ssr_weight=0.0, self_training="off")

@@ -36,9 +36,9 @@ def test_label_subset_is_every_nth_scan():
     np.testing.assert_array_equal(label_subset(idx, 0.01), [10, 110, 210])  # SLidR: every 100th
     np.testing.assert_array_equal(label_subset(idx, 1.0), idx)
     np.testing.assert_array_equal(label_subset(idx, 0.1), idx[::10])
-    for bad in (0.0, -0.5, 1.5):
+    for bad in (0.0, -0.5, 1.5, float("nan")):  # the config refuses them before any work
         with pytest.raises(ConfigError, match="label-fraction"):
-            label_subset(idx, bad)
+            FinetuneConfig(cache="c.zarr", out="ft", label_fraction=bad)
 
 
 def test_lovasz_equals_jaccard_loss_on_hard_predictions():
@@ -60,6 +60,7 @@ def test_lovasz_equals_jaccard_loss_on_hard_predictions():
     lovasz_softmax(p, labels[:50]).backward()  # differentiable
 
 
+@pytest.mark.slow
 def test_finetune_random_and_pretrained_and_linear_probe(cache, pretrained, tmp_path):
     # reference_batch=2: the recipe's lr at this toy batch (not scaled down by 2/8)
     base = dict(cache=str(cache), epochs=8, batch_size=2, reference_batch=2, eval_split="val", model=TINY)

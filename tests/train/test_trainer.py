@@ -26,9 +26,8 @@ def teacher_meta(sha="random"):
                 sweeps=1, cameras=["CAM_FRONT"], point_features=["intensity"], voxel_size=0.1)
 
 
-def make_scan(rng, i, split):
+def make_scan(rng, i, split, n=3000):
     """Three classes in three x-bands; intensity tells them apart; logits = one-hot true labels."""
-    n = 3000
     xyz = rng.uniform([0, 0, 0], [9, 6, 2], size=(n, 3)).astype(np.float32)
     cls = np.minimum((xyz[:, 0] // 3).astype(np.int64), 2)
     inten = (cls * 80 + rng.uniform(0, 30, n)).astype(np.float32)
@@ -41,12 +40,12 @@ def make_scan(rng, i, split):
                       pair_features=np.zeros((len(vis), D), np.float16))
 
 
-def write_cache(path, sha="random", splits=("train", "train", "train", "val")):
+def write_cache(path, sha="random", splits=("train", "train", "train", "val"), n=3000):
     rng = np.random.default_rng(0)
     text = np.linalg.qr(rng.normal(size=(D, D)))[0][:C].astype(np.float32)
     with CacheWriter(path, teacher_meta(sha), C, D, has_labels=True) as w:
         for i, s in enumerate(splits):
-            w.append(make_scan(rng, i, s))
+            w.append(make_scan(rng, i, s, n))
         w.set_text_embeddings(text)
     return path
 
@@ -109,6 +108,7 @@ def test_loader_workers_are_spawned_and_read_the_cache(cache, tmp_path):
     assert a["epoch_losses"] == pytest.approx(b["epoch_losses"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_persistent_workers_give_the_same_run(cache, tmp_path):
     """Two spawned, persistent, prefetching loader workers: the same weights as loading in-process
     (augmentation follows the epoch through the sampler, not the workers' dataset copies)."""
