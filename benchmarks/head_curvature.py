@@ -92,7 +92,7 @@ def main() -> None:
                   "backbone gives them (before issue 18), 'l2' on unit-norm features (the default now)"]
     raw2 = next(r for r in rows if r[0] == "raw" and r[1] == 2.0)
     l22 = next(r for r in rows if r[0] == "l2" and r[1] == 2.0)
-    publish(TITLE, lines, f"**RATIO max CE at head lr 2: raw {raw2[3]:,.0f} vs l2 {l22[3]:.2f}**",
+    publish(TITLE, lines, f"RATIO max CE at head lr 2: raw {raw2[3]:,.0f} vs l2 {l22[3]:.2f}",
             report=not args.no_report)
 
 

@@ -209,7 +209,7 @@ def main() -> None:
         for name, r in reversed(list(results.items())):
             miou = "n/a" if r["miou"] is None else f"{100 * r['miou']:.1f}"
             ratio.insert(0, f"{name} max/first {spike(r['epoch_losses']):.2f} mIoU {miou}")
-        publish(TITLE, lines, "**RATIO " + "; ".join(ratio) + "**", report=not args.no_report, device=args.device)
+        publish(TITLE, lines, "RATIO " + "; ".join(ratio), report=not args.no_report, device=args.device)
     finally:
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
