@@ -191,12 +191,38 @@ def _make_sample(out: Path, format: str, scenes: int, keyframes: int, sweeps: in
 
 
 # ---------------------------------------------------------------------------------- precompute
+def _parse_window(option: str, value: Optional[str]) -> Optional[tuple[int, int]]:
+    """--window / --stride: N (square) or HxW pixels; None stays None."""
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        _fail(f"{option} {value!r}: expected a positive size in pixels, N or HxW (e.g. 448 or 448x896)")
+    return parts[0], parts[1]
+
+
 def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smoothing: bool = False,
-                    prompt_denoising: bool = False, denoise_threshold: float = 0.5):
+                    prompt_denoising: bool = False, denoise_threshold: float = 0.5, teacher: str = "maskclip",
+                    window: Optional[str] = None, stride: Optional[str] = None, pamr: bool = False):
     from clip2scene.precompute.maskclip import TeacherConfig
 
+    win, step = _parse_window("--window", window), _parse_window("--stride", stride)
     return _run(TeacherConfig, model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
-                key_smoothing=key_smoothing, prompt_denoising=prompt_denoising, denoise_threshold=denoise_threshold)
+                key_smoothing=key_smoothing, prompt_denoising=prompt_denoising, denoise_threshold=denoise_threshold,
+                teacher=teacher, window=win, stride=step, pamr=pamr)
+
+
+def _window_text(fp: dict) -> str:
+    """' window HxW stride HxW' of a teacher fingerprint ('' without windows), plus ' +PAMR'."""
+    out = ""
+    if fp.get("window"):
+        out += f" window {'x'.join(map(str, fp['window']))} stride {'x'.join(map(str, fp['stride']))}"
+    return out + (" +PAMR" if fp.get("pamr") else "")
 
 
 def _print_precompute(meta: dict) -> None:
@@ -209,7 +235,8 @@ def _print_precompute(meta: dict) -> None:
         if not meta.get("already_complete"):
             typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
         return
-    typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']} "
+    typer.echo(f"  teacher {t.get('teacher', 'maskclip')} on {t['model']} weights={t['weights']} "
+               f"sha256={t['weights_sha256'][:16]} image {t['image_size']}{_window_text(t)} "
                f"computed in {meta.get('teacher_precision') or 'float32'}")
     if meta.get("already_complete"):
         pass
@@ -234,9 +261,13 @@ def precompute(
     split: Optional[str] = typer.Option(None, help="Only this split (train/val); default all."),
     sweeps: int = typer.Option(3, help="Lidar frames per scan: keyframe + K-1 previous sweeps (1..10)."),
     class_set: Optional[str] = typer.Option(None, help="Prompt class set: nuscenes, semantickitti, cityscapes, scannet, all (default: the dataset's)."),
-    clip_model: str = typer.Option("ViT-B-16", help="open_clip model name, or none: cache points and labels only (no teacher)."),
+    teacher: str = typer.Option("maskclip", help="Dense-CLIP method: maskclip (the paper's), sclip, clearclip, naclip (docs: Choosing a teacher)."),
+    clip_model: str = typer.Option("ViT-B-16", help="open_clip ViT backbone (ViT-B-16, ViT-L-14, ViT-B-16-quickgelu, ...), or none: cache points and labels only (no teacher)."),
     clip_weights: str = typer.Option("openai", help="open_clip tag, checkpoint file, local-dir:DIR, or none (random)."),
-    image_size: Optional[str] = typer.Option(None, help="Teacher input size HxW (default per dataset: nuscenes 224x416, semantickitti 128x416, scannet 240x320)."),
+    image_size: Optional[str] = typer.Option(None, help="Teacher input size HxW (default per dataset: nuscenes 224x416, semantickitti 128x416, scannet 240x320; with --window the full camera resolution, nuscenes 896x1600, semantickitti 384x1248, scannet 480x640; rounded to the patch size)."),
+    window: Optional[str] = typer.Option(None, help="Sliding-window inference: window N or HxW pixels of the teacher input (e.g. 448), logits averaged on overlaps; default: the whole image at once."),
+    stride: Optional[str] = typer.Option(None, help="Sliding-window stride N or HxW pixels (default half the window, in whole patches)."),
+    pamr: bool = typer.Option(False, help="PAMR refinement of the class scores on the teacher-input pixels (NACLIP's post-processing)."),
     key_smoothing: bool = typer.Option(False, help="MaskCLIP key smoothing of the class scores."),
     prompt_denoising: bool = typer.Option(False, help="MaskCLIP prompt denoising (drop classes absent from an image)."),
     denoise_threshold: float = typer.Option(0.5, help="Prompt-denoising threshold on a class's max probability."),
@@ -252,14 +283,16 @@ def precompute(
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
     """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
-    from clip2scene.precompute.pipeline import DATASETS, DEFAULT_IMAGE_SIZE, PrecomputeConfig, run_precompute
+    from clip2scene.precompute.pipeline import DATASETS, PrecomputeConfig, default_image_size, run_precompute
 
     # every option is validated by PrecomputeConfig / TeacherConfig (one line, exit 2)
-    size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE.get(dataset, DEFAULT_IMAGE_SIZE["nuscenes"])))
-    teacher = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
-                                                                prompt_denoising, denoise_threshold)
+    known = dataset if dataset in DATASETS else "nuscenes"
+    size = image_size or "x".join(map(str, default_image_size(known, clip_model, windowed=window is not None)))
+    teacher_cfg = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
+                                                                    prompt_denoising, denoise_threshold, teacher,
+                                                                    window, stride, pamr)
     cfg = _run(PrecomputeConfig, dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
-               sweeps=sweeps, class_set=class_set or (dataset if dataset in DATASETS else "nuscenes"), teacher=teacher,
+               sweeps=sweeps, class_set=class_set or known, teacher=teacher_cfg,
                device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
                block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
                feature_dtype=feature_dtype, teacher_precision=teacher_precision)
@@ -440,6 +473,31 @@ def ablate(
                              caches, eval_split)
     typer.echo(format_table(results))
     typer.echo(f"table: {out / 'ablation.md'}")
+
+
+@app.command("compare-teachers")
+@_with_training_options
+def compare_teachers(
+    cache: list[str] = typer.Option(..., help="NAME=PATH: a cache of the same scans precomputed with one teacher (repeatable)."),
+    out: Path = typer.Option(Path("runs/teachers"), help="Folder for one run per teacher plus teachers.md/json."),
+    eval_split: str = typer.Option("val", help="Split to evaluate each student on."),
+    **options,
+) -> None:
+    """Train the same student on each teacher's cache; one table of teacher and student mIoU."""
+    from clip2scene.train.ablate import format_teacher_table, run_teacher_comparison
+
+    caches = {}
+    for item in cache:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            _fail(f"--cache {item!r}: expected NAME=PATH")
+        if name in caches:
+            _fail(f"--cache {item!r}: row name {name!r} given twice")
+        caches[name] = path
+    first = next(iter(caches.values()))
+    results = _run(run_teacher_comparison, _train_config(first, out / "base", **options), caches, out, eval_split)
+    typer.echo(format_teacher_table(results))
+    typer.echo(f"table: {out / 'teachers.md'}")
 
 
 # ---------------------------------------------------------------------------------- evaluate
@@ -657,7 +715,8 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     if t is None:
         typer.echo("  teacher: none (labels-only cache)")
     else:
-        typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
+        typer.echo(f"  teacher {t.get('teacher', 'maskclip')} on {t['model']} weights={t['weights']} "
+                   f"sha256={t['weights_sha256']}{_window_text(t)}")
         typer.echo(f"          image {t['image_size']}, dim {t['embed_dim']}, templates {t['templates_sha256'][:12]}")
         if t["weights_sha256"] == "random":
             typer.echo(f"  WARNING: {RANDOM_TEACHER}")
@@ -673,6 +732,16 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     typer.echo(f"  skipped samples: {len(info['skipped'])}")
     for sk in info["skipped"]:
         typer.echo(f"    {sk['token']} ({sk['scene']}): {sk['reason']}")
+
+
+def _duration(seconds: float) -> str:
+    """'42 s', '3 min 5 s', '2 h 10 min'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{max(s, 1)} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def _print_partial(p: dict) -> None:
@@ -708,7 +777,11 @@ def cache_verify(path: str = typer.Argument(..., help="Cache folder or URL."),
 
     from clip2scene.storage.tools import verify
 
-    problems = _run(verify, path, _storage(storage_option), lambda it: tqdm(it, desc="verify", unit="file"))
+    def estimate(files: int, seconds: float) -> None:
+        typer.echo(f"verify: {files} files, about {_duration(seconds)} (timed on a sample of them)", err=True)
+
+    problems = _run(verify, path, _storage(storage_option), lambda it: tqdm(it, desc="verify", unit="file"),
+                    estimate)
     for p in problems:
         typer.echo(p)
     if problems:
@@ -723,9 +796,11 @@ def cache_merge(caches: list[str] = typer.Argument(..., help="Two or more caches
                 overwrite: bool = typer.Option(False, help="Replace an existing cache at --out."),
                 storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP)) -> None:
     """Combine caches built on different scans with the same teacher, without recomputing."""
+    from tqdm.auto import tqdm
+
     from clip2scene.storage.tools import merge
 
-    meta = _run(merge, caches, out, _storage(storage_option), overwrite)
+    meta = _run(merge, caches, out, _storage(storage_option), overwrite, lambda it: tqdm(it, desc="merge", unit="block"))
     typer.echo(f"merged {len(caches)} caches into {out}: {meta['num_scans']} scans, {meta['num_points']} points")
 
 

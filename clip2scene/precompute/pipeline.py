@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import numbers
@@ -54,6 +55,24 @@ DATASETS = ("nuscenes", "semantickitti", "scannet")
 # Teacher input (H, W) per dataset: multiples of 16 close to the cameras' aspect ratios
 # (nuScenes 1600x900, KITTI image_2 1241x376, ScanNet 25k colour 640x480).
 DEFAULT_IMAGE_SIZE = {"nuscenes": (224, 416), "semantickitti": (128, 416), "scannet": (240, 320)}
+# Full camera resolution, the input that sliding windows tile (nuScenes 900x1600, KITTI ~376x1241,
+# ScanNet 480x640); `default_image_size` rounds it to the backbone's patch size.
+FULL_IMAGE_SIZE = {"nuscenes": (900, 1600), "semantickitti": (376, 1241), "scannet": (480, 640)}
+
+
+def default_image_size(dataset: str, clip_model: str, windowed: bool = False) -> tuple[int, int]:
+    """Teacher input (H, W) when none is given: `DEFAULT_IMAGE_SIZE`, or `FULL_IMAGE_SIZE` for
+    sliding windows, each side rounded to the nearest multiple of the backbone's patch size (16
+    when the model name is unknown here; load_teacher reports that)."""
+    from clip2scene.precompute.maskclip import _model_config
+
+    h, w = (FULL_IMAGE_SIZE if windowed else DEFAULT_IMAGE_SIZE)[dataset]
+    try:
+        patch = _model_config(clip_model.replace("/", "-")).get("vision_cfg", {}).get("patch_size") or 16
+    except (ValueError, ImportError):
+        patch = 16
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    return max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
 
 
 @dataclass(frozen=True)
@@ -368,7 +387,7 @@ def _teacher(config: PrecomputeConfig, class_names: tuple[str, ...], device: tor
         try:
             teacher = load_teacher(config.teacher, class_names, device=device)
         except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower
-            raise ConfigError(f"teacher --clip-model {config.teacher.model!r} --image-size "
+            raise ConfigError(f"teacher {config.teacher.teacher} --clip-model {config.teacher.model!r} --image-size "
                               f"{config.teacher.image_size[0]}x{config.teacher.image_size[1]}: {e}") from None
         try:
             return teacher.set_precision(precision)
@@ -378,22 +397,39 @@ def _teacher(config: PrecomputeConfig, class_names: tuple[str, ...], device: tor
     return _cached(("teacher", config.teacher, tuple(class_names), str(device), precision), make)
 
 
+def block_payload(ds: Dataset, scans: list[ScanRef]) -> tuple[Dataset, list[ScanRef]]:
+    """What a Dask task needs to process `scans`: the reader cut down to the records they use
+    (`ds.subset`, e.g. nuScenes: a few hundred table records instead of millions) and the scans
+    pointing at it. Readers without `subset` are small and are sent whole."""
+    subset = getattr(ds, "subset", None)
+    return subset(scans) if subset is not None else (ds, scans)
+
+
 def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layout: Layout,
-              threads: int | None = None, run_id: str = "") -> dict:
+              threads: int | None = None, run_id: str = "",
+              payload: tuple[Dataset, list[ScanRef]] | None = None) -> dict:
     """Process scans [start, stop) of the configured dataset as block `index` and write it.
 
-    Runs in the coordinator or in a Dask worker (everything it needs is in its arguments; the
-    reader and teacher are built once per process). A bad sample raises DataError naming it, or
-    with on_error="skip" is left out and listed in the block summary. Returns the summary.
+    Runs in the coordinator or in a Dask worker. `payload` = (reader, the block's scans) from
+    `block_payload`: the coordinator read the tables once and sends each task only the records
+    it needs; without it (a direct call) the reader is opened here, once per process. The
+    teacher is built once per process. A bad sample raises DataError naming it, or with
+    on_error="skip" is left out and listed in the block summary. Returns the summary.
     """
     tune_malloc()  # Dask workers are fresh processes
     if threads:
         torch.set_num_threads(threads)
-    ds, scans = _dataset_and_scans(config, run_id)
+    if payload is None:
+        ds, scans = _dataset_and_scans(config, run_id)
+        scans = scans[start:stop]
+    else:
+        ds, scans = payload
+        if len(scans) != stop - start:
+            raise ValueError(f"block {index}: payload has {len(scans)} scans for [{start}, {stop})")
     device = _worker_device(config)
     teacher = _teacher(config, get_class_set(config.class_set), device)
     records, skipped, images = [], [], 0
-    for scan in scans[start:stop]:
+    for scan in scans:
         try:
             records.append(process_scan(ds, scan, teacher, device, config.view_batch))
             images += len(ds.views(scan)) if teacher is not None else 0
@@ -427,12 +463,14 @@ def _run_blocks(config: PrecomputeConfig, todo: list[tuple[int, int, int]], layo
                               "every worker must see the same CLIP weights")
         writer.record_block(summary)
 
-    bar = tqdm(total=len(todo), desc="precompute", unit="block", disable=not progress)
+    ds, scans = _dataset_and_scans(config, run_id)
+    bar = tqdm(total=sum(stop - start for _, start, stop in todo), desc="precompute", unit="scan",
+               disable=not progress, smoothing=0.05)
     if not (config.workers or config.scheduler):
         with bar:  # closed (line ended) before any error is reported
             for index, start, stop in todo:
-                record(run_block(config, index, start, stop, layout, None, run_id))
-                bar.update()
+                record(run_block(config, index, start, stop, layout, None, run_id, (ds, scans[start:stop])))
+                bar.update(stop - start)
         return
     from distributed import Client, LocalCluster, as_completed
 
@@ -448,11 +486,26 @@ def _run_blocks(config: PrecomputeConfig, todo: list[tuple[int, int, int]], layo
         client = Client(cluster)
     try:
         threads = 1 if not config.scheduler else None
-        futures = [client.submit(run_block, config, index, start, stop, layout, threads, run_id,
-                                 key=f"block-{run_id}-{index}", pure=False) for index, start, stop in todo]
-        for fut in as_completed(futures):
-            record(fut.result())  # a worker's DataError is re-raised here
-            bar.update()
+        # Tasks are submitted a few per worker at a time, each carrying only its block's records
+        # (block_payload): the coordinator's memory for payloads stays bounded whatever the
+        # number of blocks, and no worker ever opens the dataset tables.
+        in_flight = 2 * max(len(client.scheduler_info().get("workers", {})), config.workers, 1)
+        pending = iter(todo)
+
+        def submit(block):
+            index, start, stop = block
+            return client.submit(run_block, config, index, start, stop, layout, threads, run_id,
+                                 block_payload(ds, scans[start:stop]), key=f"block-{run_id}-{index}", pure=False)
+
+        ac = as_completed([submit(b) for b in itertools.islice(pending, in_flight)])
+        for fut in ac:
+            summary = fut.result()  # a worker's DataError is re-raised here
+            fut.release()
+            record(summary)
+            bar.update(sum(1 for _ in summary["scans"]) + len(summary.get("skipped", [])))
+            nxt = next(pending, None)
+            if nxt is not None:
+                ac.add(submit(nxt))
     finally:
         bar.close()
         client.close()
@@ -563,7 +616,8 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     result = dict(writer.meta)
     result["seconds"] = seconds
     result["resumed_blocks"] = len(blocks) - len(todo)
-    images = sum(b.get("images", 0) for i, b in writer.done_blocks().items() if i in {t[0] for t in todo})
+    ran = {t[0] for t in todo}
+    images = sum(b.get("images", 0) for i, b in writer.done_blocks().items() if i in ran)
     result["images_per_second"] = images / max(seconds, 1e-9)  # images this run computed
     log.info("precompute done: %d scans in %.1fs", len(scans), seconds)
     return result

@@ -344,12 +344,10 @@ class CacheWriter:
         pts = np.array([s["points"] for _, s in scans], np.int64)
         prs = np.array([s["pairs"] for _, s in scans], np.int64)
         starts = {}
+        first = np.flatnonzero(np.r_[True, block_idx[1:] != block_idx[:-1]])  # scans come block by block
         for name, counts in (("point", pts), ("pair", prs)):
-            start = np.zeros(len(scans), np.int64)
-            for b in np.unique(block_idx):
-                rows = np.flatnonzero(block_idx == b)
-                start[rows] = np.concatenate([[0], np.cumsum(counts[rows])[:-1]])
-            starts[name] = start
+            before = np.cumsum(counts) - counts  # rows before each scan, over the whole cache
+            starts[name] = before - np.repeat(before[first], np.diff(np.r_[first, len(counts)]))  # within its block
         self._write_table(group, "scans/block", block_idx, "int32")
         self._write_table(group, "scans/point_start", starts["point"], "int64")
         self._write_table(group, "scans/point_count", pts, "int64")
