@@ -345,6 +345,29 @@ def _train_config(cache, out, *, arch="spvcnn", channels=None, given: Optional[s
     return config
 
 
+_RECIPE_SOURCE = {"train": "method.md section 5: pre-training batch 4",
+                  "finetune": "method.md section 5: released nuScenes fine-tuning config, batch 8"}
+
+
+def _print_schedule(cfg, kind: str) -> None:
+    """The learning-rate set-up a run will use (also in its config.json under "schedule")."""
+    from clip2scene.train.stability import WARMUP_MAX_STEPS, lr_scale
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    scale = _run(lr_scale, cfg.batch_size, cfg.reference_batch, cfg.lr_scaling)
+    src = _RECIPE_SOURCE[kind] if cfg.reference_batch == (4 if kind == "train" else 8) else "--reference-batch"
+    head = f", head x{cfg.head_lr_mult:g} = {cfg.lr * scale * cfg.head_lr_mult:g}" if hasattr(cfg, "head_lr_mult") else ""
+    warm = (f"auto (half the first epoch, <= {WARMUP_MAX_STEPS} steps)" if cfg.warmup_steps is None
+            else f"{cfg.warmup_steps} steps" if cfg.warmup_steps else "off")
+    typer.echo(f"lr {cfg.lr:g} at reference batch {cfg.reference_batch} ({src}); batch {cfg.batch_size}: "
+               f"x{scale:.4g} ({cfg.lr_scaling}) = {cfg.lr * scale:g}{head}")
+    typer.echo(f"  warm-up {warm}, then cosine; gradient clipping "
+               f"{f'at L2 norm {cfg.clip_grad_norm:g}' if cfg.clip_grad_norm else 'off'} (norm logged every step); "
+               f"divergence = loss > {cfg.divergence_factor:g}x the median of the last {cfg.divergence_window} steps "
+               f"-> {'stop' if cfg.stop_on_divergence else 'warn'}")
+
+
 def _print_train(s: dict) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for all
         return
@@ -359,10 +382,20 @@ def _print_train(s: dict) -> None:
     if s.get("schedule_note"):
         typer.echo(f"  note: {s['schedule_note']}")
     typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in s["epoch_losses"]))
+    if s.get("divergences"):
+        typer.echo(f"  WARNING: {s['divergences']} step(s) with a loss above the divergence threshold (see metrics.jsonl)")
     typer.echo(f"  checkpoint: {s['checkpoint']}")
     if s.get("teacher_weights_sha256") == "random":
         typer.echo("  WARNING: distilled from a randomly initialised teacher (no CLIP weights): the student "
                    "learned meaningless pseudo-labels.")
+
+
+_WARMUP_HELP = "Linear warm-up steps before the cosine (default: half the first epoch, at most 300; 0 = off)."
+_CLIP_HELP = "Clip the total gradient L2 norm to this (default off; the norm is logged in metrics.jsonl every step)."
+_SCALING_HELP = "How learning rates follow --batch-size / --reference-batch: linear, sqrt or none."
+_DIV_FACTOR_HELP = "A step's loss above this x the running median is reported as a divergence."
+_DIV_WINDOW_HELP = "Steps in the running median of the divergence check."
+_STOP_HELP = "Stop (exit 2) at the first divergence, keeping the last good epoch's checkpoint."
 
 
 def _training_options(
@@ -390,6 +423,13 @@ def _training_options(
     precise_bn_batches: int = typer.Option(16, help="Re-estimate BatchNorm statistics on N batches at the end (0 = off)."),
     keep_checkpoints: bool = typer.Option(False, help="Also keep checkpoint_epochK.pt of every epoch (resume points)."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
+    warmup_steps: Optional[int] = typer.Option(None, help=_WARMUP_HELP),
+    clip_grad_norm: Optional[float] = typer.Option(None, help=_CLIP_HELP),
+    lr_scaling: str = typer.Option("linear", help=_SCALING_HELP),
+    reference_batch: int = typer.Option(4, help="The recipe's global batch that --lr is given for (method.md section 5: pre-training batch 4)."),
+    divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
+    divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
+    stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
 ):
     """Typer options shared by train and ablate (collected by _with_training_options)."""
 
@@ -422,6 +462,7 @@ def train(
     from clip2scene.train.trainer import train as run_train
 
     config = _train_config(cache, out, resume=resume, overwrite=overwrite, given=_given(ctx), **options)
+    _print_schedule(config, "train")
     _print_train(_interruptible(run_train, config))
 
 
@@ -544,6 +585,9 @@ def _print_finetune(r: dict) -> None:
     typer.echo(f"run: {r['run']}  ({r['mode']}, init {r['init']}, {r['trainable_parameters'] / 1e6:.2f}M trainable)")
     typer.echo(f"  labelled scans {r['labelled_scans']} of {r['train_scans']} (fraction {r['label_fraction']:g}), "
                f"{r['epochs']} epochs in {r['seconds']:.1f} s")
+    typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in r["epoch_losses"]))
+    if r.get("divergences"):
+        typer.echo(f"  WARNING: {r['divergences']} step(s) with a loss above the divergence threshold (see metrics.jsonl)")
     if "miou" in r:
         typer.echo(f"  {r['eval_split']}: mIoU {_fmt(r['miou'])} over {r['eval_scans']} scans")
     typer.echo(f"  result: {r['json']}")
@@ -552,7 +596,8 @@ def _print_finetune(r: dict) -> None:
 def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_fraction: float, epochs: int,
                   batch_size: int, lr: float, head_lr_mult: float, lovasz_weight: float, eval_split: str,
                   voxel_size: Optional[float], arch: str, channels: Optional[str], device: str, workers: int, seed: int,
-                  augment: bool, storage_option: Optional[list[str]] = None, overwrite: bool = False) -> None:
+                  augment: bool, storage_option: Optional[list[str]] = None, overwrite: bool = False,
+                  **guard) -> None:
     from clip2scene.train.finetune import FinetuneConfig, finetune
 
     model = _model_config(arch, channels)
@@ -561,7 +606,8 @@ def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_frac
                          head_lr_mult=head_lr_mult, lovasz_weight=lovasz_weight,
                          eval_split=None if eval_split == "none" else eval_split, voxel_size=voxel_size,
                          device=device, workers=workers, seed=seed, augment=augment, model=model,
-                         storage_options=_storage(storage_option), overwrite=overwrite)
+                         storage_options=_storage(storage_option), overwrite=overwrite, **guard)
+    _print_schedule(cfg, "finetune")
     _print_finetune(_interruptible(finetune, cfg))
 
 
@@ -585,13 +631,23 @@ def finetune(
     seed: int = typer.Option(0, help="Random seed."),
     augment: bool = typer.Option(True, help="Random z-rotation and flips."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
+    head_input: str = typer.Option("l2", help="Classifier input: l2 (unit-norm point features; the recipe's head lr is stable on them) or raw."),
+    warmup_steps: Optional[int] = typer.Option(None, help=_WARMUP_HELP),
+    clip_grad_norm: Optional[float] = typer.Option(None, help=_CLIP_HELP),
+    lr_scaling: str = typer.Option("linear", help=_SCALING_HELP),
+    reference_batch: int = typer.Option(8, help="The recipe's batch that --lr is given for (method.md section 5: released fine-tuning config, batch 8)."),
+    divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
+    divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
+    stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
     """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone.
     Ctrl-C exits with code 130 (no resume: start again with --overwrite)."""
     _finetune_cmd("finetune", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
                   lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment, storage_option,
-                  overwrite=overwrite)
+                  overwrite=overwrite, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
+                  lr_scaling=lr_scaling, reference_batch=reference_batch, divergence_factor=divergence_factor,
+                  divergence_window=divergence_window, stop_on_divergence=stop_on_divergence)
 
 
 @app.command("linear-probe")
@@ -610,12 +666,22 @@ def linear_probe(
     workers: int = typer.Option(0, help="DataLoader workers."),
     seed: int = typer.Option(0, help="Random seed."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
+    head_input: str = typer.Option("l2", help="Classifier input: l2 (unit-norm point features; the recipe's head lr is stable on them) or raw."),
+    warmup_steps: Optional[int] = typer.Option(None, help=_WARMUP_HELP),
+    clip_grad_norm: Optional[float] = typer.Option(None, help=_CLIP_HELP),
+    lr_scaling: str = typer.Option("linear", help=_SCALING_HELP),
+    reference_batch: int = typer.Option(8, help="The recipe's batch that --lr is given for (method.md section 5: released fine-tuning config, batch 8)."),
+    divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
+    divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
+    stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
     """Linear probe: frozen pre-trained backbone, a linear classifier trained on labels."""
     _finetune_cmd("linear", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
                   lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True, storage_option,
-                  overwrite=overwrite)
+                  overwrite=overwrite, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
+                  lr_scaling=lr_scaling, reference_batch=reference_batch, divergence_factor=divergence_factor,
+                  divergence_window=divergence_window, stop_on_divergence=stop_on_divergence)
 
 
 @app.command()

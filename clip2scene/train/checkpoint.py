@@ -60,7 +60,7 @@ def load_checkpoint(path: str | Path, check_finite: bool = True) -> dict:
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickle: tensors and plain data only
     except Exception as e:  # torch raises many types for a bad file
         raise ConfigError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
