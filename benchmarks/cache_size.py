@@ -17,6 +17,15 @@ where images/*, points/* and pairs/* are measured per keyframe with one lidar fr
 (the real fixture ships no sweeps); trainval = 34,149 keyframes x bytes/keyframe(K).
 
     .venv/bin/python benchmarks/cache_size.py [--scans 41 --sweeps 1 --project-sweeps 3]
+
+With ``--window 448 --stride 224`` (issue 16) one more float16 cache is built with that
+teacher (``--teacher``, default clearclip) on sliding windows of the ``--window-image`` input
+(default nuScenes' full 896x1600), and its size is set beside the whole-image one, with the
+dense patch-map bytes per image of both grids (D + C float16 values per patch cell), the figure
+a cache that stores dense maps instead of per-point samples would pay.
+
+    .venv/bin/python benchmarks/cache_size.py [--scans 6 --sweeps 3 --feature-dtype int8]
+    .venv/bin/python benchmarks/cache_size.py --window 448 --stride 224 [--window-image 896x1600]
 """
 
 from __future__ import annotations
@@ -65,6 +74,52 @@ def cosine_fidelity(ref, other) -> tuple[float, float, int]:
     return float(c.mean()), float(c.min()), int(len(c))
 
 
+def _hw(text: str) -> tuple[int, int]:
+    parts = [int(v) for v in text.lower().split("x")]
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
+def build_windowed(args, data, tmp: Path) -> dict:
+    """The float16 cache of a sliding-window teacher; its info() plus the teacher's grids."""
+    from dataclasses import replace
+
+    from clip2scene.precompute.maskclip import TeacherConfig
+    from clip2scene.precompute.pipeline import run_precompute
+    from clip2scene.storage import open_cache
+
+    base = C.precompute_config(data, tmp / "windowed.zarr", args.sweeps, args.scans, device=args.device)
+    teacher = TeacherConfig(model=base.teacher.model, weights=base.teacher.weights, image_size=_hw(args.window_image),
+                            teacher=args.teacher, window=_hw(args.window),
+                            stride=_hw(args.stride) if args.stride else None)
+    t0 = time.perf_counter()
+    run_precompute(replace(base, teacher=teacher), progress=False)
+    print(f"[run] windowed {args.teacher} cache built in {time.perf_counter() - t0:.1f}s", flush=True)
+    cache = open_cache(tmp / "windowed.zarr")
+    return dict(info=cache.info(), teacher=teacher, whole=base.teacher, seconds=time.perf_counter() - t0)
+
+
+def windowed_lines(w: dict, whole_info: dict) -> list[str]:
+    """Rows: whole-image vs windowed cache bytes, and dense patch-map bytes per image of each grid."""
+    info, meta = w["info"], w["info"]["meta"]
+    fp = meta["teacher"]
+    d, c = int(fp["embed_dim"]), len(meta["class_names"])
+    patch = fp["patch_size"] if isinstance(fp["patch_size"], list) else [fp["patch_size"]] * 2
+    rows = []
+    for label, inf, cfg in (("whole image (maskclip)", whole_info, w["whole"]), (
+            f"{fp['teacher']} window {'x'.join(map(str, fp['window']))} stride {'x'.join(map(str, fp['stride']))}",
+            info, w["teacher"])):
+        gh, gw = cfg.image_size[0] // patch[0], cfg.image_size[1] // patch[1]
+        s = max(int(inf["meta"]["num_scans"]), 1)
+        rows.append([label, f"{cfg.image_size[0]}x{cfg.image_size[1]}", f"{gh}x{gw}",
+                     f"{inf['bytes_per_visible_point']:.0f}", f"{inf['stored_bytes'] / s / 1e6:.2f}",
+                     f"{gh * gw * (d + c) * 2 / 1e3:.1f}"])
+    return ["", "**sliding-window teacher** (float16 features)", ""] + C.table(
+        ["teacher", "input", "patch grid", "bytes / visible point", "MB / keyframe (stored)",
+         "dense map kB / image (raw, D + C float16 per cell)"], rows) + [
+        "", f"- the per-point cache stores one feature and one logit row per visible point whatever the grid; "
+        f"the windowed cache was built in {w['seconds']:.0f}s"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scans", type=int, default=6, help="keyframes to cache")
@@ -80,6 +135,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--window", default=None, help="also build a sliding-window cache: window HxW (or N)")
+    ap.add_argument("--stride", default=None, help="its stride (default half the window)")
+    ap.add_argument("--window-image", default="896x1600", help="its teacher input HxW")
+    ap.add_argument("--teacher", default="clearclip", help="its teacher variant")
     args = ap.parse_args()
     C.setup_process()
     from clip2scene.storage import open_cache
@@ -112,6 +171,9 @@ def main() -> None:
                                   for a in infos[dt]["arrays"]}
             print(f"[run] {dt} cache built in {time.perf_counter() - t0:.1f}s", flush=True)
         fidelity = cosine_fidelity(caches["float16"], caches[dtypes[1]]) if len(dtypes) > 1 else None
+        windowed = None
+        if args.window:
+            windowed = build_windowed(args, data, tmp)
     finally:
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -182,6 +244,8 @@ def main() -> None:
         f"- {data.note}",
         f"- {C.RANDOM_WEIGHTS_NOTE} (random features may compress differently from real CLIP features)",
     ] + notes
+    if windowed is not None:
+        lines += windowed_lines(windowed, infos["float16"])
     ratio_line = (f"RATIO MB per keyframe (K = {k_built}) = "
                   + ", ".join(f"{infos[d]['stored_bytes'] / max(int(infos[d]['meta']['num_scans']), 1) / 1e6:.2f} ({d})"
                               for d in dtypes)

@@ -18,7 +18,14 @@ teacher's achieved FLOP rate as a fraction of this machine's matmul rate.
 
 Targets printed against: precompute >= 2x the naive loop; teacher >= 50% of the matmul rate.
 
+With ``--teachers`` it measures instead what the dense-CLIP variants and sliding windows cost
+(issue 16): seconds per image of `dense_outputs` (batch --teacher-batch, inference_mode, at
+--teacher-precision) for maskclip, sclip, clearclip and naclip on the whole --image-size input,
+and for each variant with sliding windows (--window/--stride) over the finer --window-image
+input; relative to MaskCLIP on the whole image, with the number of windows and the patch grid.
+
     .venv/bin/python benchmarks/teacher_throughput.py [--scans 3 --repeats 2]
+    .venv/bin/python benchmarks/teacher_throughput.py --teachers [--window-image 896x1600 --window 448 --stride 224]
 """
 
 from __future__ import annotations
@@ -146,6 +153,58 @@ def naive_scan(ds, scan, teacher, out_dir: Path, image_size) -> dict:
     return out
 
 
+def teacher_costs(args) -> None:
+    """--teachers: per-image cost of every variant, whole image and sliding windows (see the docstring)."""
+    from clip2scene.classes import get_class_set
+    from clip2scene.precompute.maskclip import TEACHERS, MaskCLIP, TeacherConfig, load_teacher, resolve_precision
+
+    def size(text):
+        h, w = (int(v) for v in text.lower().split("x"))
+        return h, w
+
+    image, full = size(args.image_size), size(args.window_image)
+    window, stride = size(args.window), size(args.stride)
+    precision = resolve_precision(args.teacher_precision, args.device)
+    classes = get_class_set("nuscenes")
+    rows, base = [], None
+    t0 = time.perf_counter()
+    loaded = load_teacher(TeacherConfig(model=args.clip_model, weights=args.clip_weights, image_size=image), classes,
+                          device=args.device).set_precision(precision)
+    print(f"[setup] {args.clip_model} loaded in {time.perf_counter() - t0:.1f}s", flush=True)
+    for windowed in (False, True):
+        for name in TEACHERS:
+            hw = full if windowed else image
+            # the same image tower and text embeddings, another last block / windowing
+            teacher = MaskCLIP(loaded.visual, loaded.text_embeddings, classes, hw, loaded.fingerprint, teacher=name,
+                               window=window if windowed else None, stride=stride if windowed else None)
+            teacher.precision = loaded.precision
+            secs = forward_seconds(teacher, hw, args.teacher_batch, args.repeats, args.device) / args.teacher_batch
+            grid = (hw[0] // teacher.patch_size[0], hw[1] // teacher.patch_size[1])
+            n_win = len(teacher._windows(grid[0] * teacher.patch_size[0], grid[1] * teacher.patch_size[1]))
+            base = secs if base is None else base
+            rows.append([name, f"{hw[0]}x{hw[1]}", f"{window[0]}x{window[1]} / {stride[0]}x{stride[1]}" if windowed
+                         else "whole image", str(n_win), f"{grid[0]}x{grid[1]}", f"{secs:.3f}", f"{1 / secs:.2f}",
+                         f"{secs / base:.2f}x"])
+            print(f"[run] {name} {'windowed' if windowed else 'whole'}: {secs:.3f} s/image", flush=True)
+            del teacher
+    lines = C.table(["teacher", "input", "window / stride", "windows", "patch grid", "s/image (median)", "images/s",
+                     "vs maskclip whole"], rows)
+    lines += [
+        "",
+        f"- {args.clip_model}, {precision}, batch {args.teacher_batch}, {args.repeats} timed runs (median), "
+        "dense_outputs (features + logits) under inference_mode; cost of decoding, projection and writing not included",
+        "- windows tile the input as SCLIP/ClearCLIP/NACLIP evaluate (mmseg slide inference: last window flush "
+        "with the border); features and logits are averaged on overlaps on the patch grid",
+        f"- {C.RANDOM_WEIGHTS_NOTE}" if args.clip_weights == "none" else f"- teacher weights: {args.clip_weights}",
+    ]
+    windowed_rows = rows[len(TEACHERS):]
+    ratio_line = (f"RATIO windowed ({args.window_image}, window {args.window}/{args.stride}) / whole-image "
+                  f"({args.image_size}) MaskCLIP seconds per image = {windowed_rows[0][-1]}; "
+                  + ", ".join(f"{r[0]} {r[-1]}" for r in rows[1:len(TEACHERS)]) + " whole-image")
+    publish("Teacher variants and sliding windows: cost per image", lines, ratio_line, report=not args.no_report,
+            device=args.device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scans", type=int, default=3, help="N scans (6 images each) per timed run")
@@ -158,8 +217,18 @@ def main() -> None:
     ap.add_argument("--teacher-precision", default="auto", help="precompute path: auto, float32, bfloat16, float16")
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--teachers", action="store_true", help="measure the teacher variants and sliding windows instead")
+    ap.add_argument("--clip-model", default="ViT-B-16", help="--teachers: open_clip backbone")
+    ap.add_argument("--image-size", default="224x416", help="--teachers: whole-image input HxW")
+    ap.add_argument("--window-image", default="448x832", help="--teachers: input HxW that the windows tile")
+    ap.add_argument("--window", default="224x224", help="--teachers: window HxW")
+    ap.add_argument("--stride", default="112x112", help="--teachers: stride HxW")
+    ap.add_argument("--teacher-batch", type=int, default=2, help="--teachers: images per forward")
     args = ap.parse_args()
     C.setup_process()
+    if args.teachers:
+        teacher_costs(args)
+        return
     import torch
 
     from clip2scene.classes import get_class_set

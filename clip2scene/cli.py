@@ -191,12 +191,48 @@ def _make_sample(out: Path, format: str, scenes: int, keyframes: int, sweeps: in
 
 
 # ---------------------------------------------------------------------------------- precompute
+def _parse_window(option: str, value: Optional[str]) -> Optional[tuple[int, int]]:
+    """--window / --stride: N (square) or HxW pixels; None stays None."""
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        _fail(f"{option} {value!r}: expected a positive size in pixels, N or HxW (e.g. 448 or 448x896)")
+    return parts[0], parts[1]
+
+
 def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smoothing: bool = False,
-                    prompt_denoising: bool = False, denoise_threshold: float = 0.5):
+                    prompt_denoising: bool = False, denoise_threshold: float = 0.5, teacher: str = "maskclip",
+                    window: Optional[str] = None, stride: Optional[str] = None, pamr: bool = False):
     from clip2scene.precompute.maskclip import TeacherConfig
 
+    win, step = _parse_window("--window", window), _parse_window("--stride", stride)
     return _run(TeacherConfig, model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
-                key_smoothing=key_smoothing, prompt_denoising=prompt_denoising, denoise_threshold=denoise_threshold)
+                key_smoothing=key_smoothing, prompt_denoising=prompt_denoising, denoise_threshold=denoise_threshold,
+                teacher=teacher, window=win, stride=step, pamr=pamr)
+
+
+def _window_text(fp: dict) -> str:
+    """' window HxW stride HxW' of a teacher fingerprint ('' without windows), plus ' +PAMR'."""
+    out = ""
+    if fp.get("window"):
+        out += f" window {'x'.join(map(str, fp['window']))} stride {'x'.join(map(str, fp['stride']))}"
+    return out + (" +PAMR" if fp.get("pamr") else "")
+
+
+SIMULATED_NOTE = ("SIMULATED teacher: pseudo-labels made from the synthetic sample's own class maps with CLIP-like "
+                  "errors (not CLIP; see docs/simulated-teacher.md)")
+
+
+def _simulated_teacher_config(image_size: str):
+    from clip2scene.precompute.maskclip import TeacherConfig
+
+    return TeacherConfig(model="simulated", weights="none", image_size=_parse_size(image_size), teacher="simulated")
 
 
 def _print_precompute(meta: dict) -> None:
@@ -210,8 +246,13 @@ def _print_precompute(meta: dict) -> None:
         if not meta.get("already_complete"):
             typer.echo(f"  labels only (no teacher), {meta['seconds']:.1f} s")
         return
-    typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256'][:16]} image {t['image_size']} "
-               f"computed in {meta.get('teacher_precision') or 'float32'}")
+    if t.get("model") == "simulated":
+        typer.echo(f"  teacher: {SIMULATED_NOTE}")
+        typer.echo(f"  simulated teacher {t['weights_sha256']} image {t['image_size']}, dim {t['embed_dim']}")
+    else:
+        typer.echo(f"  teacher {t.get('teacher', 'maskclip')} on {t['model']} weights={t['weights']} "
+                   f"sha256={t['weights_sha256'][:16]} image {t['image_size']}{_window_text(t)} "
+                   f"computed in {meta.get('teacher_precision') or 'float32'}")
     if meta.get("already_complete"):
         pass
     elif meta.get("resumed_blocks") and meta.get("resumed_blocks") == meta.get("num_blocks"):
@@ -235,9 +276,13 @@ def precompute(
     split: Optional[str] = typer.Option(None, help="Only this split (train/val); default all."),
     sweeps: int = typer.Option(3, help="Lidar frames per scan: keyframe + K-1 previous sweeps (1..10)."),
     class_set: Optional[str] = typer.Option(None, help="Prompt class set: nuscenes, semantickitti, cityscapes, scannet, all (default: the dataset's)."),
-    clip_model: str = typer.Option("ViT-B-16", help="open_clip model name, or none: cache points and labels only (no teacher)."),
+    teacher: str = typer.Option("maskclip", help="Dense-CLIP method: maskclip (the paper's), sclip, clearclip, naclip (docs: Choosing a teacher); or simulated: make-sample data only, MaskCLIP-shaped outputs with CLIP-like errors from the sample's class maps, no weights (--clip-model/--clip-weights ignored; docs/simulated-teacher.md)."),
+    clip_model: str = typer.Option("ViT-B-16", help="open_clip ViT backbone (ViT-B-16, ViT-L-14, ViT-B-16-quickgelu, ...), or none: cache points and labels only (no teacher)."),
     clip_weights: str = typer.Option("openai", help="open_clip tag, checkpoint file, local-dir:DIR, or none (random)."),
-    image_size: Optional[str] = typer.Option(None, help="Teacher input size HxW (default per dataset: nuscenes 224x416, semantickitti 128x416, scannet 240x320)."),
+    image_size: Optional[str] = typer.Option(None, help="Teacher input size HxW (default per dataset: nuscenes 224x416, semantickitti 128x416, scannet 240x320; with --window the full camera resolution, nuscenes 896x1600, semantickitti 384x1248, scannet 480x640; rounded to the patch size)."),
+    window: Optional[str] = typer.Option(None, help="Sliding-window inference: window N or HxW pixels of the teacher input (e.g. 448), logits averaged on overlaps; default: the whole image at once."),
+    stride: Optional[str] = typer.Option(None, help="Sliding-window stride N or HxW pixels (default half the window, in whole patches)."),
+    pamr: bool = typer.Option(False, help="PAMR refinement of the class scores on the teacher-input pixels (NACLIP's post-processing)."),
     key_smoothing: bool = typer.Option(False, help="MaskCLIP key smoothing of the class scores."),
     prompt_denoising: bool = typer.Option(False, help="MaskCLIP prompt denoising (drop classes absent from an image)."),
     denoise_threshold: float = typer.Option(0.5, help="Prompt-denoising threshold on a class's max probability."),
@@ -253,14 +298,19 @@ def precompute(
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
 ) -> None:
     """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
-    from clip2scene.precompute.pipeline import DATASETS, DEFAULT_IMAGE_SIZE, PrecomputeConfig, run_precompute
+    from clip2scene.precompute.pipeline import DATASETS, PrecomputeConfig, default_image_size, run_precompute
 
     # every option is validated by PrecomputeConfig / TeacherConfig (one line, exit 2)
-    size = image_size or "x".join(map(str, DEFAULT_IMAGE_SIZE.get(dataset, DEFAULT_IMAGE_SIZE["nuscenes"])))
-    teacher = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
-                                                                prompt_denoising, denoise_threshold)
+    known = dataset if dataset in DATASETS else "nuscenes"
+    size = image_size or "x".join(map(str, default_image_size(known, clip_model, windowed=window is not None)))
+    if teacher == "simulated":
+        teacher_cfg = _simulated_teacher_config(image_size or "x".join(map(str, default_image_size(known, "ViT-B-16"))))
+    else:
+        teacher_cfg = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
+                                                                        prompt_denoising, denoise_threshold, teacher,
+                                                                        window, stride, pamr)
     cfg = _run(PrecomputeConfig, dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
-               sweeps=sweeps, class_set=class_set or (dataset if dataset in DATASETS else "nuscenes"), teacher=teacher,
+               sweeps=sweeps, class_set=class_set or known, teacher=teacher_cfg,
                device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
                block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
                feature_dtype=feature_dtype, teacher_precision=teacher_precision)
@@ -296,6 +346,29 @@ def _train_config(cache, out, *, arch="spvcnn", channels=None, given: Optional[s
     return config
 
 
+_RECIPE_SOURCE = {"train": "method.md section 5: pre-training batch 4",
+                  "finetune": "method.md section 5: released nuScenes fine-tuning config, batch 8"}
+
+
+def _print_schedule(cfg, kind: str) -> None:
+    """The learning-rate set-up a run will use (also in its config.json under "schedule")."""
+    from clip2scene.train.stability import WARMUP_MAX_STEPS, lr_scale
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    scale = _run(lr_scale, cfg.batch_size, cfg.reference_batch, cfg.lr_scaling)
+    src = _RECIPE_SOURCE[kind] if cfg.reference_batch == (4 if kind == "train" else 8) else "--reference-batch"
+    head = f", head x{cfg.head_lr_mult:g} = {cfg.lr * scale * cfg.head_lr_mult:g}" if hasattr(cfg, "head_lr_mult") else ""
+    warm = (f"auto (half the first epoch, <= {WARMUP_MAX_STEPS} steps)" if cfg.warmup_steps is None
+            else f"{cfg.warmup_steps} steps" if cfg.warmup_steps else "off")
+    typer.echo(f"lr {cfg.lr:g} at reference batch {cfg.reference_batch} ({src}); batch {cfg.batch_size}: "
+               f"x{scale:.4g} ({cfg.lr_scaling}) = {cfg.lr * scale:g}{head}")
+    typer.echo(f"  warm-up {warm}, then cosine; gradient clipping "
+               f"{f'at L2 norm {cfg.clip_grad_norm:g}' if cfg.clip_grad_norm else 'off'} (norm logged every step); "
+               f"divergence = loss > {cfg.divergence_factor:g}x the median of the last {cfg.divergence_window} steps "
+               f"-> {'stop' if cfg.stop_on_divergence else 'warn'}")
+
+
 def _print_train(s: dict) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for all
         return
@@ -310,10 +383,20 @@ def _print_train(s: dict) -> None:
     if s.get("schedule_note"):
         typer.echo(f"  note: {s['schedule_note']}")
     typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in s["epoch_losses"]))
+    if s.get("divergences"):
+        typer.echo(f"  WARNING: {s['divergences']} step(s) with a loss above the divergence threshold (see metrics.jsonl)")
     typer.echo(f"  checkpoint: {s['checkpoint']}")
     if s.get("teacher_weights_sha256") == "random":
         typer.echo("  WARNING: distilled from a randomly initialised teacher (no CLIP weights): the student "
                    "learned meaningless pseudo-labels.")
+
+
+_WARMUP_HELP = "Linear warm-up steps before the cosine (default: half the first epoch, at most 300; 0 = off)."
+_CLIP_HELP = "Clip the total gradient L2 norm to this (default off; the norm is logged in metrics.jsonl every step)."
+_SCALING_HELP = "How learning rates follow --batch-size / --reference-batch: linear, sqrt or none."
+_DIV_FACTOR_HELP = "A step's loss above this x the running median is reported as a divergence."
+_DIV_WINDOW_HELP = "Steps in the running median of the divergence check."
+_STOP_HELP = "Stop (exit 2) at the first divergence, keeping the last good epoch's checkpoint."
 
 
 def _training_options(
@@ -342,6 +425,13 @@ def _training_options(
     precise_bn_batches: int = typer.Option(16, help="Re-estimate BatchNorm statistics on N batches at the end (0 = off)."),
     keep_checkpoints: bool = typer.Option(False, help="Also keep checkpoint_epochK.pt of every epoch (resume points)."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
+    warmup_steps: Optional[int] = typer.Option(None, help=_WARMUP_HELP),
+    clip_grad_norm: Optional[float] = typer.Option(None, help=_CLIP_HELP),
+    lr_scaling: str = typer.Option("linear", help=_SCALING_HELP),
+    reference_batch: int = typer.Option(4, help="The recipe's global batch that --lr is given for (method.md section 5: pre-training batch 4)."),
+    divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
+    divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
+    stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
 ):
     """Typer options shared by train and ablate (collected by _with_training_options)."""
 
@@ -374,6 +464,7 @@ def train(
     from clip2scene.train.trainer import train as run_train
 
     config = _train_config(cache, out, resume=resume, overwrite=overwrite, given=_given(ctx), **options)
+    _print_schedule(config, "train")
     _print_train(_interruptible(run_train, config))
 
 
@@ -403,6 +494,31 @@ def ablate(
     typer.echo(f"table: {out / 'ablation.md'}")
 
 
+@app.command("compare-teachers")
+@_with_training_options
+def compare_teachers(
+    cache: list[str] = typer.Option(..., help="NAME=PATH: a cache of the same scans precomputed with one teacher (repeatable)."),
+    out: Path = typer.Option(Path("runs/teachers"), help="Folder for one run per teacher plus teachers.md/json."),
+    eval_split: str = typer.Option("val", help="Split to evaluate each student on."),
+    **options,
+) -> None:
+    """Train the same student on each teacher's cache; one table of teacher and student mIoU."""
+    from clip2scene.train.ablate import format_teacher_table, run_teacher_comparison
+
+    caches = {}
+    for item in cache:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            _fail(f"--cache {item!r}: expected NAME=PATH")
+        if name in caches:
+            _fail(f"--cache {item!r}: row name {name!r} given twice")
+        caches[name] = path
+    first = next(iter(caches.values()))
+    results = _run(run_teacher_comparison, _train_config(first, out / "base", **options), caches, out, eval_split)
+    typer.echo(format_teacher_table(results))
+    typer.echo(f"table: {out / 'teachers.md'}")
+
+
 # ---------------------------------------------------------------------------------- evaluate
 def _fmt(v) -> str:
     return "   n/a" if v is None else f"{100 * v:6.2f}"
@@ -415,6 +531,8 @@ def _confusion_png(eval_json) -> None:
 
 
 def _print_eval(r: dict) -> None:
+    if r.get("teacher_model") == "simulated":
+        typer.echo(f"teacher: {SIMULATED_NOTE}")
     typer.echo(f"{'class':<22}{'student IoU':>12}{'teacher IoU*':>14}")
     for name in r["class_names"]:
         typer.echo(f"{name:<22}{_fmt(r['per_class_iou'][name]):>12}{_fmt(r['teacher_per_class_iou_visible'][name]):>14}")
@@ -469,6 +587,9 @@ def _print_finetune(r: dict) -> None:
     typer.echo(f"run: {r['run']}  ({r['mode']}, init {r['init']}, {r['trainable_parameters'] / 1e6:.2f}M trainable)")
     typer.echo(f"  labelled scans {r['labelled_scans']} of {r['train_scans']} (fraction {r['label_fraction']:g}), "
                f"{r['epochs']} epochs in {r['seconds']:.1f} s")
+    typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in r["epoch_losses"]))
+    if r.get("divergences"):
+        typer.echo(f"  WARNING: {r['divergences']} step(s) with a loss above the divergence threshold (see metrics.jsonl)")
     if "miou" in r:
         typer.echo(f"  {r['eval_split']}: mIoU {_fmt(r['miou'])} over {r['eval_scans']} scans")
     typer.echo(f"  result: {r['json']}")
@@ -477,7 +598,8 @@ def _print_finetune(r: dict) -> None:
 def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_fraction: float, epochs: int,
                   batch_size: int, lr: float, head_lr_mult: float, lovasz_weight: float, eval_split: str,
                   voxel_size: Optional[float], arch: str, channels: Optional[str], device: str, workers: int, seed: int,
-                  augment: bool, storage_option: Optional[list[str]] = None, overwrite: bool = False) -> None:
+                  augment: bool, storage_option: Optional[list[str]] = None, overwrite: bool = False,
+                  **guard) -> None:
     from clip2scene.train.finetune import FinetuneConfig, finetune
 
     model = _model_config(arch, channels)
@@ -486,7 +608,8 @@ def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_frac
                          head_lr_mult=head_lr_mult, lovasz_weight=lovasz_weight,
                          eval_split=None if eval_split == "none" else eval_split, voxel_size=voxel_size,
                          device=device, workers=workers, seed=seed, augment=augment, model=model,
-                         storage_options=_storage(storage_option), overwrite=overwrite)
+                         storage_options=_storage(storage_option), overwrite=overwrite, **guard)
+    _print_schedule(cfg, "finetune")
     _print_finetune(_interruptible(finetune, cfg))
 
 
@@ -510,13 +633,23 @@ def finetune(
     seed: int = typer.Option(0, help="Random seed."),
     augment: bool = typer.Option(True, help="Random z-rotation and flips."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
+    head_input: str = typer.Option("l2", help="Classifier input: l2 (unit-norm point features; the recipe's head lr is stable on them) or raw."),
+    warmup_steps: Optional[int] = typer.Option(None, help=_WARMUP_HELP),
+    clip_grad_norm: Optional[float] = typer.Option(None, help=_CLIP_HELP),
+    lr_scaling: str = typer.Option("linear", help=_SCALING_HELP),
+    reference_batch: int = typer.Option(8, help="The recipe's batch that --lr is given for (method.md section 5: released fine-tuning config, batch 8)."),
+    divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
+    divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
+    stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
     """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone.
     Ctrl-C exits with code 130 (no resume: start again with --overwrite)."""
     _finetune_cmd("finetune", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
                   lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment, storage_option,
-                  overwrite=overwrite)
+                  overwrite=overwrite, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
+                  lr_scaling=lr_scaling, reference_batch=reference_batch, divergence_factor=divergence_factor,
+                  divergence_window=divergence_window, stop_on_divergence=stop_on_divergence)
 
 
 @app.command("linear-probe")
@@ -535,12 +668,22 @@ def linear_probe(
     workers: int = typer.Option(0, help="DataLoader workers."),
     seed: int = typer.Option(0, help="Random seed."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
+    head_input: str = typer.Option("l2", help="Classifier input: l2 (unit-norm point features; the recipe's head lr is stable on them) or raw."),
+    warmup_steps: Optional[int] = typer.Option(None, help=_WARMUP_HELP),
+    clip_grad_norm: Optional[float] = typer.Option(None, help=_CLIP_HELP),
+    lr_scaling: str = typer.Option("linear", help=_SCALING_HELP),
+    reference_batch: int = typer.Option(8, help="The recipe's batch that --lr is given for (method.md section 5: released fine-tuning config, batch 8)."),
+    divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
+    divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
+    stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
     """Linear probe: frozen pre-trained backbone, a linear classifier trained on labels."""
     _finetune_cmd("linear", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
                   lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True, storage_option,
-                  overwrite=overwrite)
+                  overwrite=overwrite, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
+                  lr_scaling=lr_scaling, reference_batch=reference_batch, divergence_factor=divergence_factor,
+                  divergence_window=divergence_window, stop_on_divergence=stop_on_divergence)
 
 
 @app.command()
@@ -592,8 +735,13 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     typer.echo(f"  dataset {d['name']} {d['version']} from {d['dataroot']}")
     if t is None:
         typer.echo("  teacher: none (labels-only cache)")
+    elif t.get("model") == "simulated":
+        typer.echo(f"  teacher: {SIMULATED_NOTE}")
+        typer.echo(f"          {t['weights_sha256']}, image {t['image_size']}, dim {t['embed_dim']}, knobs "
+                   + ", ".join(f"{k}={v}" for k, v in (t.get("simulated") or {}).items() if k != "confusions"))
     else:
-        typer.echo(f"  teacher {t['model']} weights={t['weights']} sha256={t['weights_sha256']}")
+        typer.echo(f"  teacher {t.get('teacher', 'maskclip')} on {t['model']} weights={t['weights']} "
+                   f"sha256={t['weights_sha256']}{_window_text(t)}")
         typer.echo(f"          image {t['image_size']}, dim {t['embed_dim']}, templates {t['templates_sha256'][:12]}")
         if t["weights_sha256"] == "random":
             typer.echo(f"  WARNING: {RANDOM_TEACHER}")
@@ -613,6 +761,16 @@ def cache_info(path: str = typer.Argument(..., help="Cache folder or URL (s3://b
     typer.echo(f"  skipped samples: {len(info['skipped'])}")
     for sk in info["skipped"]:
         typer.echo(f"    {sk['token']} ({sk['scene']}): {sk['reason']}")
+
+
+def _duration(seconds: float) -> str:
+    """'42 s', '3 min 5 s', '2 h 10 min'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{max(s, 1)} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def _print_partial(p: dict) -> None:
@@ -648,7 +806,11 @@ def cache_verify(path: str = typer.Argument(..., help="Cache folder or URL."),
 
     from clip2scene.storage.tools import verify
 
-    problems = _run(verify, path, _storage(storage_option), lambda it: tqdm(it, desc="verify", unit="file"))
+    def estimate(files: int, seconds: float) -> None:
+        typer.echo(f"verify: {files} files, about {_duration(seconds)} (timed on a sample of them)", err=True)
+
+    problems = _run(verify, path, _storage(storage_option), lambda it: tqdm(it, desc="verify", unit="file"),
+                    estimate)
     for p in problems:
         typer.echo(p)
     if problems:
@@ -663,60 +825,101 @@ def cache_merge(caches: list[str] = typer.Argument(..., help="Two or more caches
                 overwrite: bool = typer.Option(False, help="Replace an existing cache at --out."),
                 storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP)) -> None:
     """Combine caches built on different scans with the same teacher, without recomputing."""
+    from tqdm.auto import tqdm
+
     from clip2scene.storage.tools import merge
 
-    meta = _run(merge, caches, out, _storage(storage_option), overwrite)
+    meta = _run(merge, caches, out, _storage(storage_option), overwrite, lambda it: tqdm(it, desc="merge", unit="block"))
     typer.echo(f"merged {len(caches)} caches into {out}: {meta['num_scans']} scans, {meta['num_points']} points")
 
 
 # ---------------------------------------------------------------------------------- demo
+# Demo size, chosen so that the whole demo with the simulated teacher takes <= 3 minutes on 2 cores
+# (README, "Quick start"): 4 scenes (2 train, 2 val) x 3 keyframes, a light lidar (64 rays per ring)
+# and small images; a narrow SPVCNN (one residual block per stage) trained for 80 epochs.
+DEMO_SAMPLE = dict(scenes=4, keyframes=3, sweeps=2, lidar_azimuth_steps=64, image_width=200, image_height=113)
+DEMO_IMAGE_SIZE = "224x416"  # teacher input (MaskCLIP's nuScenes size): a 14 x 26 patch grid
+DEMO_SWEEPS = 3
+DEMO_CHANNELS = (16, 16, 32, 32, 64, 64, 32, 16, 16)
+DEMO_BATCH, DEMO_LR, DEMO_EPOCHS = 2, 0.1, 80
+DEMO_TAU = 0.1  # SCR temperature: sharper than the paper's 0.5, which left the small student predicting few classes
+
+
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo"), help="Folder for the sample, cache and run (replaced)."),
-    clip_weights: Optional[str] = typer.Option(None, help="CLIP weights (default: openai if present locally, else random)."),
-    epochs: int = typer.Option(8, help="Training epochs."),
+    clip_weights: Optional[str] = typer.Option(None, help="Run MaskCLIP ViT-B-16 with these CLIP weights (open_clip tag, "
+                                                          "file, local-dir:DIR, or none = random ViT). Default: the "
+                                                          "simulated teacher (no weights needed)."),
+    epochs: int = typer.Option(DEMO_EPOCHS, help="Training epochs."),
 ) -> None:
-    """Whole pipeline on a built-in synthetic sample: sample -> precompute -> train -> evaluate."""
-    from clip2scene.precompute.maskclip import WeightsNotFoundError
+    """Whole pipeline on a built-in synthetic sample: sample -> precompute -> train -> evaluate.
+
+    Without --clip-weights the teacher is the SIMULATED teacher (pseudo-labels from the sample's
+    own class maps with CLIP-like errors), and the demo shows whether the 3D student beats its
+    2D teacher; with --clip-weights it runs MaskCLIP ViT-B-16."""
     from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
     from clip2scene.precompute.synthetic import SampleConfig, make_sample
     from clip2scene.storage import open_cache
     from clip2scene.train.evaluate import EvalConfig, evaluate as run_eval
     from clip2scene.train.trainer import train as run_train
 
-    t0 = time.perf_counter()
+    if epochs < 1:
+        _fail(f"--epochs must be >= 1, got {epochs}")
+    start = t0 = time.perf_counter()
+
+    def lap() -> str:
+        nonlocal t0
+        dt, t0 = time.perf_counter() - t0, time.perf_counter()
+        return f"{dt:.0f} s"
+
     if workdir.exists():
         shutil.rmtree(workdir)
-    typer.echo("[1/4] make-sample: synthetic nuScenes, 2 scenes x 4 keyframes, 6 cameras")
-    root = _run(make_sample, workdir / "sample", SampleConfig())
-    weights = clip_weights or "openai"
-    cfg = PrecomputeConfig(dataroot=root, out=workdir / "cache.zarr", version="v1.0-mini",
-                           teacher=_teacher_config("ViT-B-16", weights, "224x416"))
-    typer.echo(f"[2/4] precompute: MaskCLIP ViT-B-16 (weights {weights}) over 48 images -> {cfg.out}")
-    try:
-        meta = run_precompute(cfg)
-    except WeightsNotFoundError as e:
-        if clip_weights is not None:
-            _fail(str(e))
-        typer.echo(f"  no CLIP weights here ({e})")
-        typer.echo("  -> falling back to a randomly initialised ViT-B-16: the pipeline runs for real, "
-                   "but the pseudo-labels and the mIoU below are meaningless.")
-        cfg = replace(cfg, teacher=_teacher_config("ViT-B-16", "none", "224x416"))
-        meta = _run(run_precompute, cfg)
-    except Clip2SceneError as e:
-        _fail(str(e))
+    sample_cfg = SampleConfig(**DEMO_SAMPLE)
+    typer.echo(f"[1/4] make-sample: synthetic nuScenes, {sample_cfg.scenes} scenes x {sample_cfg.keyframes} keyframes "
+               f"(half train, half val), 6 cameras, {sample_cfg.sweeps} sweeps per keyframe")
+    root = _run(make_sample, workdir / "sample", sample_cfg)
+    typer.echo(f"  took {lap()}")
+    simulated = clip_weights is None
+    if simulated:
+        teacher = _simulated_teacher_config(DEMO_IMAGE_SIZE)
+        typer.echo(f"[2/4] precompute: {SIMULATED_NOTE}, on {6 * sample_cfg.scenes * sample_cfg.keyframes} images")
+        typer.echo("  (no CLIP weights given; `clip2scene demo --clip-weights FILE` runs MaskCLIP ViT-B-16 instead)")
+    else:
+        teacher = _teacher_config("ViT-B-16", clip_weights, DEMO_IMAGE_SIZE)
+        typer.echo(f"[2/4] precompute: MaskCLIP ViT-B-16 (weights {clip_weights}) over "
+                   f"{6 * sample_cfg.scenes * sample_cfg.keyframes} images")
+    cfg = PrecomputeConfig(dataroot=root, out=workdir / "cache.zarr", version="v1.0-mini", sweeps=DEMO_SWEEPS,
+                           teacher=teacher)
+    meta = _run(run_precompute, cfg)
     meta["path"] = str(cfg.out)
     _print_precompute(meta)
     info = open_cache(cfg.out).info()
-    typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per visible point)")
-    typer.echo(f"[3/4] train: SPVCNN (spconv) from the cache, SCR + SSR + S3, {epochs} epochs")
-    tcfg = _train_config(cfg.out, workdir / "run", epochs=epochs, batch_size=2, lr=0.05,
-                         channels="16,16,32,64,128,128,64,48,48")
+    typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per "
+               f"visible point); took {lap()}")
+    typer.echo(f"[3/4] train: SPVCNN (spconv, narrow) from the cache, SCR + SSR + S3, {epochs} epochs, tau {DEMO_TAU}")
+    from clip2scene.train.model import ModelConfig
+    from clip2scene.train.trainer import TrainConfig
+
+    tcfg = TrainConfig(cache=str(cfg.out), out=str(workdir / "run"), epochs=epochs, batch_size=DEMO_BATCH, lr=DEMO_LR,
+                       tau=DEMO_TAU, precise_bn_batches=4,
+                       model=ModelConfig(arch="spvcnn", channels=DEMO_CHANNELS, blocks_per_stage=1))
     _print_train(_run(run_train, tcfg))
+    typer.echo(f"  took {lap()}")
     typer.echo("[4/4] evaluate: annotation-free mIoU on the val scene (devkit protocol)")
     result = _run(run_eval, EvalConfig(checkpoint=str(workdir / "run" / "checkpoint.pt"), cache=str(cfg.out), split="val"))
     _print_eval(result)
-    typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs under {workdir}/")
+    typer.echo(f"  took {lap()}")
+    student, teacher_miou = result["miou"], result["teacher_miou_visible"]
+    who = "simulated teacher" if simulated else "teacher"
+    typer.echo(f"val mIoU: {who} pseudo-labels {_fmt(teacher_miou).strip()} (camera-visible points), "
+               f"student {_fmt(student).strip()} (all points)")
+    if student is not None and teacher_miou is not None:
+        verdict = "BEATS" if student > teacher_miou else "does NOT beat"
+        typer.echo(f"the 3D student {verdict} its 2D {who} by {100 * (student - teacher_miou):+.2f} mIoU points")
+    if meta["teacher"] and meta["teacher"].get("weights_sha256") == "random":
+        typer.echo("(random ViT teacher: both numbers are meaningless)")
+    typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s; outputs under {workdir}/")
 
 
 # ---------------------------------------------------------------------------------- pictures

@@ -96,3 +96,26 @@ def test_missing_clip_weights_names_the_file(sample, tmp_path, monkeypatch):
             "--clip-model", "ViT-B-16", "--clip-weights", "openai")
     assert_one_line_error(r, "--clip-weights", str(tmp_path))
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_teacher_variant_through_the_cli(sample, tmp_path):
+    cache = tmp_path / "c.zarr"
+    r = run("precompute", "--dataroot", sample, "--version", "v1.0-mini", "--out", cache, "--limit", 1, "--sweeps", 1,
+            "--teacher", "clearclip", "--window", "32x48", "--stride", "16", *TINY)
+    assert r.exit_code == 0, r.output
+    assert "teacher clearclip on clip2scene-tiny" in r.output and "window 32x48 stride 16x16" in r.output
+    r = run("cache", "info", cache)
+    assert r.exit_code == 0 and "teacher clearclip on clip2scene-tiny" in r.output, r.output
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--cache", "nope"], ["--cache 'nope': expected NAME=PATH"]),
+    (["--cache", "a=x.zarr", "--cache", "a=y.zarr"], ["row name 'a' given twice"]),
+    (["--cache", "a=missing.zarr"], ["cache not found"]),
+])
+def test_compare_teachers_hostile(tmp_path, monkeypatch, args, fragments):
+    monkeypatch.chdir(tmp_path)
+    r = run("compare-teachers", "--out", tmp_path / "cmp", *args)
+    assert_one_line_error(r, *fragments)
+    assert not (tmp_path / "cmp").exists()

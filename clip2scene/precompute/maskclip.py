@@ -21,6 +21,14 @@ Usage::
                                                        # optional MaskCLIP refinements applied
     teacher.fingerprint                                # what to store next to cached outputs
 
+Other training-free dense-CLIP teachers replace MaskCLIP's last block (`TeacherConfig.teacher`,
+the name -> `DenseVariant` dict `TEACHERS`): SCLIP (q-q + k-k attention, residual and FFN kept),
+ClearCLIP (q-q attention, residual and FFN dropped), NACLIP (k-k attention with a Gaussian
+neighbourhood bias, residual and FFN dropped; PAMR optional via `TeacherConfig.pamr`).
+`TeacherConfig.window`/`stride` run any of them on sliding windows of the input, averaging on
+overlaps (`MaskCLIP.dense_outputs`). The class keeps its name `MaskCLIP` for all of them; see
+docs/teachers.md.
+
 Optional MaskCLIP refinements of the logits (`TeacherConfig.key_smoothing`,
 `TeacherConfig.prompt_denoising`; off by default as in the MaskCLIP and CLIP2Scene releases) are
 implemented by `refine_scores` and applied by `MaskCLIP.dense_outputs` on the patch grid.
@@ -73,13 +81,20 @@ __all__ = [
     "REFINE_LOGIT_SCALE",
     "TINY_MODEL_NAME",
     "MaskCLIP",
+    "PAMR_DILATIONS",
+    "PAMR_STEPS",
     "PRECISIONS",
+    "TEACHERS",
+    "DenseVariant",
     "TeacherConfig",
     "WeightsNotFoundError",
+    "denoised_classes",
     "encode_text",
     "file_sha256",
     "load_teacher",
+    "pamr",
     "refine_scores",
+    "window_starts",
     "resolve_precision",
     "register_tiny_model",
     "resize_positional_embedding",
@@ -112,6 +127,54 @@ _CLIP_WEIGHTS_HINT = "--clip-weights /path/to/open_clip_pytorch_model.bin"
 
 
 @dataclass(frozen=True)
+class DenseVariant:
+    """How a training-free dense-CLIP method rewrites CLIP's last transformer block.
+
+    All earlier blocks run unchanged. In the last block the attention weights become
+    ``attention`` (all tokens, class token included, per head, scale ``head_dim ** -0.5``):
+
+    * ``"value"``: identity, each token keeps its own value (MaskCLIP);
+    * ``"qq+kk"``: ``softmax(q q^T) + softmax(k k^T)`` (SCLIP's correlative self-attention);
+    * ``"qq"``: ``softmax(q q^T)`` (ClearCLIP);
+    * ``"kk+gauss"``: ``softmax(k k^T + G)`` with G the Gaussian neighbourhood bias
+      ``exp(-|p_i - p_j|^2 / (2 * gaussian_std^2))`` between patch positions (0 on the class
+      token's row and column) (NACLIP).
+
+    The attention output goes through ``out_proj`` (and the block's layer scale ``ls_1``, the
+    identity in every released CLIP); ``residual`` adds it to the block input, otherwise it
+    replaces it; ``ffn`` then adds the block's MLP branch. ``ln_post`` and the projection follow.
+    """
+
+    attention: str
+    residual: bool
+    ffn: bool
+    source: str  # paper and official code
+    gaussian_std: float = 0.0
+
+
+# name -> method; `TeacherConfig.teacher` picks one.
+TEACHERS: dict[str, DenseVariant] = {
+    "maskclip": DenseVariant("value", True, True, "Zhou et al., ECCV 2022; github.com/chongzhou96/MaskCLIP"),
+    "sclip": DenseVariant("qq+kk", True, True, "Wang et al., ECCV 2024; github.com/wangf3014/SCLIP"),
+    "clearclip": DenseVariant("qq", False, False, "Lan et al., ECCV 2024; github.com/mc-lan/ClearCLIP"),
+    "naclip": DenseVariant("kk+gauss", False, False, "Hajimiri et al., WACV 2025; github.com/sinahmr/NACLIP",
+                           gaussian_std=5.0),
+}
+
+# Teachers that are not a MaskCLIP-style variant (`TeacherConfig.teacher`): the simulated teacher of
+# clip2scene.precompute.simulated (built by the pipeline, SPECIAL_TEACHERS).
+OTHER_TEACHERS = ("simulated",)
+
+# PAMR as NACLIP's release runs it (pamr_steps=10, pamr_stride=(8, 16)).
+PAMR_STEPS = 10
+PAMR_DILATIONS = (8, 16)
+
+
+def _hw_text(value) -> str:
+    return "x".join(str(v) for v in value) if isinstance(value, (tuple, list)) else repr(value)
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     """Which CLIP to use as the teacher and at which input resolution.
 
@@ -136,8 +199,21 @@ class TeacherConfig:
             CLIP2Scene release = every patch that is not already saturated at probability 1).
             Must be > 0; a value above 1 smooths every patch.
 
+        teacher: which training-free dense-CLIP method rewrites the last block, a key of
+            `TEACHERS`: ``"maskclip"`` (the paper's), ``"sclip"``, ``"clearclip"``, ``"naclip"``.
+        window: (h, w) pixels of sliding-window inference, or None (the whole image in one
+            pass). Windows tile the ``image_size`` input; both must be multiples of the patch
+            size (checked by `load_teacher`). See `MaskCLIP.dense_outputs`.
+        stride: (h, w) pixels between windows (<= window); None = half the window rounded down
+            to the patch size (SCLIP/NACLIP evaluate with 224/112, ClearCLIP with 448/224).
+        pamr: refine the class scores with PAMR (10 iterations, dilations 8 and 16, as NACLIP's
+            release) on the teacher-input pixel grid; off by default. The logits of
+            `MaskCLIP.dense_outputs` are then (B, C, H, W) pixel maps instead of patch maps.
+
     The four refinement fields only change the logits of `MaskCLIP.dense_outputs` (never the
-    features) and are recorded in `MaskCLIP.fingerprint`.
+    features) and are recorded in `MaskCLIP.fingerprint`, as are teacher, window, stride and pamr.
+    Raises ConfigError (a ValueError) naming the option for a value out of range, an unknown
+    teacher or a malformed window/stride.
     """
 
     model: str = "ViT-B-16"
@@ -148,6 +224,10 @@ class TeacherConfig:
     prompt_denoising: bool = False
     denoise_threshold: float = 0.5
     smoothing_threshold: float = 1.0
+    teacher: str = "maskclip"  # a TEACHERS variant, or "simulated" (synthetic samples only; see precompute.simulated)
+    window: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    pamr: bool = False
 
     def __post_init__(self) -> None:
         """ConfigError naming the option and value for anything out of range (image_size is
@@ -171,6 +251,25 @@ class TeacherConfig:
         k = self.smoothing_threshold
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < k < float("inf"):
             raise ConfigError(f"smoothing_threshold {k!r}: must be a finite number > 0")
+        if self.teacher not in TEACHERS and self.teacher not in OTHER_TEACHERS:
+            raise ConfigError(f"--teacher {self.teacher!r}: unknown teacher; expected one of "
+                              f"{', '.join((*TEACHERS, *OTHER_TEACHERS))}")
+        if self.window is None and self.stride is not None:
+            raise ConfigError(f"--stride {_hw_text(self.stride)}: given without a window (--window)")
+        for name in ("window", "stride"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (not isinstance(value, (tuple, list)) or len(value) != 2
+                    or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in value)):
+                raise ConfigError(f"--{name} {value!r}: {name} must be two positive integers (H, W)")
+            object.__setattr__(self, name, (int(value[0]), int(value[1])))
+        if self.window is not None and self.stride is not None:
+            if self.stride[0] > self.window[0] or self.stride[1] > self.window[1]:
+                raise ConfigError(f"--stride {_hw_text(self.stride)} is larger than the window {_hw_text(self.window)}: "
+                                  "windows would leave gaps")
+        if not isinstance(self.pamr, bool):
+            raise ConfigError(f"pamr {self.pamr!r}: expected True or False")
 
 
 class WeightsNotFoundError(RuntimeError):
@@ -223,6 +322,11 @@ def _check_dense_capable(model_name: str, model_cfg: dict[str, Any]) -> None:
         )
     if vision_cfg.get("attentional_pool"):
         raise NotImplementedError(f"model {model_name!r} uses an attentional pooler; not supported")
+    if vision_cfg.get("pool_type", "tok") != "tok" or vision_cfg.get("final_ln_after_pool"):
+        raise NotImplementedError(
+            f"model {model_name!r} pools its tokens ({vision_cfg.get('pool_type', 'tok')}, ln_post after pooling) "
+            "instead of projecting the class token; the dense teachers need class-token CLIP ViTs"
+        )
     custom_keys = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
     if vision_cfg.get("block_type") == "custom" or any(vision_cfg.get(k) for k in custom_keys):
         raise NotImplementedError(
@@ -698,6 +802,25 @@ def _check_refinements(denoise_threshold: float, smoothing_threshold: float) -> 
         raise ValueError(f"smoothing_threshold must be a finite number > 0, got {smoothing_threshold!r}")
 
 
+def denoised_classes(scores: torch.Tensor, denoise_threshold: float = 0.5,
+                     logit_scale: float = REFINE_LOGIT_SCALE) -> torch.Tensor:
+    """MaskCLIP prompt denoising's decision: which classes an image lacks.
+
+    Args:
+        scores: (B, C, N) cosine scores of N patches.
+
+    Returns:
+        (B, C) bool on ``scores``' device: True where the class's highest probability
+        (softmax over classes of ``logit_scale * scores``) over the patches is below
+        ``denoise_threshold``, except each image's most confident class (see `refine_scores`).
+    """
+    s = scores.double()
+    class_max = torch.softmax(logit_scale * s, dim=1).amax(dim=2)  # (B, C)
+    removed = class_max < denoise_threshold
+    removed[torch.arange(s.shape[0], device=s.device), class_max.argmax(dim=1)] = False
+    return removed
+
+
 def refine_scores(
     scores: torch.Tensor,
     keys: torch.Tensor | None = None,
@@ -707,6 +830,7 @@ def refine_scores(
     denoise_threshold: float = 0.5,
     smoothing_threshold: float = 1.0,
     logit_scale: float = REFINE_LOGIT_SCALE,
+    removed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MaskCLIP's training-free refinements of per-patch class scores (prompt denoising, key smoothing).
 
@@ -747,6 +871,9 @@ def refine_scores(
         denoise_threshold: in [0, 1], see 1.
         smoothing_threshold: > 0, see 2.
         logit_scale: softmax temperature inverse (CLIP's 100).
+        removed: (B, C) bool, classes already removed by a denoising decision taken elsewhere
+            (`denoised_classes` on a whole image whose windows are refined one by one); given,
+            it replaces step 1 (``prompt_denoising`` is then ignored).
 
     Returns:
         (B, C, N) float32 on ``scores``' device. Computed in float64 internally.
@@ -754,16 +881,20 @@ def refine_scores(
     _check_refinements(denoise_threshold, smoothing_threshold)
     if scores.ndim != 3:
         raise ValueError(f"scores must be (B, C, N), got {tuple(scores.shape)}")
-    if not (key_smoothing or prompt_denoising):
+    if not (key_smoothing or prompt_denoising or removed is not None):
         return scores.float()
     b, c, n = scores.shape
     s = scores.double()
     z = logit_scale * s
-    removed = torch.zeros(b, c, dtype=torch.bool, device=s.device)
-    if prompt_denoising:
-        class_max = torch.softmax(z, dim=1).amax(dim=2)  # (B, C)
-        removed = class_max < denoise_threshold
-        removed[torch.arange(b, device=s.device), class_max.argmax(dim=1)] = False
+    if removed is not None:
+        if tuple(removed.shape) != (b, c):
+            raise ValueError(f"removed must be ({b}, {c}), got {tuple(removed.shape)}")
+        removed = removed.to(device=s.device, dtype=torch.bool)
+    elif prompt_denoising:
+        removed = denoised_classes(s, denoise_threshold, logit_scale)
+    else:
+        removed = torch.zeros(b, c, dtype=torch.bool, device=s.device)
+    if bool(removed.any()):
         z = z.masked_fill(removed[:, :, None], float("-inf"))
     out = s
     if key_smoothing:
@@ -787,8 +918,92 @@ def refine_scores(
     return out.float()
 
 
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """First pixel of each sliding window along one axis of ``size`` pixels.
+
+    The windows of SCLIP/ClearCLIP/NACLIP (mmseg's ``slide_inference``): starts at 0, stride,
+    2*stride, ... while the window would end inside the image, then one last window flush with
+    the image's end; a window larger than the image covers the whole axis (start 0, clipped).
+    With ``size``, ``window`` and ``stride`` multiples of the patch size every window starts on a
+    patch boundary. Every pixel is covered when ``stride <= window``.
+    """
+    if size <= 0 or window <= 0 or stride <= 0:
+        raise ValueError(f"size, window and stride must be positive, got {size}, {window}, {stride}")
+    n = max(size - window + stride - 1, 0) // stride + 1
+    starts = []
+    for i in range(n):
+        end = min(i * stride + window, size)
+        starts.append(max(end - window, 0))
+    return starts
+
+
+def neighbourhood_bias(grid: tuple[int, int], std: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """NACLIP's Gaussian attention bias for a ViT with a class token.
+
+    Returns (1 + h*w, 1 + h*w): 0 on the class token's row and column; between patches i and j
+    (row-major on the (h, w) grid) ``exp(-|p_i - p_j|^2 / (2 std^2))`` with p the patch's
+    (row, column).
+    """
+    h, w = grid
+    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)
+    cols = torch.arange(w, dtype=torch.float64).repeat(h)
+    d2 = (rows[:, None] - rows[None]) ** 2 + (cols[:, None] - cols[None]) ** 2
+    out = torch.zeros(1 + h * w, 1 + h * w, dtype=torch.float64)
+    out[1:, 1:] = torch.exp(-d2 / (2.0 * std * std))
+    return out.to(device=device, dtype=dtype)
+
+
+def _shifts(x: torch.Tensor, dilation: int) -> torch.Tensor:
+    """(B, K, H, W) -> (B, K, 8, H, W): the 8 neighbours at ``dilation`` pixels, borders replicated.
+
+    Order: the 3 x 3 ring row by row without the centre (up-left, up, up-right, left, right,
+    down-left, down, down-right).
+    """
+    h, w = x.shape[-2:]
+    d = dilation
+    pad = F.pad(x, (d, d, d, d), mode="replicate")
+    out = [pad[..., d + dy * d: d + dy * d + h, d + dx * d: d + dx * d + w]
+           for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    return torch.stack(out, dim=2)
+
+
+def pamr(image: torch.Tensor, scores: torch.Tensor, steps: int = PAMR_STEPS,
+         dilations: Sequence[int] = PAMR_DILATIONS) -> torch.Tensor:
+    """Pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020), as NACLIP post-processes.
+
+    Each pixel's scores become, ``steps`` times, a weighted mean of its 8 neighbours' at every
+    dilation; the weights are a softmax over those neighbours of ``-mean_channels(|I_p - I_q| /
+    (1e-8 + 0.1 * sigma_p))``, with sigma_p the per-channel standard deviation (unbiased) of the
+    image over the pixel and its neighbours at all dilations (the centre counted once per
+    dilation). Borders replicate.
+
+    Args:
+        image: (B, K, H, W) float image (CLIP-normalised RGB in NACLIP).
+        scores: (B, C, h, w) class scores; resized to (H, W) bilinearly (align_corners=True, as
+            PAMR does) when their size differs.
+
+    Returns:
+        (B, C, H, W) float32 refined scores.
+    """
+    image = image.float()
+    scores = scores.float()
+    if tuple(scores.shape[-2:]) != tuple(image.shape[-2:]):
+        scores = F.interpolate(scores, size=image.shape[-2:], mode="bilinear", align_corners=True)
+    if steps <= 0:
+        return scores
+    neigh = torch.cat([_shifts(image, d) for d in dilations], dim=2)  # (B, K, 8n, H, W)
+    centre = image.unsqueeze(2).expand(-1, -1, len(dilations), -1, -1)
+    sigma = torch.cat([neigh, centre], dim=2).std(dim=2, keepdim=True)  # (B, K, 1, H, W)
+    aff = -(neigh - image.unsqueeze(2)).abs() / (1e-8 + 0.1 * sigma)
+    weights = torch.softmax(aff.mean(dim=1, keepdim=True), dim=2)  # (B, 1, 8n, H, W)
+    for _ in range(steps):
+        scores = (torch.cat([_shifts(scores, d) for d in dilations], dim=2) * weights).sum(dim=2)
+    return scores
+
+
 class MaskCLIP(nn.Module):
-    """Frozen MaskCLIP teacher: dense ViT features and class text embeddings.
+    """Frozen dense-CLIP teacher (MaskCLIP or another `TEACHERS` variant): dense ViT features and
+    class text embeddings.
 
     Build it with `load_teacher` (or `MaskCLIP.from_clip` from an open_clip model in memory). It
     keeps only the image tower (``self.visual``); the text tower is used once to compute
@@ -806,7 +1021,11 @@ class MaskCLIP(nn.Module):
             [H, W], ``class_names``, ``templates_sha256``, ``embed_dim``, ``patch_size`` (int, or
             [ph, pw] if not square), and the logit refinements ``key_smoothing``,
             ``prompt_denoising`` (bools), ``denoise_threshold``, ``smoothing_threshold`` (floats,
-            recorded as given even when their refinement is off).
+            recorded as given even when their refinement is off), ``teacher`` (a `TEACHERS` key),
+            ``window`` and ``stride`` ([h, w] pixels or None), ``pamr`` (bool).
+        teacher, variant: the `TEACHERS` name and its `DenseVariant` (the last block's rewrite).
+        window, stride: sliding windows (h, w) in pixels, or None (whole image); see `dense_outputs`.
+        pamr: whether `dense_outputs` refines the logits with `pamr`.
         key_smoothing, prompt_denoising, denoise_threshold, smoothing_threshold: the logit
             refinements of `dense_outputs` (see `TeacherConfig` and `refine_scores`).
     """
@@ -825,9 +1044,16 @@ class MaskCLIP(nn.Module):
         prompt_denoising: bool = False,
         denoise_threshold: float = 0.5,
         smoothing_threshold: float = 1.0,
+        teacher: str = "maskclip",
+        window: tuple[int, int] | None = None,
+        stride: tuple[int, int] | None = None,
+        pamr: bool = False,
     ) -> None:
         super().__init__()
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+        if teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {teacher!r}; expected one of {', '.join(TEACHERS)}")
 
         if not isinstance(visual, VisionTransformer):
             raise NotImplementedError(f"MaskCLIP needs an open_clip VisionTransformer, got {type(visual).__name__}")
@@ -852,6 +1078,24 @@ class MaskCLIP(nn.Module):
         self.prompt_denoising = bool(prompt_denoising)
         self.denoise_threshold = float(denoise_threshold)
         self.smoothing_threshold = float(smoothing_threshold)
+        self.teacher = teacher
+        self.variant = TEACHERS[teacher]
+        if self.variant.attention != "value" and any(b.attn.in_proj_weight is None for b in visual.transformer.resblocks[-1:]):
+            raise NotImplementedError(f"teacher {teacher!r} needs a packed q/k/v projection (in_proj_weight)")
+        if stride is not None and window is None:
+            raise ValueError("a stride needs a window")
+        self.window = None if window is None else (int(window[0]), int(window[1]))
+        if self.window is not None and stride is None:  # half the window, in whole patches
+            stride = tuple(max(p, w // 2 // p * p) for w, p in zip(self.window, self.patch_size))
+        self.stride = None if stride is None else (int(stride[0]), int(stride[1]))
+        for name, value in (("window", self.window), ("stride", self.stride)):
+            if value is not None and (value[0] % self.patch_size[0] or value[1] % self.patch_size[1] or min(value) <= 0):
+                raise ValueError(f"{name} {_hw_text(value)} must be positive multiples of the patch size "
+                                 f"{_hw_text(self.patch_size)}")
+        if self.window is not None and (self.stride[0] > self.window[0] or self.stride[1] > self.window[1]):
+            raise ValueError(f"stride {_hw_text(self.stride)} is larger than the window {_hw_text(self.window)}")
+        self.pamr = bool(pamr)
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
         self.fingerprint = dict(fingerprint)
         self.fingerprint.update(
             {
@@ -859,6 +1103,10 @@ class MaskCLIP(nn.Module):
                 "prompt_denoising": self.prompt_denoising,
                 "denoise_threshold": self.denoise_threshold,
                 "smoothing_threshold": self.smoothing_threshold,
+                "teacher": self.teacher,
+                "window": None if self.window is None else list(self.window),
+                "stride": None if self.stride is None else list(self.stride),
+                "pamr": self.pamr,
             }
         )
         super().train(False)
@@ -878,6 +1126,10 @@ class MaskCLIP(nn.Module):
         prompt_denoising: bool = False,
         denoise_threshold: float = 0.5,
         smoothing_threshold: float = 1.0,
+        teacher: str = "maskclip",
+        window: tuple[int, int] | None = None,
+        stride: tuple[int, int] | None = None,
+        pamr: bool = False,
     ) -> MaskCLIP:
         """Wrap an open_clip CLIP model already in memory (moved to ``device``, eval mode).
 
@@ -902,7 +1154,7 @@ class MaskCLIP(nn.Module):
         return cls(
             clip_model.visual, text, class_names, image_size, fp, key_smoothing=key_smoothing,
             prompt_denoising=prompt_denoising, denoise_threshold=denoise_threshold,
-            smoothing_threshold=smoothing_threshold,
+            smoothing_threshold=smoothing_threshold, teacher=teacher, window=window, stride=stride, pamr=pamr,
         )
 
     # -- module plumbing ------------------------------------------------------------------
@@ -977,25 +1229,25 @@ class MaskCLIP(nn.Module):
 
     @torch.no_grad()
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Dense MaskCLIP patch features.
+        """Dense patch features of the configured teacher (`TEACHERS`), whole-image or windowed.
 
         Args:
             images: (B, 3, H, W) float RGB in [0, 1]. Resizing to ``image_size`` is the caller's
                 job; H and W need not equal it (the positional embedding is resized to the
                 patch grid), and trailing rows/columns that do not fill a whole patch are dropped
                 (grid = floor(H/ph) x floor(W/pw)). Patch (i, j) covers pixels
-                [i*ph, (i+1)*ph) x [j*pw, (j+1)*pw).
+                [i*ph, (i+1)*ph) x [j*pw, (j+1)*pw), also with sliding windows.
 
         Returns:
             (B, D, H // ph, W // pw) float32 on the teacher's device, L2-normalised along D.
+            With sliding windows, the mean over the windows covering a patch, normalised again.
             Computed under ``torch.no_grad`` (an ordinary tensor, not an inference tensor).
         """
-        x, grid = self._last_block_input(images)
-        return self._dense_head(x, grid)
+        return self._dense(images, scores=False)[0]
 
     @torch.no_grad()
     def dense_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense features and per-patch class logits, with the configured MaskCLIP refinements.
+        """Dense features and class logits, with the configured refinements.
 
         Args:
             images: (B, 3, H, W) float RGB in [0, 1], as for `dense_features`.
@@ -1004,25 +1256,85 @@ class MaskCLIP(nn.Module):
             ``(features, logits)``: features (B, D, h, w) float32, L2-normalised along D, equal
             to ``dense_features(images)``; logits (B, C, h, w) float32 on the teacher's device,
             class order ``class_names``. Without refinements (the default) logits are the cosines
-            of the features with ``text_embeddings`` (``logits(features)`` per patch). With
-            ``prompt_denoising`` and/or ``key_smoothing`` they are `refine_scores` of those
-            cosines (keys from the last block): still cosine-like scores whose argmax over C is
-            the pseudo-label; removed classes score `DENOISED_SCORE`. Refinements act on the
-            patch grid, so sample or upsample these logits (not the features) to use them.
+            of each window's features with ``text_embeddings``, averaged over the windows covering
+            a patch (SCLIP/ClearCLIP/NACLIP average logits on overlaps; one window = the whole
+            image without ``window``). With ``prompt_denoising`` and/or ``key_smoothing`` they are
+            `refine_scores` of those cosines: denoising is decided per image on the averaged
+            scores (`denoised_classes`), key smoothing runs per window with that window's keys
+            and the windows' results are averaged; removed classes score `DENOISED_SCORE`. With
+            ``pamr`` the logits are upsampled bilinearly to the (H', W') = (h*ph, w*pw) input
+            pixels (align_corners=False) and refined by `pamr`: (B, C, H', W'), pixel (i, j)
+            centred at (i + 0.5, j + 0.5) of the input. Sample or upsample these logits (not the
+            features) to use the refinements.
         """
-        x, grid = self._last_block_input(images)
-        feats = self._dense_head(x, grid)
-        scores = self.logits(feats.movedim(1, -1)).movedim(-1, 1).contiguous()  # (B, C, h, w)
-        if not (self.key_smoothing or self.prompt_denoising):
-            return feats, scores
-        keys = self._last_block_keys(x) if self.key_smoothing else None  # (B, h*w, width)
-        b, c, h, w = scores.shape
-        refined = refine_scores(
-            scores.reshape(b, c, h * w), keys, key_smoothing=self.key_smoothing,
-            prompt_denoising=self.prompt_denoising, denoise_threshold=self.denoise_threshold,
-            smoothing_threshold=self.smoothing_threshold,
-        )
-        return feats, refined.reshape(b, c, h, w)
+        return self._dense(images, scores=True)
+
+    def _windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """(y, x, h, w) pixel boxes of the windows over a (height, width) input (one without window)."""
+        if self.window is None:
+            return [(0, 0, height, width)]
+        ys = window_starts(height, self.window[0], self.stride[0])
+        xs = window_starts(width, self.window[1], self.stride[1])
+        h, w = min(self.window[0], height), min(self.window[1], width)
+        return [(y, x, h, w) for y in ys for x in xs]
+
+    def _dense(self, images: torch.Tensor, scores: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features (B, D, h, w) and, if ``scores``, refined logits; see `dense_outputs`."""
+        ph, pw = self.patch_size
+        gh, gw = images.shape[-2] // ph, images.shape[-1] // pw
+        if gh == 0 or gw == 0:
+            raise ValueError(f"images {tuple(images.shape[-2:])} smaller than one patch {self.patch_size}")
+        images = images[..., : gh * ph, : gw * pw]
+        windows = self._windows(gh * ph, gw * pw)
+        smooth = scores and self.key_smoothing
+        feat_sum = score_sum = None
+        count = torch.zeros(gh, gw, device=self.device)
+        per_window = []  # (grid slice, raw scores, keys) for key smoothing
+        for y, x, h, w in windows:
+            tokens, grid = self._last_block_input(images[..., y:y + h, x:x + w])
+            f = self._dense_head(tokens, grid)  # (B, D, h/ph, w/pw)
+            cell = (slice(None), slice(None), slice(y // ph, y // ph + grid[0]), slice(x // pw, x // pw + grid[1]))
+            if len(windows) == 1:
+                feat_sum = f
+            else:
+                feat_sum = torch.zeros(f.shape[0], f.shape[1], gh, gw, device=f.device) if feat_sum is None else feat_sum
+                feat_sum[cell] += f
+            count[cell[2:]] += 1
+            if scores:
+                sc = self.logits(f.movedim(1, -1)).movedim(-1, 1).contiguous()  # (B, C, h/ph, w/pw)
+                if len(windows) == 1:
+                    score_sum = sc
+                else:
+                    score_sum = torch.zeros(sc.shape[0], sc.shape[1], gh, gw, device=sc.device) if score_sum is None else score_sum
+                    score_sum[cell] += sc
+                if smooth:
+                    per_window.append((cell, sc, self._last_block_keys(tokens)))
+        if len(windows) == 1:
+            feats = feat_sum
+        else:
+            feats = F.normalize(feat_sum / count, dim=1)
+        if not scores:
+            return feats, None
+        out = score_sum if len(windows) == 1 else score_sum / count
+        if self.prompt_denoising or self.key_smoothing:
+            b, c = out.shape[:2]
+            if self.prompt_denoising:
+                removed = denoised_classes(out.reshape(b, c, -1), self.denoise_threshold)
+            else:
+                removed = torch.zeros(b, c, dtype=torch.bool, device=out.device)
+            if smooth:
+                smoothed = torch.zeros_like(out)
+                for cell, sc, keys in per_window:
+                    r = refine_scores(sc.reshape(b, c, -1), keys, key_smoothing=True, removed=removed,
+                                      smoothing_threshold=self.smoothing_threshold)
+                    smoothed[cell] += r.reshape(sc.shape)
+                out = smoothed if len(windows) == 1 else smoothed / count
+            out = out.masked_fill(removed[:, :, None, None], DENOISED_SCORE)
+        if self.pamr:
+            rgb = self.normalize(images)
+            out = F.interpolate(out, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+            out = pamr(rgb, out)
+        return feats, out
 
     def _last_block_input(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Run the ViT up to the last block: ((B, 1 + h*w, width) batch-first tokens, (h, w))."""
@@ -1050,14 +1362,48 @@ class MaskCLIP(nn.Module):
         return x, (h, w)
 
     def _dense_head(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Value-only last block, ln_post, projection: (B, 1 + h*w, width) -> (B, D, h, w) unit norm."""
+        """The teacher's last block, ln_post, projection: (B, 1 + h*w, width) -> (B, D, h, w) unit norm."""
         v = self.visual
         h, w = grid
-        x = self._value_only_block(v.transformer.resblocks[-1], x)  # (B, 1 + h*w, width)
+        x = self._last_block(v.transformer.resblocks[-1], x, grid)  # (B, 1 + h*w, width)
         x = v.ln_post(x[:, 1:])  # patch tokens only
         x = x @ v.proj  # (B, h*w, D)
         x = x.float().permute(0, 2, 1).reshape(x.shape[0], -1, h, w)
         return F.normalize(x, dim=1)
+
+    def _last_block(self, blk: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The last block as `variant` rewrites it (see `DenseVariant`).
+
+        ``x``: (B, N = 1 + h*w, width) batch-first; returns the same shape. Attention runs per head
+        through ``scaled_dot_product_attention`` (default scale ``head_dim ** -0.5``): q-q and k-k
+        attention are SDPA with the query as its own key; SCLIP's sum of two attention maps times
+        v is the sum of two SDPA outputs.
+        """
+        spec = self.variant
+        if spec.attention == "value":
+            return self._value_only_block(blk, x)
+        attn = blk.attn
+        b, n, width = x.shape
+        heads = attn.num_heads
+        y = blk.ln_1(x)
+        qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3 width)
+        q, k, v = qkv.view(b, n, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # each (B, heads, N, hd)
+        if spec.attention == "qq+kk":
+            o = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+        elif spec.attention == "qq":
+            o = F.scaled_dot_product_attention(q, q, v)
+        elif spec.attention == "kk+gauss":
+            key = (grid, str(k.device), k.dtype)  # k's dtype: the autocast dtype on CUDA
+            if key not in self._bias_cache:
+                self._bias_cache[key] = neighbourhood_bias(grid, spec.gaussian_std, device=k.device, dtype=k.dtype)
+            o = F.scaled_dot_product_attention(k, k, v, attn_mask=self._bias_cache[key])
+        else:  # pragma: no cover - TEACHERS is fixed
+            raise NotImplementedError(spec.attention)
+        branch = blk.ls_1(attn.out_proj(o.transpose(1, 2).reshape(b, n, width)))
+        x = x + branch if spec.residual else branch
+        if spec.ffn:
+            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        return x
 
     def _last_block_keys(self, x: torch.Tensor) -> torch.Tensor:
         """Keys of the patch tokens in the last block: ``k(ln_1 x)``, (B, h*w, width) float32.
@@ -1174,17 +1520,22 @@ def load_teacher(
     h, w = (int(s) for s in config.image_size)
     if h % ps[0] or w % ps[1] or h <= 0 or w <= 0:
         raise ValueError(f"image_size {config.image_size} must be positive multiples of the patch size {ps}")
+    for name, value in (("window", config.window), ("stride", config.stride)):
+        if value is not None and (value[0] % ps[0] or value[1] % ps[1]):
+            raise ValueError(f"{name} {_hw_text(value)} must be a multiple of the patch size {_hw_text(ps)}")
     fingerprint = {"model": info["model"], "weights": config.weights, "weights_sha256": info["weights_sha256"],
                    "quick_gelu": info["quick_gelu"]}
     teacher = MaskCLIP.from_clip(
         clip_model, tokenizer, class_names, templates=templates, image_size=(h, w), device=device,
         fingerprint=fingerprint, key_smoothing=config.key_smoothing, prompt_denoising=config.prompt_denoising,
         denoise_threshold=config.denoise_threshold, smoothing_threshold=config.smoothing_threshold,
+        teacher=config.teacher, window=config.window, stride=config.stride, pamr=config.pamr,
     )
     logger.info(
-        "MaskCLIP teacher ready: %s (%s), %d classes x %d templates, image %dx%d -> grid %dx%d, D=%d, on %s",
-        info["model"], config.weights, len(class_names), len(templates), h, w, *teacher.grid_size,
-        teacher.embed_dim, teacher.device,
+        "%s teacher ready: %s (%s), %d classes x %d templates, image %dx%d -> grid %dx%d, D=%d, window %s, on %s",
+        config.teacher, info["model"], config.weights, len(class_names), len(templates), h, w, *teacher.grid_size,
+        teacher.embed_dim, "none" if teacher.window is None else
+        f"{_hw_text(teacher.window)} stride {_hw_text(teacher.stride)}", teacher.device,
     )
     if config.key_smoothing or config.prompt_denoising:
         logger.info(

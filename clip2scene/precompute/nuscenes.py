@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.errors import DataError
@@ -167,14 +170,92 @@ def _load_table(root: Path, name: str, required: bool = True) -> list[dict]:
         if required:
             raise DataError(f"missing nuScenes table: {path}")
         return []
+    return list(iter_table(path))
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_CHUNK = 1 << 24  # characters read at a time by iter_table
+
+
+def _json_error(path: Path) -> DataError:
+    """The DataError of a table that does not stream as a list of records (parsed whole, once,
+    to name the line; error path only)."""
     try:
         with path.open() as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg.rstrip(': ')}: line {e.lineno} column {e.colno})") from None
+        return DataError(f"{path}: not valid JSON ({e.msg.rstrip(': ')}: line {e.lineno} column {e.colno})")
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records")
-    return data
+        return DataError(f"{path}: expected a JSON list of records")
+    return DataError(f"{path}: expected a JSON list of records (objects)")
+
+
+def iter_table(path: Path, on_read=None) -> Iterator[dict]:
+    """Stream the records of a JSON list-of-objects table without holding the whole file or its
+    parsed form in memory (the trainval sample_data / ego_pose tables are ~2.6 million records
+    each): the caller keeps only what it needs. DataError naming the file when it is not a valid
+    JSON list of objects. `on_read(n)` is called with the characters read at each read (for a
+    progress bar)."""
+    dec = json.JSONDecoder()
+    with path.open(encoding="utf-8") as f:
+        read = f.read
+        if on_read is not None:
+            def read(n, _read=f.read):
+                text = _read(n)
+                on_read(len(text))
+                return text
+        buf, pos, eof = read(_CHUNK), 0, False
+        pos = _WS.match(buf, pos).end()
+        if pos >= len(buf) or buf[pos] != "[":
+            raise _json_error(path)
+        pos += 1
+        first = True
+        while True:
+            pos = _WS.match(buf, pos).end()
+            if pos >= len(buf) - 1 and not eof:  # keep at least one character past the whitespace
+                more = read(_CHUNK)
+                eof = not more
+                buf, pos = buf[pos:] + more, 0
+                continue
+            if pos >= len(buf):
+                raise _json_error(path)  # unterminated list
+            ch = buf[pos]
+            if ch == "]":
+                if _WS.match(buf, pos + 1).end() != len(buf) or (not eof and f.read(1).strip()):
+                    raise _json_error(path)
+                return
+            if not first:
+                if ch != ",":
+                    raise _json_error(path)
+                pos = _WS.match(buf, pos + 1).end()
+            if pos < len(buf) and buf[pos] != "{":
+                raise _json_error(path)
+            try:
+                obj, end = dec.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                if eof:
+                    raise _json_error(path) from None
+                more = read(max(_CHUNK, len(buf)))  # the record runs past the buffer: read on
+                eof = not more
+                buf, pos = buf[pos:] + more, 0
+                if not first:  # the comma is consumed: parse the record next
+                    buf = "," + buf
+                continue
+            first = False
+            yield obj
+            pos = end
+
+
+# sample_data fields the reader uses (the others are dropped as the table streams in)
+_SD_KEYS = ("token", "sample_token", "ego_pose_token", "calibrated_sensor_token", "timestamp", "filename",
+            "width", "height", "is_key_frame", "prev")
+
+
+def _table_bar(path: Path) -> tqdm:
+    """A bytes progress bar with ETA for streaming a big table; shown on a terminal only."""
+    size = path.stat().st_size
+    return tqdm(total=size, desc=f"reading {path.name}", unit="B", unit_scale=True, leave=False,
+                disable=None if size > 50_000_000 else True)
 
 
 class NuScenes:
@@ -196,28 +277,109 @@ class NuScenes:
             hint = (f"; this dataroot has {', '.join(found)}: pass --version {found[0]}" if found
                     else "; no folder here holds nuScenes tables (sample.json, ...)")
             raise DataError(f"no table folder for version {version!r}: {table_dir}{hint}")
-        t = {name: _load_table(table_dir, name) for name in TABLES}
+        # Small tables whole; sample_data and ego_pose (millions of records at trainval size)
+        # streamed, keeping only what scans use: keyframes of every channel, the LIDAR_TOP
+        # sweeps their `prev` chains reach, and the ego poses of those (docs/scaling.md).
+        t = {name: _load_table(table_dir, name) for name in TABLES if name not in ("sample_data", "ego_pose")}
         t["lidarseg"] = _load_table(table_dir, "lidarseg", required=False)
         self._by_token = {name: {r["token"]: r for r in recs} for name, recs in t.items()}
         self.scenes = sorted(t["scene"], key=lambda r: r["name"])
         self.categories = t["category"]
         self.label_map = self._build_label_map(table_dir)
+        del t
 
         # sample_token -> channel -> keyframe sample_data record
         self._key_data: dict[str, dict[str, dict]] = {}
         # sample_token -> problems with its keyframe sample_data (raised when the sample is used)
         self._key_errors: dict[str, list[str]] = {}
-        for sd in t["sample_data"]:
-            if not sd.get("is_key_frame"):
-                continue
+        sample_data: dict[str, dict] = {}
+        channels: dict = {}  # calibrated_sensor token -> channel, or the DataError resolving it
+        path = table_dir / "sample_data.json"
+        if not path.is_file():
+            raise DataError(f"missing nuScenes table: {path}")
+        bar = _table_bar(path)
+        for sd in iter_table(path, bar.update):
+            cs_token = sd.get("calibrated_sensor_token")
             try:
-                channel = self._channel(sd)
+                channel = channels.get(cs_token) if isinstance(cs_token, str) else None
+                if channel is None:
+                    channel = self._channel(sd)
+                    if isinstance(cs_token, str):
+                        channels[cs_token] = channel
             except DataError as e:
+                channel = e
+            if not sd.get("is_key_frame"):
+                if channel == LIDAR or isinstance(channel, DataError):  # a sweep (bad ones fail when used)
+                    sample_data[sd.get("token")] = {k: sd[k] for k in _SD_KEYS if k in sd}
+                continue
+            sd = {k: sd[k] for k in _SD_KEYS if k in sd}
+            sample_data[sd.get("token")] = sd
+            if isinstance(channel, DataError):
                 self._key_errors.setdefault(sd.get("sample_token"), []).append(
-                    f"keyframe sample_data {sd.get('token')!r}: {e}")
+                    f"keyframe sample_data {sd.get('token')!r}: {channel}")
                 continue
             self._key_data.setdefault(sd.get("sample_token"), {})[channel] = sd
-        self._lidarseg_by_sd = {r["sample_data_token"]: r["filename"] for r in t["lidarseg"]}
+        bar.close()
+        self._by_token["sample_data"] = sample_data
+        wanted = {sd.get("ego_pose_token") for sd in sample_data.values()}
+        path = table_dir / "ego_pose.json"
+        if not path.is_file():
+            raise DataError(f"missing nuScenes table: {path}")
+        with _table_bar(path) as bar:
+            self._by_token["ego_pose"] = {r.get("token"): r for r in iter_table(path, bar.update)
+                                          if r.get("token") in wanted}
+        self._lidarseg_by_sd = {r["sample_data_token"]: r["filename"] for r in self._by_token.pop("lidarseg").values()}
+        self._has_labels = bool(self._lidarseg_by_sd)
+        log.info("%s %s: %d samples, %d of the sample_data records kept", self.dataroot, version,
+                 len(self._by_token["sample"]), len(sample_data))
+
+    def subset(self, scans: list[ScanRef]) -> tuple[NuScenes, list[ScanRef]]:
+        """A reader holding only the records `scans` use (their keyframes' sample_data of every
+        channel, the sweeps their `prev` chains reach, the ego poses, calibrations, sensors and
+        lidarseg entries of those), and the scans re-pointed at it. This is a Dask task's
+        payload: a few hundred records per block instead of the whole tables, so workers never
+        load the tables and their memory is bounded by their own scans."""
+        sub = NuScenes.__new__(NuScenes)
+        sub.dataroot, sub.version, sub.categories = self.dataroot, self.version, self.categories
+        sub.label_map = self.label_map
+        tokens = {s.token for s in scans}
+        sub.scenes = [sc for sc in self.scenes if sc["name"] in {s.scene for s in scans}]
+        sub._key_data = {t: self._key_data[t] for t in tokens if t in self._key_data}
+        sub._key_errors = {t: self._key_errors[t] for t in tokens if t in self._key_errors}
+        sds: dict[str, dict] = {}
+        all_sd = self._by_token["sample_data"]
+        for s in scans:
+            for sd in sub._key_data.get(s.token, {}).values():
+                sds[sd.get("token")] = sd
+            lidar = sub._key_data.get(s.token, {}).get(LIDAR)
+            token, n = (lidar or {}).get("prev", ""), 0
+            while token and n < s.native.num_sweeps and token in all_sd:
+                sds[token] = all_sd[token]
+                token, n = all_sd[token].get("prev", ""), n + 1
+        cs = {sd.get("calibrated_sensor_token") for sd in sds.values()}
+        egos = {sd.get("ego_pose_token") for sd in sds.values()}
+
+        def pick(table: str, keys) -> dict:  # lookups only: a block's cost does not grow with the tables
+            recs = self._by_token[table]
+            return {k: recs[k] for k in keys if isinstance(k, str) and k in recs}
+
+        cs_recs = pick("calibrated_sensor", cs)
+        sub._by_token = dict(sample=pick("sample", tokens), sample_data=sds, calibrated_sensor=cs_recs,
+                             sensor=pick("sensor", {r.get("sensor_token") for r in cs_recs.values()}),
+                             ego_pose=pick("ego_pose", egos))
+        for name in ("scene", "log", "category"):
+            sub._by_token[name] = {}
+        lidar_tokens = {d[LIDAR].get("token") for d in sub._key_data.values() if LIDAR in d}
+        sub._lidarseg_by_sd = {k: self._lidarseg_by_sd[k] for k in lidar_tokens if k in self._lidarseg_by_sd}
+        sub._has_labels = self._has_labels
+        out = []
+        for s in scans:
+            kf = s.native
+            native = Keyframe(sample_token=kf.sample_token, scene=kf.scene, split=kf.split, timestamp=kf.timestamp,
+                              lidarseg=kf.lidarseg, lidar_file=kf.lidar_file, num_sweeps=kf.num_sweeps, reader=sub)
+            out.append(ScanRef(token=s.token, scene=s.scene, split=s.split, timestamp=s.timestamp,
+                               lidar_path=s.lidar_path, native=native))
+        return sub, out
 
     # -- tables -----------------------------------------------------------------------------
     def table_path(self, table: str) -> Path:
@@ -388,7 +550,7 @@ class NuScenes:
     @property
     def has_labels(self) -> bool:
         """True when the version has lidarseg labels."""
-        return bool(self._lidarseg_by_sd)
+        return self._has_labels
 
     def load_labels(self, keyframe: Keyframe, num_points: int) -> np.ndarray:
         """(num_points,) uint8 evaluation labels (0 = ignore) of the keyframe's lidar points."""

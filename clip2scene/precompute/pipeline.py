@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import numbers
@@ -43,6 +44,7 @@ from clip2scene.devices import resolve_device
 from clip2scene.errors import CacheError, ConfigError, DataError
 from clip2scene.precompute.maskclip import PRECISIONS, MaskCLIP, TeacherConfig, load_teacher, resolve_precision
 from clip2scene.precompute.dataset import Dataset, ScanRef
+from clip2scene.precompute.simulated import SimulatedConfig, load_simulated_teacher
 from clip2scene.precompute.nuscenes import NuScenes, merged_points  # noqa: F401  (re-exported)
 from clip2scene.runtime import tune_malloc
 from clip2scene.storage import CacheWriter, Layout, Location, ScanRecord, open_cache, write_block
@@ -54,6 +56,24 @@ DATASETS = ("nuscenes", "semantickitti", "scannet")
 # Teacher input (H, W) per dataset: multiples of 16 close to the cameras' aspect ratios
 # (nuScenes 1600x900, KITTI image_2 1241x376, ScanNet 25k colour 640x480).
 DEFAULT_IMAGE_SIZE = {"nuscenes": (224, 416), "semantickitti": (128, 416), "scannet": (240, 320)}
+# Full camera resolution, the input that sliding windows tile (nuScenes 900x1600, KITTI ~376x1241,
+# ScanNet 480x640); `default_image_size` rounds it to the backbone's patch size.
+FULL_IMAGE_SIZE = {"nuscenes": (900, 1600), "semantickitti": (376, 1241), "scannet": (480, 640)}
+
+
+def default_image_size(dataset: str, clip_model: str, windowed: bool = False) -> tuple[int, int]:
+    """Teacher input (H, W) when none is given: `DEFAULT_IMAGE_SIZE`, or `FULL_IMAGE_SIZE` for
+    sliding windows, each side rounded to the nearest multiple of the backbone's patch size (16
+    when the model name is unknown here; load_teacher reports that)."""
+    from clip2scene.precompute.maskclip import _model_config
+
+    h, w = (FULL_IMAGE_SIZE if windowed else DEFAULT_IMAGE_SIZE)[dataset]
+    try:
+        patch = _model_config(clip_model.replace("/", "-")).get("vision_cfg", {}).get("patch_size") or 16
+    except (ValueError, ImportError):
+        patch = 16
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    return max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,7 @@ class PrecomputeConfig:
     on_error: str = "stop"  # a bad sample: "stop" (error naming the file) or "skip" (recorded in the manifest)
     feature_dtype: str = "int8"  # teacher feature maps on disk: int8 x per-patch scale, or float16 (twice the bytes)
     teacher_precision: str = "auto"  # teacher compute: auto (fp16 on CUDA, bf16 on AMX CPUs, else fp32), float32, bfloat16, float16
+    simulated: SimulatedConfig = field(default_factory=SimulatedConfig)  # knobs of teacher.teacher == "simulated"
 
     def __post_init__(self) -> None:
         """Every option checked here, once: ConfigError with one line naming the option and value."""
@@ -302,10 +323,13 @@ def process_scan(ds: Dataset, scan: ScanRef, teacher: MaskCLIP | None, device: t
     feats, logits = [], []
     for k0 in range(0, len(used), view_batch):
         chunk = [views[int(c)] for c in used[k0 : k0 + view_batch]]
-        images = [decode_image(v.path, v.width, v.height, device) for v in chunk]
-        batch = prepare_batch(images, tuple(teacher.fingerprint["image_size"]))
-        with teacher.autocast():
-            dense, dense_logits = teacher.dense_outputs(batch)  # (V, D, h, w), (V, C, h, w)
+        if getattr(teacher, "reads_class_maps", False):  # the simulated teacher: the views' class maps
+            dense, dense_logits = teacher.dense_outputs_for_views(chunk, ds.name)
+        else:
+            images = [decode_image(v.path, v.width, v.height, device) for v in chunk]
+            batch = prepare_batch(images, tuple(teacher.fingerprint["image_size"]))
+            with teacher.autocast():
+                dense, dense_logits = teacher.dense_outputs(batch)  # (V, D, h, w), (V, C, h, w)
         feats.append(F.normalize(dense.float(), dim=1).permute(0, 2, 3, 1).cpu().numpy())
         logits.append(dense_logits.float().permute(0, 2, 3, 1).cpu().numpy().astype(np.float16))
     d, c = teacher.embed_dim, len(teacher.class_names)
@@ -343,6 +367,9 @@ def open_dataset(name: str, dataroot: Path | str, version: str | None = None) ->
         return ScanNet(dataroot)
     raise ConfigError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS)}")
 
+
+# Teachers that are not a MaskCLIP variant, by TeacherConfig.teacher (any other name goes to load_teacher).
+SPECIAL_TEACHERS = {"simulated": load_simulated_teacher}
 
 _PROCESS_CACHE: dict = {}  # per worker process: dataset reader, scan list, teacher
 
@@ -392,35 +419,59 @@ def _teacher(config: PrecomputeConfig, class_names: tuple[str, ...], device: tor
         raise ConfigError(f"--teacher-precision: {e}") from None
 
     def make():
+        kind = config.teacher.teacher
+        if kind in SPECIAL_TEACHERS:
+            try:
+                return SPECIAL_TEACHERS[kind](class_names, config.teacher.image_size, config.simulated, device)
+            except ValueError as e:
+                raise ConfigError(f"--teacher {kind} --image-size {config.teacher.image_size[0]}x"
+                                  f"{config.teacher.image_size[1]}: {e}") from None
         try:
             teacher = load_teacher(config.teacher, class_names, device=device)
         except (ValueError, NotImplementedError) as e:  # unknown model, bad image size, unsupported tower
-            raise ConfigError(f"teacher --clip-model {config.teacher.model!r} --image-size "
+            raise ConfigError(f"teacher {config.teacher.teacher} --clip-model {config.teacher.model!r} --image-size "
                               f"{config.teacher.image_size[0]}x{config.teacher.image_size[1]}: {e}") from None
         try:
             return teacher.set_precision(precision)
         except ValueError as e:
             raise ConfigError(f"--teacher-precision {config.teacher_precision} on {device}: {e}") from None
 
-    return _cached(("teacher", config.teacher, tuple(class_names), str(device), precision), make)
+    return _cached(("teacher", config.teacher, config.simulated, tuple(class_names), str(device), precision), make)
+
+
+def block_payload(ds: Dataset, scans: list[ScanRef]) -> tuple[Dataset, list[ScanRef]]:
+    """What a Dask task needs to process `scans`: the reader cut down to the records they use
+    (`ds.subset`, e.g. nuScenes: a few hundred table records instead of millions) and the scans
+    pointing at it. Readers without `subset` are small and are sent whole."""
+    subset = getattr(ds, "subset", None)
+    return subset(scans) if subset is not None else (ds, scans)
 
 
 def run_block(config: PrecomputeConfig, index: int, start: int, stop: int, layout: Layout,
-              threads: int | None = None, run_id: str = "") -> dict:
+              threads: int | None = None, run_id: str = "",
+              payload: tuple[Dataset, list[ScanRef]] | None = None) -> dict:
     """Process scans [start, stop) of the configured dataset as block `index` and write it.
 
-    Runs in the coordinator or in a Dask worker (everything it needs is in its arguments; the
-    reader and teacher are built once per process). A bad sample raises DataError naming it, or
-    with on_error="skip" is left out and listed in the block summary. Returns the summary.
+    Runs in the coordinator or in a Dask worker. `payload` = (reader, the block's scans) from
+    `block_payload`: the coordinator read the tables once and sends each task only the records
+    it needs; without it (a direct call) the reader is opened here, once per process. The
+    teacher is built once per process. A bad sample raises DataError naming it, or with
+    on_error="skip" is left out and listed in the block summary. Returns the summary.
     """
     tune_malloc()  # Dask workers are fresh processes
     if threads:
         torch.set_num_threads(threads)
-    ds, scans = _dataset_and_scans(config, run_id)
+    if payload is None:
+        ds, scans = _dataset_and_scans(config, run_id)
+        scans = scans[start:stop]
+    else:
+        ds, scans = payload
+        if len(scans) != stop - start:
+            raise ValueError(f"block {index}: payload has {len(scans)} scans for [{start}, {stop})")
     device = _worker_device(config)
     teacher = _teacher(config, get_class_set(config.class_set), device)
     records, skipped, images = [], [], 0
-    for scan in scans[start:stop]:
+    for scan in scans:
         try:
             records.append(process_scan(ds, scan, teacher, device, config.view_batch))
             images += len(records[-1].image_view) if teacher is not None else 0
@@ -454,12 +505,14 @@ def _run_blocks(config: PrecomputeConfig, todo: list[tuple[int, int, int]], layo
                               "every worker must see the same CLIP weights")
         writer.record_block(summary)
 
-    bar = tqdm(total=len(todo), desc="precompute", unit="block", disable=not progress)
+    ds, scans = _dataset_and_scans(config, run_id)
+    bar = tqdm(total=sum(stop - start for _, start, stop in todo), desc="precompute", unit="scan",
+               disable=not progress, smoothing=0.05)
     if not (config.workers or config.scheduler):
         with bar:  # closed (line ended) before any error is reported
             for index, start, stop in todo:
-                record(run_block(config, index, start, stop, layout, None, run_id))
-                bar.update()
+                record(run_block(config, index, start, stop, layout, None, run_id, (ds, scans[start:stop])))
+                bar.update(stop - start)
         return
     from distributed import Client, LocalCluster, as_completed
 
@@ -475,11 +528,26 @@ def _run_blocks(config: PrecomputeConfig, todo: list[tuple[int, int, int]], layo
         client = Client(cluster)
     try:
         threads = 1 if not config.scheduler else None
-        futures = [client.submit(run_block, config, index, start, stop, layout, threads, run_id,
-                                 key=f"block-{run_id}-{index}", pure=False) for index, start, stop in todo]
-        for fut in as_completed(futures):
-            record(fut.result())  # a worker's DataError is re-raised here
-            bar.update()
+        # Tasks are submitted a few per worker at a time, each carrying only its block's records
+        # (block_payload): the coordinator's memory for payloads stays bounded whatever the
+        # number of blocks, and no worker ever opens the dataset tables.
+        in_flight = 2 * max(len(client.scheduler_info().get("workers", {})), config.workers, 1)
+        pending = iter(todo)
+
+        def submit(block):
+            index, start, stop = block
+            return client.submit(run_block, config, index, start, stop, layout, threads, run_id,
+                                 block_payload(ds, scans[start:stop]), key=f"block-{run_id}-{index}", pure=False)
+
+        ac = as_completed([submit(b) for b in itertools.islice(pending, in_flight)])
+        for fut in ac:
+            summary = fut.result()  # a worker's DataError is re-raised here
+            fut.release()
+            record(summary)
+            bar.update(sum(1 for _ in summary["scans"]) + len(summary.get("skipped", [])))
+            nxt = next(pending, None)
+            if nxt is not None:
+                ac.add(submit(nxt))
     finally:
         bar.close()
         client.close()
@@ -543,6 +611,14 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     if config.teacher is None and not ds.has_labels:
         raise ConfigError(f"{ds.dataroot} has no labels and --clip-model none asks for no teacher: nothing to cache")
     teacher = _teacher(config, class_names, resolve_device(config.device))
+    if getattr(teacher, "reads_class_maps", False):
+        from clip2scene.precompute.classmaps import CLASSMAP_DIR, find_class_map_root
+
+        first = ds.views(scans[0])
+        if first and find_class_map_root(first[0].path) is None:
+            raise ConfigError(f"--teacher {config.teacher.teacher}: {ds.dataroot} has no per-pixel class maps "
+                              f"({CLASSMAP_DIR}/): the simulated teacher only runs on samples written by "
+                              "`clip2scene make-sample`")
     meta = dict(
         dataset=dict(name=ds.name, version=ds.version, dataroot=str(Path(config.dataroot).resolve()), split=config.split),
         teacher=teacher.fingerprint if teacher is not None else None,
@@ -589,7 +665,8 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
     result = dict(writer.meta)
     result["seconds"] = seconds
     result["resumed_blocks"] = len(blocks) - len(todo)
-    images = sum(b.get("images", 0) for i, b in writer.done_blocks().items() if i in {t[0] for t in todo})
+    ran = {t[0] for t in todo}
+    images = sum(b.get("images", 0) for i, b in writer.done_blocks().items() if i in ran)
     result["images_per_second"] = images / max(seconds, 1e-9)  # images this run computed
     log.info("precompute done: %d scans in %.1fs", len(scans), seconds)
     return result

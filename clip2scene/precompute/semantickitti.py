@@ -35,6 +35,8 @@ missing or malformed file fails early with a DataError naming it. Numpy + Pillow
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import re
 from dataclasses import dataclass
@@ -314,6 +316,18 @@ class SemanticKITTI:
                     )
                 )
         return out
+
+    def subset(self, scans: list[ScanRef]) -> tuple[SemanticKITTI, list[ScanRef]]:
+        """This reader cut down to the sequences `scans` come from (their frame lists, calib,
+        poses, times): a Dask task's payload, instead of every sequence's poses."""
+        _ = self.has_labels  # decided once here, not again in every worker
+        seqs = {s.native.sequence for s in scans}
+        sub = copy.copy(self)
+        sub.frames = {k: v for k, v in self.frames.items() if k in seqs}
+        sub._calib = {k: v for k, v in self._calib.items() if k in seqs}
+        sub._poses = {k: v for k, v in self._poses.items() if k in seqs}
+        sub._times = {k: v for k, v in self._times.items() if k in seqs}
+        return sub, list(scans)
 
     def sweep_transform(self, sequence: str, frame: int, other: int) -> np.ndarray:
         """(4, 4) float64 velodyne(other) -> velodyne(frame): inv(Tr) @ inv(P_frame) @ P_other @ Tr."""

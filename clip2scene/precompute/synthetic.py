@@ -31,6 +31,9 @@ Conventions a reader should know:
   the ground; num_lidar_pts is the devkit points-in-box count; visibility is the lidar-visible
   fraction of the object (binned like nuScenes). Logs are vehicle n015 in singapore-onenorth
   (traffic keeps left); the map record points at a placeholder PNG.
+- Class maps: beside the official layout, `clip2scene-classmaps/samples/CAM_*/<image>.npz` holds
+  each image's per-pixel evaluation class, depth and object id (`clip2scene.precompute.classmaps`),
+  for the simulated teacher (`precompute --teacher simulated`). The nuScenes folders are untouched.
 
 Run: ``python -m clip2scene.precompute.synthetic OUT_DIR [--scenes 2 --keyframes 4 --seed 0]``.
 Numpy + Pillow only; ray casting lives in `clip2scene.precompute.synthetic_render`.
@@ -49,7 +52,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.precompute import splits
+from clip2scene.precompute.classmaps import write_class_map
+from clip2scene.precompute.nuscenes import FINE_TO_COARSE
 from clip2scene.precompute.synthetic_render import (
     Prims, matrix_to_quat, quat_to_matrix, raycast_lidar, render_camera, rotation_matrix)
 
@@ -592,11 +598,20 @@ class _SceneWriter:
         filename = f"samples/{ch}/{self.logfile}__{ch}__{ts}.jpg"
         _, r_e, t_e, t = self._sample_data(ch, sample, ts, True, filename, base, (w, h))
         _, r_c, t_c, k = self.calib[ch]
+        maps: dict = {}
         img = render_camera(self.world.prims_at(t), self.world.ground_labels, self.colours,
-                            r_e @ t_c + t_e, r_e @ r_c, k, w, h, rng)
+                            r_e @ t_c + t_e, r_e @ r_c, k, w, h, rng, maps=maps)
         path = self.root / filename
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(path, format="JPEG", quality=92)
+        write_class_map(self.root, filename, EVAL_LABEL[maps["label"]], maps["depth"], maps["instance"])
+
+
+# Fine category index -> nuScenes-lidarseg evaluation label 1..16 (0 = ignore or sky).
+EVAL_LABEL = np.zeros(256, np.uint8)
+for _i, (_name, _) in enumerate(CATEGORIES):
+    if _name in FINE_TO_COARSE:
+        EVAL_LABEL[_i] = NUSCENES_CLASSES.index(FINE_TO_COARSE[_name]) + 1
 
 
 def _category_token(name: str) -> str:
@@ -613,7 +628,9 @@ def make_sample(out: str | Path, config: SampleConfig = SampleConfig()) -> Path:
     Layout: `<out>/<version>/*.json` (the 14 tables in `TABLES`), `samples/LIDAR_TOP/*.pcd.bin`
     (float32 x 5: x, y, z, intensity, ring), `sweeps/LIDAR_TOP/*.pcd.bin`, `samples/CAM_*/*.jpg`
     (uint8 RGB, image_height x image_width), `lidarseg/<version>/<sd_token>_lidarseg.bin` (uint8
-    per keyframe point), `maps/<token>.png` (placeholder). Raises FileExistsError if `out` exists
+    per keyframe point), `maps/<token>.png` (placeholder); outside the nuScenes layout, one
+    per-pixel class map per camera image under `clip2scene-classmaps/` (see
+    `clip2scene.precompute.classmaps`; the simulated teacher reads them). Raises FileExistsError if `out` exists
     and is non-empty, ValueError for an invalid config.
     """
     root = Path(out)

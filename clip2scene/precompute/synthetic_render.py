@@ -371,13 +371,16 @@ def _camera_rays(intrinsic: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def render_camera(prims: Prims, ground_fn: GroundFn, colours: np.ndarray, origin: np.ndarray,
                   r_cam: np.ndarray, intrinsic: np.ndarray, width: int, height: int,
-                  rng: np.random.Generator, max_distance: float = 250.0) -> np.ndarray:
+                  rng: np.random.Generator, max_distance: float = 250.0, maps: dict | None = None) -> np.ndarray:
     """Render one camera image of the world.
 
     origin: (3,) camera centre (global); r_cam: (3, 3) camera-to-global rotation of the optical
     frame (x right, y down, z forward); intrinsic: (3, 3) K. Pixel (col, row) is the ray through
     image coordinates (u, v) = (col, row) (pixel centres on the integer grid).
     colours: (32, 3) float RGB per fine class. Returns (height, width, 3) uint8 RGB.
+    maps: if a dict is given, it receives the per-pixel ground truth of the image: "label"
+    (H, W) uint8 fine class (0 = sky), "depth" (H, W) float32 ray length in metres (inf = sky),
+    "instance" (H, W) int64 object id (-1 = ground or sky). The image itself is unchanged.
     """
     dirs = (r_cam @ _camera_rays(intrinsic, width, height)).astype(np.float32).reshape(3, height, width)
     t_best = _ground_t(origin, dirs)  # (H, W) float32
@@ -390,6 +393,8 @@ def render_camera(prims: Prims, ground_fn: GroundFn, colours: np.ndarray, origin
 
     n_prim = prims.n_box + len(prims.ell_radii)
     labels_all = np.concatenate([prims.box_label, prims.ell_label])
+    objs_all = np.concatenate([prims.box_obj, prims.ell_obj]).astype(np.int64)
+    instance = np.full((height, width), -1, np.int64) if maps is not None else None
     cand = np.zeros(0, np.int64)
     if n_prim:
         corners = prims.corners()
@@ -409,9 +414,13 @@ def render_camera(prims: Prims, ground_fn: GroundFn, colours: np.ndarray, origin
             if better.any():
                 sub_t[better] = t[better]
                 label[rs, cs][better] = labels_all[k]
+                if instance is not None:
+                    instance[rs, cs][better] = objs_all[k]
                 normal[:, rs, cs][:, better] = n.reshape(3, *sub_t.shape)[:, better]
 
     hit = np.isfinite(t_best)
+    if maps is not None:
+        maps.update(label=label.copy(), depth=t_best.astype(np.float32), instance=instance)
     img = np.empty((height, width, 3), np.float32)
     # sky: gradient with the elevation of the ray
     sky = ~hit

@@ -448,12 +448,10 @@ class CacheWriter:
         if len(grids) > 1:
             raise CacheError(f"{self.path}: blocks hold teacher maps of different grids {sorted(grids)}")
         starts = {}
+        first = np.flatnonzero(np.r_[True, block_idx[1:] != block_idx[:-1]])  # scans come block by block
         for name, counts in (("point", pts), ("pair", prs), ("image", ims)):
-            start = np.zeros(len(scans), np.int64)
-            for b in np.unique(block_idx):
-                rows = np.flatnonzero(block_idx == b)
-                start[rows] = np.concatenate([[0], np.cumsum(counts[rows])[:-1]])
-            starts[name] = start
+            before = np.cumsum(counts) - counts  # rows before each scan, over the whole cache
+            starts[name] = before - np.repeat(before[first], np.diff(np.r_[first, len(counts)]))  # within its block
         self._write_table(group, "scans/block", block_idx, "int32")
         self._write_table(group, "scans/point_start", starts["point"], "int64")
         self._write_table(group, "scans/point_count", pts, "int64")

@@ -94,3 +94,73 @@ def format_table(results: list[dict]) -> str:
         paper = "-" if r["paper_miou"] is None else f"{r['paper_miou']:.1f}"
         lines.append(f"| {r['row']} | {pct(r['miou'])} | {paper} |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- teachers
+def _teacher_label(fp: dict) -> str:
+    """'clearclip ViT-L-14 window 448x448/224x224 +PAMR' from a cache's teacher fingerprint."""
+    label = f"{fp.get('teacher', 'maskclip')} {fp.get('model', '?')}"
+    if fp.get("window"):
+        label += f" window {'x'.join(map(str, fp['window']))}/{'x'.join(map(str, fp['stride']))}"
+    return label + (" +PAMR" if fp.get("pamr") else "")
+
+
+def run_teacher_comparison(base: TrainConfig, caches: dict[str, str], out: str | Path, split: str = "val",
+                           progress: bool = True) -> list[dict]:
+    """The same student trained on each teacher's cache and evaluated: one row per teacher.
+
+    ``caches``: row name -> cache of the same scans and prompt classes precomputed with another
+    teacher (``precompute --teacher ... --clip-model ... --window ...``). Each row reports the
+    teacher's own mIoU on the camera-visible points and the distilled student's mIoU on all
+    points of ``split``. Writes out/teachers.md and out/teachers.json; returns the rows.
+
+    Raises:
+        CacheError: a cache without teacher outputs, or caches of other scans or classes than
+            the first (the comparison would not be like for like).
+    """
+    from clip2scene.errors import CacheError
+
+    if not caches:
+        raise CacheError("compare-teachers needs at least one cache")
+    out = Path(out)
+    opened = {name: open_cache(path, base.storage_options) for name, path in caches.items()}
+    first_name, first = next(iter(opened.items()))
+    for name, cache in opened.items():
+        if not cache.has_teacher:
+            raise CacheError(f"cache {cache.path} ({name}) has no teacher outputs (built with --clip-model none)")
+        if cache.class_names != first.class_names:
+            raise CacheError(f"cache {cache.path} ({name}) has classes {cache.class_names}, "
+                             f"{first.path} ({first_name}) has {first.class_names}: not comparable")
+        if sorted(cache.token.tolist()) != sorted(first.token.tolist()):
+            raise CacheError(f"cache {cache.path} ({name}) holds other scans than {first.path} ({first_name}): "
+                             "precompute every teacher on the same data")
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, cache in opened.items():
+        run_dir = out / _slug(name)
+        cfg = replace(base, out=str(run_dir), cache=caches[name])
+        log.info("teacher %r (%s) -> %s", name, _teacher_label(cache.fingerprint), run_dir)
+        summary = train(cfg, progress=progress)
+        result = evaluate(EvalConfig(checkpoint=summary["checkpoint"], cache=cfg.cache, split=split,
+                                     device=base.device), progress=progress)
+        fp = cache.fingerprint
+        results.append(dict(row=name, teacher=_teacher_label(fp), variant=fp.get("teacher", "maskclip"),
+                            model=fp.get("model"), window=fp.get("window"), stride=fp.get("stride"),
+                            pamr=bool(fp.get("pamr", False)), teacher_miou_visible=result["teacher_miou_visible"],
+                            miou=result["miou"], random_weights=fp.get("weights_sha256") == "random",
+                            cache=cfg.cache, run=str(run_dir), split=split))
+    (out / "teachers.json").write_text(json.dumps(results, indent=2))
+    (out / "teachers.md").write_text(format_teacher_table(results))
+    return results
+
+
+def format_teacher_table(results: list[dict]) -> str:
+    """Markdown table: row, teacher, teacher mIoU (camera-visible points), student mIoU (all points)."""
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    lines = ["| row | teacher | teacher mIoU (visible points) | student mIoU |", "|---|---|---|---|"]
+    for r in results:
+        note = " (random weights)" if r.get("random_weights") else ""
+        lines.append(f"| {r['row']} | {r['teacher']}{note} | {pct(r['teacher_miou_visible'])} | {pct(r['miou'])} |")
+    return "\n".join(lines) + "\n"

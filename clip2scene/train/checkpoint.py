@@ -22,7 +22,11 @@ CHECKPOINT_FORMAT = "clip2scene-checkpoint"
 CHECKPOINT_VERSION = 1
 # Teacher fingerprint fields that must match between a checkpoint and a cache.
 FINGERPRINT_FIELDS = ("model", "weights_sha256", "quick_gelu", "image_size", "class_names", "templates_sha256",
-                      "embed_dim", "key_smoothing", "prompt_denoising", "denoise_threshold", "smoothing_threshold")
+                      "embed_dim", "key_smoothing", "prompt_denoising", "denoise_threshold", "smoothing_threshold",
+                      "teacher", "window", "stride", "pamr")
+# Value of a field that caches/checkpoints written before it existed lack (the paper's MaskCLIP,
+# whole image, no PAMR).
+FINGERPRINT_DEFAULTS = {"teacher": "maskclip", "window": None, "stride": None, "pamr": False}
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, model_config: ModelConfig, train_config: dict,
@@ -56,7 +60,7 @@ def load_checkpoint(path: str | Path, check_finite: bool = True) -> dict:
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickle: tensors and plain data only
     except Exception as e:  # torch raises many types for a bad file
         raise ConfigError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -85,8 +89,8 @@ def check_compatible(ckpt: dict, cache: Cache, ckpt_path: str | Path = "checkpoi
         )
     theirs, ours = ckpt["teacher"], cache.fingerprint
     for key in FINGERPRINT_FIELDS:
-        if theirs.get(key) != ours.get(key):
+        a, b = theirs.get(key, FINGERPRINT_DEFAULTS.get(key)), ours.get(key, FINGERPRINT_DEFAULTS.get(key))
+        if a != b:
             raise CacheError(
-                f"teacher fingerprint field {key!r} differs: {ckpt_path} has {theirs.get(key)!r}, "
-                f"cache {cache.path} has {ours.get(key)!r}"
+                f"teacher fingerprint field {key!r} differs: {ckpt_path} has {a!r}, cache {cache.path} has {b!r}"
             )

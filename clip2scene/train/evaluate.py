@@ -119,6 +119,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         teacher_per_class_iou_visible=_iou_dict(names, t_iou),
         confusion_matrix=student.matrix.tolist(),
         teacher_weights=ckpt["teacher"].get("weights_sha256"),
+        teacher_model=ckpt["teacher"].get("model"),
     )
     out = Path(config.out) if config.out else Path(config.checkpoint).parent / f"eval_{config.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,8 @@ from clip2scene.train.evaluate import _iou_dict, _num
 from clip2scene.train.lovasz import lovasz_softmax
 from clip2scene.train.metrics import ConfusionMatrix
 from clip2scene.train.model import ModelConfig, build_model, count_parameters
-from clip2scene.train.trainer import forward_points, precise_batchnorm
+from clip2scene.train.stability import DivergenceMonitor, TrainingDiverged, clip_gradients, warmup_cosine
+from clip2scene.train.trainer import _validate_guard_rails, forward_points, precise_batchnorm, schedule_info
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,16 @@ class FinetuneConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # used for random init only
     storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL
     overwrite: bool = False  # replace a previous run in `out` (its run files are removed first)
+    head_input: str = "l2"  # classifier input: "l2" (unit-norm point features, see Segmenter) or "raw"
+    # guard rails (train/stability.py); `lr` is the backbone rate at `reference_batch`, scaled by `lr_scaling`
+    warmup_steps: int | None = None  # linear warm-up steps (None = auto: half the first epoch, <= 300; 0 = off)
+    clip_grad_norm: float | None = None  # clip the total gradient L2 norm to this (None = off; the norm is logged anyway)
+    lr_scaling: str = "linear"  # lr x batch_size / reference_batch: linear, sqrt or none
+    reference_batch: int = 8  # the recipe's batch (method.md section 5: released nuScenes fine-tuning config, batch 8)
+    divergence_factor: float = 10.0  # a step's loss above this x the running median is a divergence
+    divergence_window: int = 50  # steps in the running median
+    stop_on_divergence: bool = False  # stop at the first divergence, keeping the last epoch's checkpoint
+
 
     def __post_init__(self) -> None:
         """Every option's valid range, checked before any work: ConfigError naming the option."""
@@ -112,19 +123,40 @@ class FinetuneConfig:
         if not isinstance(self.storage_options, dict):
             raise ConfigError(f"storage_options {self.storage_options!r}: expected a dict")
         check_bool("overwrite", self.overwrite)
+        if self.head_input not in HEAD_INPUTS:
+            raise ConfigError(f"--head-input {self.head_input!r}: expected one of {', '.join(HEAD_INPUTS)}")
+        _validate_guard_rails(self)
+
+
+HEAD_INPUTS = ("l2", "raw")
 
 
 class Segmenter(nn.Module):
-    """A student backbone with a linear classifier over K evaluation classes on its point features."""
+    """A student backbone with a linear classifier over K evaluation classes on its point features.
 
-    def __init__(self, backbone: nn.Module, num_classes: int):
+    head_input "l2" (default): the classifier sees the point features scaled to unit L2 norm.
+    The backbone's concatenated multi-scale features (sums of BatchNorm + ReLU outputs, all >= 0)
+    have a squared norm of ~1.7e3 (median; up to ~1.5e5) on real nuScenes scans at init, and the
+    curvature of the cross-entropy in the classifier's weights grows with it: SGD with momentum
+    0.9 on the raw features is stable only below a head lr of ~2e-3 there, so the recipe's head
+    lr (0.02 x 100 = 2) diverges and even 0.02 spikes (docs/benchmarks.md, issue 18). On unit-norm
+    features the curvature is <= 0.5 and the recipe's rate is stable. "raw" = the classifier on
+    the features as they are (checkpoints written before this option)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head_input: str = "l2"):
         super().__init__()
+        if head_input not in HEAD_INPUTS:
+            raise ConfigError(f"head input {head_input!r}: expected one of {', '.join(HEAD_INPUTS)}")
         self.backbone = backbone
+        self.head_input = head_input
         self.classifier = nn.Linear(backbone.embed_channels, num_classes)
 
     def forward_points(self, vox, point_features: torch.Tensor) -> torch.Tensor:
         """(N, K) float32 class logits of every point (label k + 1 = logit column k)."""
-        return self.classifier(self.backbone.embed_points(vox, point_features))
+        emb = self.backbone.embed_points(vox, point_features)
+        if self.head_input == "l2":
+            emb = F.normalize(emb, dim=1)
+        return self.classifier(emb)
 
 
 def label_subset(indices: np.ndarray, fraction: float) -> np.ndarray:
@@ -156,7 +188,7 @@ def _segmenter_from(config: FinetuneConfig, cache: Cache, device: torch.device) 
         backbone.load_state_dict(ckpt["state_dict"])
         init = dict(init="pretrained", checkpoint=str(config.checkpoint),
                     voxel_size=ckpt["train_config"].get("voxel_size"), teacher=ckpt.get("teacher"))
-    model = Segmenter(backbone, num_classes).to(device)
+    model = Segmenter(backbone, num_classes, config.head_input).to(device)
     init["model_config"] = asdict(model_config)
     return model, init
 
@@ -198,18 +230,22 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
     voxel_size = config.voxel_size or init.get("voxel_size") or cache.voxel_size
     config = replace(config, voxel_size=voxel_size)
 
+    steps_per_epoch = math.ceil(len(indices) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    schedule = schedule_info(config, steps_per_epoch, total)
+    lr = schedule["effective_lr"]
+    schedule["head_lr"] = lr * config.head_lr_mult
     head = list(model.classifier.parameters())
     if config.mode == "linear":
         for p in model.backbone.parameters():
             p.requires_grad_(False)
-        groups = [dict(params=head, lr=config.lr * config.head_lr_mult)]
+        groups = [dict(params=head, lr=lr * config.head_lr_mult)]
     else:
-        groups = [dict(params=[p for p in model.backbone.parameters()], lr=config.lr),
-                  dict(params=head, lr=config.lr * config.head_lr_mult)]
-    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(indices) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        groups = [dict(params=[p for p in model.backbone.parameters()], lr=lr),
+                  dict(params=head, lr=lr * config.head_lr_mult)]
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, schedule["warmup_steps"]))
 
     out = Path(config.out)
     if config.overwrite:
@@ -219,10 +255,26 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = asdict(config)
     cfg_dict["model"]["channels"] = list(cfg_dict["model"]["channels"])
-    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+    (out / "config.json").write_text(json.dumps(dict(cfg_dict, schedule=schedule), indent=2))
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed)
     log.info("%s: %d of %d training scans labelled (fraction %g), %d steps, init %s",
              config.mode, len(indices), len(all_train), config.label_fraction, total, init["init"])
+    log.info("lr %g at reference batch %d x %.4g (%s scaling to batch %d) = %g, head %g; warm-up %d steps; clip %s",
+             config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size, lr,
+             schedule["head_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
+    ckpt_path = out / "checkpoint.pt"
+
+    def save(epoch: int) -> None:
+        state = dict(format=CHECKPOINT_FORMAT, version=1, kind=SEGMENTER_KIND, model_config=init["model_config"],
+                     num_classes=len(cache.eval_class_names), eval_class_names=cache.eval_class_names,
+                     point_features=cache.point_features, voxel_size=voxel_size, train_config=cfg_dict,
+                     init=init["init"], pretrained=init["checkpoint"], dataset=cache.meta.get("dataset"),
+                     head_input=config.head_input, epoch=epoch, state_dict=model.state_dict())
+        tmp = ckpt_path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        tmp.replace(ckpt_path)
+
+    monitor = DivergenceMonitor(config.divergence_window, config.divergence_factor)
     t0 = time.perf_counter()
     losses = []
     kept = "nothing was saved (fine-tuning saves at the end)"
@@ -244,32 +296,41 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
                 loss, terms = segmentation_loss(logits, batch["label"].to(device), config.lovasz_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                grad_norm = clip_gradients(trainable, config.clip_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                check_finite_loss(step, epoch + 1, float(loss.detach()), terms, kept)
-                epoch_losses.append(float(loss.detach()))
-                mf.write(json.dumps(dict(step=step, epoch=epoch + 1, loss=epoch_losses[-1], **terms,
-                                         lr=optimizer.param_groups[0]["lr"]), allow_nan=False) + "\n")
+                value = float(loss.detach())
+                check_finite_loss(step, epoch + 1, value, terms, kept)
+                epoch_losses.append(value)
+                level = monitor.median
+                diverged = monitor.update(value)
+                row = dict(step=step, epoch=epoch + 1, loss=value, **terms, lr=optimizer.param_groups[0]["lr"],
+                           head_lr=optimizer.param_groups[-1]["lr"],
+                           grad_norm=grad_norm if math.isfinite(grad_norm) else None)
+                if diverged:
+                    row.update(diverged=True, loss_median=level)
+                    log.warning("step %d: loss %.4g is above %g x the median %.4g of the last %d steps (divergence)",
+                                step, value, config.divergence_factor, level, len(monitor.window))
+                mf.write(json.dumps(row, allow_nan=False) + "\n")
+                if diverged and config.stop_on_divergence:
+                    mf.flush()
+                    raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {config.divergence_factor:g} x "
+                                           f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept}")
             losses.append(float(np.mean(epoch_losses)))
             log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
+            if epoch + 1 < config.epochs and config.stop_on_divergence:
+                save(epoch + 1)  # the "last good" model a stopped run keeps
+                kept = f"the last good checkpoint {ckpt_path} (epoch {epoch + 1}) is kept"
         if config.mode == "finetune":
             precise_batchnorm(model, loader, config.precise_bn_batches, voxel_size, device)
     check_finite_model(model, step, config.epochs, kept)
     seconds = time.perf_counter() - t0
-    ckpt_path = out / "checkpoint.pt"
-    state = dict(format=CHECKPOINT_FORMAT, version=1, kind=SEGMENTER_KIND, model_config=init["model_config"],
-                 num_classes=len(cache.eval_class_names), eval_class_names=cache.eval_class_names,
-                 point_features=cache.point_features, voxel_size=voxel_size, train_config=cfg_dict,
-                 init=init["init"], pretrained=init["checkpoint"], dataset=cache.meta.get("dataset"),
-                 epoch=config.epochs, state_dict=model.state_dict())
-    tmp = ckpt_path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    tmp.replace(ckpt_path)
+    save(config.epochs)
     result = dict(run=str(out), checkpoint=str(ckpt_path), mode=config.mode, init=init["init"],
                   pretrained=init["checkpoint"], label_fraction=config.label_fraction,
                   labelled_scans=int(len(indices)), train_scans=int(len(all_train)), epochs=config.epochs,
-                  epoch_losses=losses, seconds=seconds,
+                  epoch_losses=losses, seconds=seconds, schedule=schedule, divergences=monitor.events,
                   trainable_parameters=count_parameters(model, trainable_only=True),
                   dataset=(cache.meta.get("dataset") or {}).get("name"))
     if config.eval_split is not None:
@@ -298,7 +359,8 @@ def evaluate_segmenter(checkpoint: str | Path, cache: Cache | str, split: str, d
     indices = cache.indices(split)
     if len(indices) == 0:
         raise ConfigError(f"cache {cache.path} has no scans in split {split!r}")
-    model = Segmenter(build_model(model_config_of(ckpt), dev), ckpt["num_classes"]).to(dev)
+    model = Segmenter(build_model(model_config_of(ckpt), dev), ckpt["num_classes"],
+                      ckpt.get("head_input", "raw")).to(dev)  # checkpoints before head_input: raw
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     names = cache.eval_class_names

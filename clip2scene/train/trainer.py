@@ -58,6 +58,8 @@ from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buf
                                           detect_env, process_group)
 from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, text_logits
 from clip2scene.train.model import ModelConfig, build_model, count_parameters
+from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, clip_gradients, lr_scale,
+                                        resolve_warmup, validate as validate_guard_rails, warmup_cosine)
 from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,15 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # student architecture
     views: str = "border"  # teacher view per point: "border" (farthest from the image border) or "mean" (all views)
     overwrite: bool = False  # replace a previous run in `out` (its run files are removed first)
+    # guard rails (train/stability.py); `lr` is the rate at `reference_batch`, scaled by `lr_scaling`
+    warmup_steps: int | None = None  # linear warm-up steps (None = auto: half the first epoch, <= 300; 0 = off)
+    clip_grad_norm: float | None = None  # clip the total gradient L2 norm to this (None = off; the norm is logged anyway)
+    lr_scaling: str = "linear"  # lr x batch_size / reference_batch: linear, sqrt or none
+    reference_batch: int = 4  # the recipe's global batch (method.md section 5: pre-training batch 4)
+    divergence_factor: float = 10.0  # a step's loss above this x the running median is a divergence
+    divergence_window: int = 50  # steps in the running median
+    stop_on_divergence: bool = False  # stop at the first divergence, keeping the last epoch's checkpoint
+
 
     def __post_init__(self) -> None:
         """Every option's valid range, checked before any work: ConfigError naming the option
@@ -141,6 +152,14 @@ class TrainConfig:
         if self.overwrite and self.resume and Path(self.resume).resolve().parent == Path(self.out).resolve():
             raise ConfigError(f"--overwrite would delete {self.resume}, the checkpoint --resume continues from: "
                               "leave --overwrite out to continue the run in place")
+        _validate_guard_rails(self)
+
+
+def _validate_guard_rails(config) -> None:
+    """Validate the guard-rail options of a TrainConfig / FinetuneConfig (one-line ConfigError)."""
+    validate_guard_rails(warmup_steps=config.warmup_steps, clip_grad_norm=config.clip_grad_norm,
+                         lr_scaling=config.lr_scaling, reference_batch=config.reference_batch,
+                         divergence_factor=config.divergence_factor, divergence_window=config.divergence_window)
 
 
 def forward_points(model: torch.nn.Module, batch: dict, voxel_size: float, device: torch.device,
@@ -255,13 +274,23 @@ class _VoxelForward(torch.nn.Module):
         return self.net.forward_voxels(vox, feat)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int):
-    """SGD with momentum and weight decay, and the cosine schedule to 0 over `total_steps`
-    optimiser steps; returns (optimizer, scheduler)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+def schedule_info(config, steps_per_epoch: int, total_steps: int) -> dict:
+    """The learning-rate schedule a TrainConfig / FinetuneConfig resolves to (config.json, logs)."""
+    scale = lr_scale(config.batch_size, config.reference_batch, config.lr_scaling)
+    return dict(lr=config.lr, lr_scale=scale, effective_lr=config.lr * scale, batch_size=config.batch_size,
+                reference_batch=config.reference_batch, lr_scaling=config.lr_scaling,
+                warmup_steps=resolve_warmup(config.warmup_steps, steps_per_epoch), total_steps=total_steps,
+                steps_per_epoch=steps_per_epoch, clip_grad_norm=config.clip_grad_norm)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int, steps_per_epoch: int | None = None):
+    """SGD with momentum and weight decay at the batch-scaled learning rate (`schedule_info`),
+    linear warm-up then the cosine schedule to 0 over `total_steps` optimiser steps; returns
+    (optimizer, scheduler)."""
+    info = schedule_info(config, steps_per_epoch or total_steps, total_steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=info["effective_lr"], momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, info["warmup_steps"]))
     return optimizer, scheduler
 
 
@@ -279,7 +308,8 @@ def _loader(dataset: ScanDataset, sampler: EpochSampler, batch_size: int, config
 # Options that may differ between a run and its resume: where and how it runs, not what it
 # computes. `epochs` may grow (the run is extended; see `_continue_schedule`).
 RESUME_FREE = ("cache", "out", "resume", "epochs", "device", "workers", "keep_checkpoints", "amp",
-               "storage_options", "precise_bn_batches", "overwrite")
+               "storage_options", "precise_bn_batches", "overwrite", "divergence_factor", "divergence_window",
+               "stop_on_divergence")
 _MODEL_FIELDS = ("arch", "channels", "blocks_per_stage")  # what defines the student (in/out come from the cache)
 
 
@@ -422,7 +452,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     model = build_model(model_config, device)
     steps_per_epoch = math.ceil(len(indices) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    optimizer, scheduler = build_optimizer(model, config, total_steps)
+    optimizer, scheduler = build_optimizer(model, config, total_steps, steps_per_epoch)
+    schedule = schedule_info(config, steps_per_epoch, total_steps)
     schedule_note = None
     last_good = None  # (checkpoint path, epoch) that --resume would continue from
     if ckpt is not None:
@@ -466,9 +497,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
             if dropped:
                 log.info("dropped %d metrics lines after step %d (the interrupted part of the run)", dropped, step)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_train_config_dict(config), indent=2))
+        (out / "config.json").write_text(json.dumps(dict(_train_config_dict(config), schedule=schedule), indent=2))
         log.info("training %s (%.2fM params) on %d scans, %d steps, %d process(es)", model_config.arch,
                  params / 1e6, len(indices), total_steps, env.world_size)
+        log.info("lr %g at reference batch %d x %.4g (%s scaling to batch %d) = %g; warm-up %d steps; clip %s",
+                 config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size,
+                 schedule["effective_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
 
     def kept() -> str:
         return (f"the last good checkpoint {last_good[0]} (epoch {last_good[1]}) is kept" if last_good
@@ -479,6 +513,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     scans_done = 0
     epoch = start_epoch
     mf = metrics_path.open("a") if main else None
+    monitor = DivergenceMonitor(config.divergence_window, config.divergence_factor)
     try:
         amp = config.amp and device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=amp)  # a no-op pass-through when disabled
@@ -497,6 +532,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                 loss, terms = compute_loss(config, feats.float(), vox, batch, text, epoch, generator, per_voxel=True)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # DDP: gradients averaged over the ranks here
+                scaler.unscale_(optimizer)  # true gradients for the norm (a no-op without AMP)
+                grad_norm = clip_gradients(model.parameters(), config.clip_grad_norm)  # the same on every rank
+                grad_norm = grad_norm if math.isfinite(grad_norm) else None  # strict JSON (AMP overflow: step skipped)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -511,10 +549,22 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                 scans_done += n_scans
                 dt = time.perf_counter() - ts
                 epoch_losses.append(value)
+                level = monitor.median
+                diverged = monitor.update(value)  # the all-reduced loss: every rank decides alike
+                row = dict(step=step, epoch=epoch + 1, loss=value, **terms, lr=optimizer.param_groups[0]["lr"],
+                           grad_norm=grad_norm, points=n_points, seconds=dt, scans_per_s=n_scans / max(dt, 1e-9))
+                if diverged:
+                    row.update(diverged=True, loss_median=level)
+                    if main:
+                        log.warning("step %d: loss %.4g is above %g x the median %.4g of the last %d steps (divergence)",
+                                    step, value, config.divergence_factor, level, len(monitor.window))
                 if mf is not None:
-                    mf.write(json.dumps(dict(step=step, epoch=epoch + 1, loss=value, **terms, lr=optimizer.param_groups[0]["lr"],
-                                             points=n_points, seconds=dt, scans_per_s=n_scans / max(dt, 1e-9)),
-                                        allow_nan=False) + "\n")
+                    mf.write(json.dumps(row, allow_nan=False) + "\n")
+                if diverged and config.stop_on_divergence:
+                    if mf is not None:
+                        mf.flush()
+                    raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {config.divergence_factor:g} x "
+                                           f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept()}")
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
             if mf is not None:
                 mf.flush()
@@ -554,6 +604,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         scans_per_second=scans_done / max(seconds, 1e-9),
         device=str(device),
         processes=env.world_size,
+        schedule=schedule,
+        divergences=monitor.events,
         teacher_weights_sha256=cache.fingerprint.get("weights_sha256"),
         schedule_note=schedule_note,
     )

@@ -113,6 +113,11 @@ def encode_queries(student: Student, texts: list[str], weights: str | None = Non
         raise ConfigError(f"{student.path} records no teacher (model, weights): cannot rebuild its CLIP text tower")
     if not texts or any(not t.strip() for t in texts):
         raise ConfigError("give at least one non-empty query text")
+    if fp.get("model") == "simulated":  # the simulated teacher's pseudo-text embeddings (no CLIP text tower)
+        from clip2scene.precompute.simulated import pseudo_text_embeddings
+
+        knobs = fp.get("simulated") or {}
+        return pseudo_text_embeddings(texts, int(fp["embed_dim"]), float(knobs.get("group_weight", 0.0)))
     if fp.get("templates_sha256") not in (None, templates_sha256(TEMPLATES)):
         raise QueryError(f"{student.path} was distilled with other prompt templates (sha256 {fp['templates_sha256']}) "
                          f"than this clip2scene's ({templates_sha256(TEMPLATES)}): its text space differs")
@@ -321,7 +326,7 @@ def query_scan(checkpoint: str | Path, texts: list[str], cache: Cache | str | Pa
         col = s[:, q]
         top = np.argsort(-col, kind="stable")[:top_k]
         png = _heat_picture(out_dir / f"query_{q:02d}_{slug(t)}.png", xy, z, col, t, extent, src.lidar,
-                            f'"{t}" on {where}: student-text cosine', dpi)
+                            f'"{t}" on {where}: cosine with the {student.describe()}', dpi)
         queries.append(dict(text=t, png=str(png), score_min=float(col.min()), score_max=float(col.max()),
                             score_mean=float(col.mean()),
                             top_k=[dict(index=int(shown[i]), xyz=[float(v) for v in src.xyz[shown[i]]],

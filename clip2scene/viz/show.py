@@ -104,8 +104,13 @@ def _colourings(cache: Cache, scan: ScanData, key: np.ndarray, student: Student 
         covered = np.zeros(n, bool)
         labels[scan.pair_point] = teacher_labels(scan.pair_logits, cache.prompt_to_eval)
         covered[scan.pair_point] = True
-        title = "teacher: MaskCLIP pseudo-labels"
-        if cache.fingerprint.get("weights_sha256") == "random":
+        fp = cache.fingerprint or {}
+        variant = {"maskclip": "MaskCLIP", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}
+        name = variant.get(str(fp.get("teacher", "maskclip")), str(fp.get("teacher")))
+        title = f"teacher: {name} pseudo-labels"
+        if fp.get("model") == "simulated":
+            title = "SIMULATED teacher pseudo-labels (not CLIP)"
+        elif fp.get("weights_sha256") == "random":
             title += " - randomly initialised teacher, meaningless"
         out.append(Colouring("teacher", title, labels[key], covered[key]))
     if student is not None:

@@ -122,6 +122,8 @@ class Student:
         """One line for figure titles: kind, architecture, epoch."""
         arch = self.ckpt.get("model_config", {}).get("arch", "?")
         what = "student" if self.kind == DISTILL_KIND else "fine-tuned"
+        if (self.teacher or {}).get("model") == "simulated":
+            what += " of the SIMULATED teacher"
         return f"{what} ({arch}, epoch {self.epoch})"
 
 
@@ -138,7 +140,7 @@ def load_student(checkpoint: str | Path, device: str = "cpu") -> Student:
         cfg = dict(ckpt["model_config"])
         cfg["channels"] = tuple(cfg["channels"])
         model_config = ModelConfig(**cfg)
-        model = Segmenter(build_model(model_config, dev), int(ckpt["num_classes"])).to(dev)
+        model = Segmenter(build_model(model_config, dev), int(ckpt["num_classes"]), ckpt.get("head_input", "raw")).to(dev)
         kind, voxel_size, text = SEGMENTER_KIND, float(ckpt["voxel_size"]), None
         names = list(ckpt["eval_class_names"])
         eval_names = names

@@ -192,3 +192,68 @@ def test_fast_decode_matches_pil(sample):
     assert (a - b).abs().mean() < 0.01 and (a - b).abs().max() < 0.1
     with pytest.raises(DataError, match="image is"):
         decode_image(cam.path, cam.width + 1, cam.height)
+
+
+@pytest.mark.slow
+def test_teacher_variant_and_window_cache(sample, cache_path, tmp_path):
+    """SCLIP with sliding windows on a 2x finer input: the fingerprint records variant, backbone and
+    window; cached values are the windowed dense maps sampled at the points; resume, merge and
+    evaluate refuse a cache of another teacher naming the field."""
+    import shutil
+
+    from clip2scene.storage.tools import merge
+    from clip2scene.train.checkpoint import check_compatible
+
+    windowed = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(128, 224), teacher="sclip",
+                             window=(64, 112), stride=(32, 48))
+    out = tmp_path / "sclip.zarr"
+    run_precompute(PrecomputeConfig(dataroot=sample, out=out, version="v1.0-mini", sweeps=1, teacher=windowed, limit=2,
+                                    teacher_precision="float32"), progress=False)
+    cache = open_cache(out)
+    fp = cache.fingerprint
+    assert (fp["teacher"], fp["model"], fp["window"], fp["stride"], fp["pamr"]) == \
+        ("sclip", "clip2scene-tiny", [64, 112], [32, 48], False)
+    # the cached logits of one camera are its windowed dense logits (8 x 14 grid) sampled at the points
+    kf = NuScenes(sample, "v1.0-mini").keyframes(sweeps=3)[0]
+    scan = cache.read_scan(0)
+    c = int(np.bincount(scan.pair_camera).argmax())
+    cam = kf.cameras[c]
+    teacher = load_teacher(windowed, cache.class_names)
+    from clip2scene.precompute.pipeline import decode_image, prepare_batch, sample_maps
+
+    _, dense_logits = teacher.dense_outputs(prepare_batch([decode_image(cam.path, cam.width, cam.height)], (128, 224)))
+    assert dense_logits.shape[-2:] == (8, 14)
+
+    rows = np.flatnonzero(scan.pair_camera == c)
+    want = sample_maps(dense_logits, np.zeros(len(rows), np.uint8), scan.pair_uv[rows], [(cam.width, cam.height)])
+    np.testing.assert_allclose(scan.pair_logits[rows].astype(np.float32), want.numpy(), atol=1e-3)  # float16
+
+    # evaluate: a checkpoint distilled from the MaskCLIP cache does not fit the SCLIP cache
+    base = open_cache(cache_path)
+    with pytest.raises(CacheError, match="teacher fingerprint field 'image_size'|teacher fingerprint field 'teacher'"):
+        check_compatible(dict(class_names=base.class_names, teacher=base.fingerprint), cache)
+    same_size = dict(base.fingerprint, image_size=[128, 224])
+    with pytest.raises(CacheError, match="field 'teacher' differs: checkpoint has 'maskclip'"):
+        check_compatible(dict(class_names=base.class_names, teacher=same_size), cache)
+    old = {k: v for k, v in fp.items() if k not in ("teacher", "window", "stride", "pamr")}
+    check_compatible(dict(class_names=base.class_names, teacher=dict(old, image_size=[64, 112])), base)  # pre-16 checkpoint
+    # merge: names the differing fingerprint field
+    with pytest.raises(CacheError, match=r"teacher\.image_size differs|teacher\.teacher differs"):
+        merge([str(cache_path), str(out)], str(tmp_path / "m.zarr"))
+    # resume: an interrupted SCLIP run is not resumed as ClearCLIP
+    root = tmp_path / "root"
+    shutil.copytree(sample, root)
+    NuScenes(root, "v1.0-mini").keyframes()[2].cameras[0].path.unlink()
+    part = tmp_path / "part.zarr"
+    with pytest.raises(DataError):
+        run_precompute(PrecomputeConfig(dataroot=root, out=part, version="v1.0-mini", teacher=windowed, block_size=1, limit=3),
+                       progress=False)
+    clear = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(128, 224), teacher="clearclip",
+                          window=(64, 112), stride=(32, 48))
+    with pytest.raises(CacheError, match="cannot resume .*teacher.teacher was 'sclip', now 'clearclip'"):
+        run_precompute(PrecomputeConfig(dataroot=root, out=part, version="v1.0-mini", teacher=clear, block_size=1, limit=3),
+                       progress=False)
+    unwindowed = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(128, 224), teacher="sclip")
+    with pytest.raises(CacheError, match="cannot resume .*teacher.stride was \\[32, 48\\], now None"):
+        run_precompute(PrecomputeConfig(dataroot=root, out=part, version="v1.0-mini", teacher=unwindowed, block_size=1, limit=3),
+                       progress=False)

@@ -33,3 +33,24 @@ def test_run_ablation_writes_one_table(tmp_path):
     assert table.count("\n") == len(results) + 2 and "| KL instead of SCR |" in table
     assert len(json.loads((tmp_path / "abl" / "ablation.json").read_text())) == len(results)
     assert (tmp_path / "abl" / "without_ssr" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+def test_compare_teachers_writes_one_table(tmp_path):
+    from clip2scene.errors import CacheError
+    from clip2scene.train.ablate import run_teacher_comparison
+
+    a = write_cache(tmp_path / "a.zarr")
+    b = write_cache(tmp_path / "b.zarr", sha="cd" * 32)
+    base = TrainConfig(cache=str(a), out=str(tmp_path / "base"), epochs=1, batch_size=2, lr=0.05, model=TINY,
+                       precise_bn_batches=0)
+    rows = run_teacher_comparison(base, {"maskclip": str(a), "other weights": str(b)}, tmp_path / "cmp", progress=False)
+    assert [r["row"] for r in rows] == ["maskclip", "other weights"]
+    assert all(0.0 <= r["teacher_miou_visible"] <= 1.0 and (r["miou"] is None or 0.0 <= r["miou"] <= 1.0) for r in rows)
+    assert rows[0]["variant"] == "maskclip" and rows[0]["random_weights"] and not rows[1]["random_weights"]
+    table = (tmp_path / "cmp" / "teachers.md").read_text()
+    assert table.count("\n") == 4 and "| other weights |" in table and "teacher mIoU" in table
+    assert (tmp_path / "cmp" / "other_weights" / "checkpoint.pt").is_file()
+    fewer = write_cache(tmp_path / "few.zarr", splits=("train", "val"))
+    with pytest.raises(CacheError, match="other scans"):
+        run_teacher_comparison(base, {"a": str(a), "few": str(fewer)}, tmp_path / "x", progress=False)

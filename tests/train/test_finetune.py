@@ -62,7 +62,8 @@ def test_lovasz_equals_jaccard_loss_on_hard_predictions():
 
 @pytest.mark.slow
 def test_finetune_random_and_pretrained_and_linear_probe(cache, pretrained, tmp_path):
-    base = dict(cache=str(cache), epochs=6, batch_size=2, eval_split="val", model=TINY)
+    # reference_batch=2: the recipe's lr at this toy batch (not scaled down by 2/8)
+    base = dict(cache=str(cache), epochs=8, batch_size=2, reference_batch=2, eval_split="val", model=TINY)
     rand = finetune(FinetuneConfig(out=str(tmp_path / "rand"), checkpoint=None, **base), progress=False)
     pre = finetune(FinetuneConfig(out=str(tmp_path / "pre"), checkpoint=str(pretrained), **base), progress=False)
     lin = finetune(FinetuneConfig(out=str(tmp_path / "lin"), checkpoint=str(pretrained), mode="linear", **base),
@@ -97,8 +98,8 @@ def test_finetune_on_labels_only_cache(tmp_path):
             s.pair_point, s.pair_image, s.pair_uv = np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros((0, 2), np.float32)
             s.image_view = s.image_size = s.image_logits = s.image_features = None
             w.append(s)
-    r = finetune(FinetuneConfig(cache=str(tmp_path / "l.zarr"), out=str(tmp_path / "run"), epochs=12, batch_size=2,
-                                model=TINY), progress=False)
+    r = finetune(FinetuneConfig(cache=str(tmp_path / "l.zarr"), out=str(tmp_path / "run"), epochs=16, batch_size=2,
+                                reference_batch=2, model=TINY), progress=False)
     assert r["miou"] > 0.75
     with pytest.raises(ConfigError, match="no teacher outputs"):
         train(TrainConfig(cache=str(tmp_path / "l.zarr"), out=str(tmp_path / "t"), model=TINY), progress=False)

@@ -46,8 +46,9 @@ runner = CliRunner()
 NET = ["--channels", "8,8,16,16,32,32,16,8,8"]
 CHANNELS = (8, 8, 16, 16, 32, 32, 16, 8, 8)
 # 3 train scans, batch 3: one optimiser step per epoch
+# (no warm-up, lr not batch-scaled: the plain cosine at --lr, which the schedule rows check)
 TRAIN = ["train", "--cache", "{cache}", "--out", "{out}", "--epochs", "1", "--batch-size", "3", "--lr", "0.05",
-         "--precise-bn-batches", "0", *NET]
+         "--precise-bn-batches", "0", "--warmup-steps", "0", "--lr-scaling", "none", *NET]
 RESUME = ["train", "--cache", "{cache}", "--out", "{out}", "--resume", "{ckpt}"]
 FT = ["finetune", "--checkpoint", "{ckpt}", "--cache", "{cache}", "--out", "{out}", "--epochs", "1",
       "--batch-size", "3", "--eval-split", "none"]
@@ -446,7 +447,7 @@ def test_remove_run_removes_only_run_files(tmp_path):
 
 def _schedule(total: int, steps: int, lr: float = 0.1):
     model = torch.nn.Linear(2, 2)
-    opt, sched = build_optimizer(model, TrainConfig(**GOOD, lr=lr), total)
+    opt, sched = build_optimizer(model, TrainConfig(**GOOD, lr=lr, warmup_steps=0, lr_scaling="none"), total)
     for _ in range(steps):
         opt.step()
         sched.step()
@@ -476,12 +477,13 @@ def test_resumed_config_library_semantics(world):
     saved = ckpt["train_config"]
     model = ModelConfig(arch="spvcnn", channels=CHANNELS)
     cfg = resumed_config(TrainConfig(cache=str(world.cache), out="x", epochs=4, lr=0.05, batch_size=3,
-                                     precise_bn_batches=0, model=model), ckpt)
+                                     precise_bn_batches=0, warmup_steps=0, lr_scaling="none", model=model), ckpt)
     assert cfg.epochs == 4 and cfg.voxel_size == saved["voxel_size"] and cfg.switch_epoch == saved["switch_epoch"]
     with pytest.raises(ConfigError, match=r"^--lr 0\.1 differs"):  # library: every non-None option counts as given
         resumed_config(TrainConfig(cache=str(world.cache), out="x", batch_size=3, model=model), ckpt)
     with pytest.raises(ConfigError, match=r"^--blocks-per-stage 1 differs"):
         resumed_config(TrainConfig(cache=str(world.cache), out="x", lr=0.05, batch_size=3, precise_bn_batches=0,
+                                   warmup_steps=0, lr_scaling="none",
                                    model=ModelConfig(arch="spvcnn", channels=CHANNELS, blocks_per_stage=1)), ckpt)
     # CLI: only the typed options are compared; the rest, the model included, come from the run
     cfg = resumed_config(TrainConfig(cache=str(world.cache), out="x"), ckpt, given={"cache", "out"})
