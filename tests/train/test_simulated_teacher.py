@@ -63,13 +63,13 @@ def test_student_beats_its_simulated_teacher(good):
 
 @pytest.mark.slow
 def test_a_broken_pairing_scores_clearly_lower(good, sample, tmp_path, monkeypatch):
-    assign = pipeline_mod.assign_cameras
+    pairs = pipeline_mod.project_views  # every (point, view) pair of a scan (cache schema 5)
 
     def next_camera(xyz, ds, scan):  # the bug: right pixel, wrong camera
-        idx, cams, uv = assign(xyz, ds, scan)
-        return idx, ((cams.astype(np.int64) + 1) % len(ds.views(scan))).astype(np.uint8), uv
+        point, cams, uv = pairs(xyz, ds, scan)
+        return point, ((cams.astype(np.int64) + 1) % len(ds.views(scan))).astype(np.uint8), uv
 
-    monkeypatch.setattr(pipeline_mod, "assign_cameras", next_camera)
+    monkeypatch.setattr(pipeline_mod, "project_views", next_camera)
     broken = run_pipeline(sample, tmp_path / "broken")
     print(f"correct pairing: student {good['miou']:.3f}; broken pairing: teacher {broken['teacher_miou_visible']:.3f}, "
           f"student {broken['miou']:.3f}")
