@@ -161,7 +161,7 @@ class StudentStep:
         self.model.train()
         self.parameters = count_parameters(self.model)
         self.config = TrainConfig(cache="unused", out=workdir, voxel_size=voxel_size, sweeps=sweeps, device=device)
-        self.optimizer, self.scheduler = build_optimizer(self.model, self.config, total_steps=10_000)
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.config, total_steps=10_000, steps_per_epoch=1_000)
         self.text = torch.from_numpy(np.asarray(text, np.float32)).to(self.device)
         self.generator = torch.Generator().manual_seed(7919)
         self.amp = bool(getattr(self.config, "amp", False)) and self.device.type == "cuda"

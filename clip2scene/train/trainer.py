@@ -283,11 +283,11 @@ def schedule_info(config, steps_per_epoch: int, total_steps: int) -> dict:
                 steps_per_epoch=steps_per_epoch, clip_grad_norm=config.clip_grad_norm)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int, steps_per_epoch: int | None = None):
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int, steps_per_epoch: int):
     """SGD with momentum and weight decay at the batch-scaled learning rate (`schedule_info`),
     linear warm-up then the cosine schedule to 0 over `total_steps` optimiser steps; returns
     (optimizer, scheduler)."""
-    info = schedule_info(config, steps_per_epoch or total_steps, total_steps)
+    info = schedule_info(config, steps_per_epoch, total_steps)  # the automatic warm-up is a fraction of one epoch
     optimizer = torch.optim.SGD(model.parameters(), lr=info["effective_lr"], momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, info["warmup_steps"]))

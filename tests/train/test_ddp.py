@@ -83,7 +83,7 @@ def emulate_ddp(config: TrainConfig, world_size: int) -> dict:
     torch.manual_seed(config.seed)
     model = build_model(model_config, CPU)
     steps = math.ceil(len(indices) / config.batch_size)
-    optimizer, scheduler = build_optimizer(model, config, steps * config.epochs)
+    optimizer, scheduler = build_optimizer(model, config, steps * config.epochs, steps_per_epoch=steps)
     text = torch.from_numpy(cache.text_embeddings)
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed, features=True)
     local = config.batch_size // world_size

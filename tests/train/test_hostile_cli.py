@@ -447,7 +447,7 @@ def test_remove_run_removes_only_run_files(tmp_path):
 
 def _schedule(total: int, steps: int, lr: float = 0.1):
     model = torch.nn.Linear(2, 2)
-    opt, sched = build_optimizer(model, TrainConfig(**GOOD, lr=lr, warmup_steps=0, lr_scaling="none"), total)
+    opt, sched = build_optimizer(model, TrainConfig(**GOOD, lr=lr, warmup_steps=0, lr_scaling="none"), total, total)
     for _ in range(steps):
         opt.step()
         sched.step()
