@@ -482,16 +482,24 @@ def ablate(
     """Run the rows of the paper's Table 3 and write one table."""
     from clip2scene.train.ablate import format_table, run_ablation
 
-    caches = {}
-    for item in prompt_cache:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            _fail(f"--prompt-cache {item!r}: expected NAME=PATH")
-        caches[name] = path
+    caches = _name_paths(prompt_cache, "--prompt-cache")
     results = _interruptible(run_ablation, _train_config(cache, out / "base", overwrite=overwrite, **options), out,
                              caches, eval_split)
     typer.echo(format_table(results))
     typer.echo(f"table: {out / 'ablation.md'}")
+
+
+def _name_paths(items: list[str], flag: str) -> dict[str, str]:
+    """NAME=PATH options -> {name: path}; a malformed item or a repeated name is a one-line error."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            _fail(f"{flag} {item!r}: expected NAME=PATH")
+        if name in pairs:
+            _fail(f"{flag} {item!r}: row name {name!r} given twice")
+        pairs[name] = path
+    return pairs
 
 
 @app.command("compare-teachers")
@@ -505,14 +513,7 @@ def compare_teachers(
     """Train the same student on each teacher's cache; one table of teacher and student mIoU."""
     from clip2scene.train.ablate import format_teacher_table, run_teacher_comparison
 
-    caches = {}
-    for item in cache:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            _fail(f"--cache {item!r}: expected NAME=PATH")
-        if name in caches:
-            _fail(f"--cache {item!r}: row name {name!r} given twice")
-        caches[name] = path
+    caches = _name_paths(cache, "--cache")
     first = next(iter(caches.values()))
     results = _run(run_teacher_comparison, _train_config(first, out / "base", **options), caches, out, eval_split)
     typer.echo(format_teacher_table(results))

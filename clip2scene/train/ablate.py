@@ -84,15 +84,17 @@ def run_ablation(base: TrainConfig, out: str | Path, prompt_caches: dict[str, st
     return results
 
 
+def _pct(v) -> str:
+    """A fraction as a percentage with one decimal, n/a for None."""
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
 def format_table(results: list[dict]) -> str:
     """Markdown table: row, our mIoU, the paper's mIoU (nuScenes val, real CLIP weights)."""
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.1f}"
-
     lines = ["| row | mIoU (ours) | mIoU (paper, nuScenes val) |", "|---|---|---|"]
     for r in results:
         paper = "-" if r["paper_miou"] is None else f"{r['paper_miou']:.1f}"
-        lines.append(f"| {r['row']} | {pct(r['miou'])} | {paper} |")
+        lines.append(f"| {r['row']} | {_pct(r['miou'])} | {paper} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,11 +158,8 @@ def run_teacher_comparison(base: TrainConfig, caches: dict[str, str], out: str |
 
 def format_teacher_table(results: list[dict]) -> str:
     """Markdown table: row, teacher, teacher mIoU (camera-visible points), student mIoU (all points)."""
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.1f}"
-
     lines = ["| row | teacher | teacher mIoU (visible points) | student mIoU |", "|---|---|---|---|"]
     for r in results:
         note = " (random weights)" if r.get("random_weights") else ""
-        lines.append(f"| {r['row']} | {r['teacher']}{note} | {pct(r['teacher_miou_visible'])} | {pct(r['miou'])} |")
+        lines.append(f"| {r['row']} | {r['teacher']}{note} | {_pct(r['teacher_miou_visible'])} | {_pct(r['miou'])} |")
     return "\n".join(lines) + "\n"
