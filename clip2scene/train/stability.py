@@ -24,7 +24,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from clip2scene.errors import Clip2SceneError, ConfigError
+from clip2scene.errors import Clip2SceneError
+from clip2scene.train.checks import check_choice, check_float, check_int
 
 LR_SCALING = ("linear", "sqrt", "none")  # how the learning rates follow batch_size / reference_batch
 WARMUP_MAX_STEPS = 300  # auto warm-up: half the first epoch, at most this many steps
@@ -38,8 +39,7 @@ class TrainingDiverged(Clip2SceneError):
 def lr_scale(batch_size: int, reference_batch: int, rule: str) -> float:
     """Factor applied to every learning rate: batch_size / reference_batch ("linear", Goyal et al.
     2017, the rule for SGD), its square root ("sqrt") or 1 ("none")."""
-    if rule not in LR_SCALING:
-        raise ConfigError(f"--lr-scaling {rule!r}: expected one of {', '.join(LR_SCALING)}")
+    check_choice("lr_scaling", rule, LR_SCALING)
     ratio = batch_size / reference_batch
     return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
 
@@ -110,16 +110,9 @@ class DivergenceMonitor:
 def validate(*, warmup_steps, clip_grad_norm, lr_scaling, reference_batch, divergence_factor,
              divergence_window) -> None:
     """ConfigError (one line naming the option) for a bad value of any guard-rail option."""
-    if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0):
-        raise ConfigError(f"--warmup-steps {warmup_steps!r}: must be an integer >= 0 (0 = off)")
-    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and math.isfinite(clip_grad_norm)
-                                           and clip_grad_norm > 0):
-        raise ConfigError(f"--clip-grad-norm {clip_grad_norm!r}: must be a finite number > 0 (omit it to not clip)")
-    if lr_scaling not in LR_SCALING:
-        raise ConfigError(f"--lr-scaling {lr_scaling!r}: expected one of {', '.join(LR_SCALING)}")
-    if isinstance(reference_batch, bool) or not isinstance(reference_batch, int) or reference_batch < 1:
-        raise ConfigError(f"--reference-batch {reference_batch!r}: must be an integer >= 1")
-    if not (isinstance(divergence_factor, (int, float)) and math.isfinite(divergence_factor) and divergence_factor > 1):
-        raise ConfigError(f"--divergence-factor {divergence_factor!r}: must be a finite number > 1")
-    if isinstance(divergence_window, bool) or not isinstance(divergence_window, int) or divergence_window < 1:
-        raise ConfigError(f"--divergence-window {divergence_window!r}: must be an integer >= 1")
+    check_int("warmup_steps", warmup_steps, 0, allow_none=True)  # None = auto, 0 = off
+    check_float("clip_grad_norm", clip_grad_norm, 0, low_open=True, allow_none=True)  # None = no clipping
+    check_choice("lr_scaling", lr_scaling, LR_SCALING)
+    check_int("reference_batch", reference_batch, 1)
+    check_float("divergence_factor", divergence_factor, 1, low_open=True)
+    check_int("divergence_window", divergence_window, 1)
