@@ -26,7 +26,6 @@ import hashlib
 import itertools
 import json
 import logging
-import numbers
 import time
 import uuid
 from collections.abc import Iterator
@@ -49,6 +48,7 @@ from clip2scene.precompute.nuscenes import NuScenes, merged_points  # noqa: F401
 from clip2scene.runtime import tune_malloc
 from clip2scene.storage import CacheWriter, Layout, Location, ScanRecord, open_cache, write_block
 from clip2scene.storage.store import Lock
+from clip2scene.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,12 @@ class PrecomputeConfig:
         object.__setattr__(self, "dataroot", Path(self.dataroot))
         if not str(self.out):
             raise ConfigError("--out: empty path")
-        _check_int("--sweeps", self.sweeps, 1, 10)
+        check_int("--sweeps", self.sweeps, 1, 10)
         if self.limit is not None:
-            _check_int("--limit", self.limit, 1, note=" (omit it for every scan)")
-        _check_int("--block-size", self.block_size, 1)
-        _check_int("view_batch", self.view_batch, 1)
-        _check_int("--workers", self.workers, 0, note=" (0 = run in this process)")
+            check_int("--limit", self.limit, 1, note=" (omit it for every scan)")
+        check_int("--block-size", self.block_size, 1)
+        check_int("view_batch", self.view_batch, 1)
+        check_int("--workers", self.workers, 0, note=" (0 = run in this process)")
         if self.scheduler is not None:
             if not isinstance(self.scheduler, str) or not self.scheduler.strip():
                 raise ConfigError(f"--scheduler {self.scheduler!r}: expected a scheduler address, e.g. tcp://host:8786")
@@ -137,14 +137,6 @@ class PrecomputeConfig:
         if self.teacher is not None and self.teacher_precision == "float16" and device.type != "cuda":
             raise ConfigError(f"--teacher-precision float16 on --device {self.device}: float16 is for CUDA only "
                               "(use bfloat16 or float32)")
-
-
-def _check_int(option: str, value, lo: int, hi: int | None = None, note: str = "") -> None:
-    """ConfigError unless `value` is an integer in [lo, hi]."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
-    if not ok:
-        want = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        raise ConfigError(f"{option} {value!r}: must be an integer {want}{note}")
 
 
 def _check_image_file(path: Path) -> None:

@@ -1,9 +1,7 @@
-"""Validation of training options (used by the config dataclasses' ``__post_init__``) and the
-run-time guards of the training loops: non-finite losses and weights, and run folders.
+"""Run-time guards of the training loops: non-finite losses and weights, and run folders (the
+option range checks of the config dataclasses are in clip2scene/validation.py).
 
-Every check raises :class:`~clip2scene.errors.ConfigError` (or ``TrainingError``) with one line
-that names the option as the CLI spells it (``--lr``) and the offending value, so the config
-dataclasses are the single place where an option's valid range is written down.
+Every guard raises :class:`~clip2scene.errors.ConfigError` or ``TrainingError`` with one line.
 """
 
 from __future__ import annotations
@@ -11,75 +9,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from clip2scene.errors import ConfigError, TrainingError
-
-
-def option(name: str) -> str:
-    """The CLI spelling of a config field: ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
-    """`value` is an int >= `minimum` (or None when allowed)."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{option(name)} {value!r}: must be an integer >= {minimum}")
-
-
-def check_float(name: str, value, low: float, high: float | None = None, low_open: bool = False,
-                high_open: bool = False, allow_none: bool = False) -> None:
-    """`value` is a finite number in the interval [low, high] (open ends where asked), or None
-    when allowed. NaN and +-inf are always refused."""
-    if value is None and allow_none:
-        return
-    ok = _is_number(value) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low)
-        if high is not None:
-            ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        if high is None:
-            rule = f"> {low:g}" if low_open else f">= {low:g}"
-        else:
-            rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigError(f"{option(name)} {value!r}: must be a finite number {rule}")
-
-
-def check_choice(name: str, value, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ConfigError(f"{option(name)} {value!r}: expected one of {', '.join(choices)}")
-
-
-def check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{option(name)} {value!r}: expected true or false")
-
-
-def paths_to_text(config, *names: str) -> None:
-    """In a frozen dataclass's __post_init__: os.PathLike values of `names` become str (the
-    fields are declared str; config.json and checkpoints store them as text)."""
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, os.PathLike):
-            object.__setattr__(config, name, os.fspath(value))
-
-
-def check_text(name: str, value, allow_none: bool = False) -> None:
-    """A non-empty string (paths, split names)."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{option(name)} {value!r}: expected a non-empty string")
 
 
 # ------------------------------------------------------------------------------ non-finite guards

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import open_cache
-from clip2scene.train.checks import check_int, check_text, paths_to_text
+from clip2scene.validation import check_int, check_text, paths_to_text
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.loss import text_logits

@@ -40,8 +40,8 @@ from clip2scene.devices import resolve_device
 from clip2scene.errors import CacheError, ConfigError, Interrupted
 from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
-from clip2scene.train.checks import (check_bool, check_choice, check_finite_loss, check_finite_model, check_float,
-                                     check_int, check_text, paths_to_text, refuse_existing_run, remove_run)
+from clip2scene.train.checks import check_finite_loss, check_finite_model, refuse_existing_run, remove_run
+from clip2scene.validation import check_bool, check_choice, check_float, check_int, check_text, paths_to_text
 from clip2scene.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.evaluate import _iou_dict, _num

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from clip2scene.errors import Clip2SceneError
-from clip2scene.train.checks import check_choice, check_float, check_int
+from clip2scene.validation import check_choice, check_float, check_int
 
 LR_SCALING = ("linear", "sqrt", "none")  # how the learning rates follow batch_size / reference_batch
 WARMUP_MAX_STEPS = 300  # auto warm-up: half the first epoch, at most this many steps

@@ -50,8 +50,8 @@ from clip2scene.errors import ConfigError, Interrupted
 from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
 from clip2scene.storage.sampling import VIEW_RULES
-from clip2scene.train.checks import (check_bool, check_choice, check_finite_loss, check_finite_model, check_float,
-                                     check_int, check_text, paths_to_text, option, refuse_existing_run, remove_run)
+from clip2scene.train.checks import check_finite_loss, check_finite_model, refuse_existing_run, remove_run
+from clip2scene.validation import check_bool, check_choice, check_float, check_int, check_text, option, paths_to_text
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of, save_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buffers, broadcast_object,
