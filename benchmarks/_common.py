@@ -1,8 +1,9 @@
 """Pieces the benchmark scripts share: data choice (real fixture or synthetic fallback), cache
 building, the student training step, per-variant subprocesses with a clean peak RSS, tables.
 
-Not a test helper and not part of the package; imported by the scripts in this folder through
-`sys.path.insert(0, <this folder>)`.
+Not part of the package; imported by the scripts in this folder through
+`sys.path.insert(0, <this folder>)`. The per-point reference path of the teacher (schema 4's
+`assign_cameras` / `sample_maps`, also the tests' oracle) lives in tests/helpers.py: `reference()`.
 """
 
 from __future__ import annotations
@@ -74,12 +75,6 @@ def teacher_config(weights: str = "none", model: str = "ViT-B-16"):
     return TeacherConfig(model=model, weights=weights)
 
 
-def has_feature_dtype() -> bool:
-    from clip2scene.precompute.pipeline import PrecomputeConfig
-
-    return "feature_dtype" in {f.name for f in dataclasses.fields(PrecomputeConfig)}
-
-
 def precompute_config(data: Data, out: Path | str, sweeps: int, limit: int | None, weights: str = "none",
                       device: str = "cpu", feature_dtype: str | None = None, **extra):
     from clip2scene.precompute.pipeline import PrecomputeConfig
@@ -102,32 +97,22 @@ def build_cache(data: Data, out: Path | str, sweeps: int, limit: int | None, wei
 
 
 def process_teacher(cfg):
-    """The MaskCLIP that run_precompute loaded in this process (pipeline keeps one per process),
-    or a freshly loaded one if that internal is not available."""
+    """The MaskCLIP that run_precompute loaded in this process (pipeline keeps one per process)."""
     from clip2scene.classes import get_class_set
     from clip2scene.devices import resolve_device
     from clip2scene.precompute import pipeline
 
-    if hasattr(pipeline, "_teacher"):
-        try:
-            return pipeline._teacher(cfg, get_class_set(cfg.class_set), resolve_device(cfg.device))
-        except TypeError:
-            pass
-    from clip2scene.precompute.teacher.maskclip import load_teacher
-
-    return load_teacher(cfg.teacher, get_class_set(cfg.class_set), device=cfg.device)
+    return pipeline._teacher(cfg, get_class_set(cfg.class_set), resolve_device(cfg.device))
 
 
-def image_reader():
-    """(decode(view, device) -> image, batch(images, (H, W)) -> (B,3,H,W) float) of the precompute
-    path: torchvision decode + torch resize when the pipeline has them, else PIL."""
-    from clip2scene.precompute import pipeline
+def reference():
+    """tests/helpers.py, the module holding the per-point reference path (`assign_cameras`,
+    `sample_maps`: schema 4's camera choice and stage-one sampling)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests import helpers
 
-    if hasattr(pipeline, "decode_image") and hasattr(pipeline, "prepare_batch"):
-        return (lambda v, device: pipeline.decode_image(v.path, v.width, v.height, device),
-                lambda ims, size: pipeline.prepare_batch(ims, size))
-    return (lambda v, device: pipeline.load_image(v.path, v.width, v.height),
-            lambda ims, size: pipeline.images_to_tensor(ims, size))
+    return helpers
 
 
 # ----------------------------------------------------------------------------- student step
@@ -198,10 +183,7 @@ class StudentStep:
 def scan_dataset(cache, indices, augment: bool = True, features: bool = True, sweeps: int | None = None):
     from clip2scene.train.data import ScanDataset
 
-    kw = dict(augment=augment, seed=0, features=features)
-    if sweeps is not None:
-        kw["sweeps"] = sweeps
-    return ScanDataset(cache, np.asarray(indices, np.int64), **kw)
+    return ScanDataset(cache, np.asarray(indices, np.int64), augment=augment, seed=0, features=features, sweeps=sweeps)
 
 
 def epoch_sampler(n: int, workers: int):

@@ -2,8 +2,7 @@
 nuScenes trainval at K sweeps, against OpenScene's per-point features; int8 vs float16 features.
 
 Builds a cache of the first --scans real keyframes (synthetic fallback: 1600x900 cameras) with
-float16 teacher feature maps and, when PrecomputeConfig has a `feature_dtype` field, a second
-one with int8 maps (per-patch scale); reads `open_cache(...).info()` (stored = compressed bytes
+float16 teacher feature maps and a second one with int8 maps (per-patch scale); reads `open_cache(...).info()` (stored = compressed bytes
 on disk, Zstd level 3 as written). The reference figure is OpenScene's 1,536 bytes per point, as
 given: 768-d fused features in float16 per point. The int8 cache's fidelity is the cosine of
 every visible point's sampled int8 feature with its float16 one (mean and min).
@@ -50,14 +49,11 @@ OPENSCENE_BYTES_PER_POINT = 1536  # as given: 768-d float16 features per point
 BYTES = {"float32": 4, "float16": 2, "int32": 4, "int64": 8, "uint8": 1, "int8": 1, "uint16": 2}
 
 
-def actual_dtype(cache, name: str, listed: str) -> str:
+def actual_dtype(cache, name: str) -> str:
     """The dtype stored on disk (Cache.array_info lists the schema's dtype, float16 for int8 features)."""
-    try:
-        if name.startswith(("points/", "pairs/", "images/")):
-            return str(cache.group[f"blocks/{int(cache.block[0]):06d}/{name}"].dtype)
-        return str(cache.group[name].dtype)
-    except Exception:  # noqa: BLE001 - layout changed: keep the listed dtype
-        return listed
+    if name.startswith(("points/", "pairs/", "images/")):
+        return str(cache.group[f"blocks/{int(cache.block[0]):06d}/{name}"].dtype)
+    return str(cache.group[name].dtype)
 
 
 def cosine_fidelity(ref, other) -> tuple[float, float, int]:
@@ -151,10 +147,7 @@ def main() -> None:
         print(f"[setup] {data.note}", flush=True)
         dtypes = ["float16"]
         if args.feature_dtype != "none":
-            if C.has_feature_dtype():
-                dtypes.append(args.feature_dtype)
-            else:
-                notes.append(f"- {args.feature_dtype} row skipped: PrecomputeConfig has no feature_dtype field")
+            dtypes.append(args.feature_dtype)
         infos, caches, dtypes_on_disk = {}, {}, {}
         given = dict(c.split("=", 1) for c in args.cache)
         for dt in dtypes:
@@ -164,10 +157,10 @@ def main() -> None:
                 notes.append(f"- {dt} row: existing cache {given[dt]} ({caches[dt].num_scans} keyframes)")
             else:
                 C.build_cache(data, tmp / f"{dt}.zarr", args.sweeps, args.scans, device=args.device,
-                              feature_dtype=dt if C.has_feature_dtype() else None)
+                              feature_dtype=dt)
                 caches[dt] = open_cache(tmp / f"{dt}.zarr")
             infos[dt] = caches[dt].info()
-            dtypes_on_disk[dt] = {a["name"]: actual_dtype(caches[dt], a["name"], str(a["dtype"]))
+            dtypes_on_disk[dt] = {a["name"]: actual_dtype(caches[dt], a["name"])
                                   for a in infos[dt]["arrays"]}
             print(f"[run] {dt} cache built in {time.perf_counter() - t0:.1f}s", flush=True)
         fidelity = cosine_fidelity(caches["float16"], caches[dtypes[1]]) if len(dtypes) > 1 else None

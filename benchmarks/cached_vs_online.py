@@ -61,10 +61,10 @@ def online_scan(ds, scan, teacher, device, sweeps: int, index: int):
     import torch
     import torch.nn.functional as F
 
-    from clip2scene.precompute.pipeline import assign_cameras, sample_maps
+    from clip2scene.precompute.pipeline import decode_image, prepare_batch
     from clip2scene.storage import ScanData
 
-    decode, prepare = C.image_reader()
+    assign_cameras, sample_maps = C.reference().assign_cameras, C.reference().sample_maps
     with torch.inference_mode():
         xyz, feat, sweep, n_key = ds.points(scan)
         label = np.zeros(len(xyz), np.uint8)
@@ -80,7 +80,7 @@ def online_scan(ds, scan, teacher, device, sweeps: int, index: int):
             if stand_in:
                 rows = np.flatnonzero(sweep == 0)
             idx, cams, uv = assign_cameras(xyz[rows], ds, scan)
-            batch = prepare([decode(v, device) for v in views], image_size)
+            batch = prepare_batch([decode_image(v.path, v.width, v.height, device) for v in views], image_size)
             with teacher.autocast():
                 dense, dense_logits = teacher.dense_outputs(batch)
             f = F.normalize(sample_maps(dense.float(), cams, uv, sizes), dim=-1)

@@ -118,7 +118,7 @@ def naive_scan(ds, scan, teacher, out_dir: Path, image_size) -> dict:
     import torch.nn.functional as F
     from PIL import Image
 
-    from clip2scene.precompute.pipeline import sample_maps
+    sample_maps = C.reference().sample_maps
 
     h, w = image_size
     xyz, feat, sweep, n_key = ds.points(scan)

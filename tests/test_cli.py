@@ -6,24 +6,15 @@ import pytest
 from typer.testing import CliRunner
 
 from clip2scene.cli import app
+from tests.helpers import TINY_TEACHER_ARGS as TINY
+from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
-TINY = ["--clip-model", "clip2scene-tiny", "--clip-weights", "none", "--image-size", "64x112"]
 SMALL_NET = ["--channels", "8,8,16,16,32,32,16,8,8"]
 
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    # progress bars may precede it on stderr; the error itself is exactly one line, the last
-    err = result.stderr.strip().splitlines()[-1]
-    assert err.startswith("error: ") and "Traceback" not in result.output, result.output
-    assert result.stderr.count("error:") == 1
-    for f in fragments:
-        assert f in err, err
 
 
 @pytest.fixture(scope="module")

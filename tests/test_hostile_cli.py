@@ -24,14 +24,14 @@ from typer.testing import CliRunner
 
 from clip2scene.cli import app
 from clip2scene.precompute import pipeline
-from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.storage import open_cache
 from clip2scene.storage.tools import verify
+from tests.helpers import TINY_TEACHER as TINY_CFG
+from tests.helpers import assert_one_line_error
+from tests.helpers import TINY_TEACHER_ARGS as TINY
 
 runner = CliRunner()
-TINY = ["--clip-model", "clip2scene-tiny", "--clip-weights", "none", "--image-size", "64x112"]
-TINY_CFG = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(64, 112))
 SMALL_NET = ["--channels", "8,8,16,16,32,32,16,8,8"]
 DEAD_S3 = ["--storage-option", "client_kwargs.endpoint_url=http://127.0.0.1:1",
            "--storage-option", "config_kwargs.retries.max_attempts=1"]
@@ -41,30 +41,16 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip().splitlines()[-1]  # progress bars may precede it on stderr
-    assert err.startswith("error: ") and "Traceback" not in result.output, result.output
-    assert sum(ln.startswith("error:") for ln in result.stderr.splitlines()) == 1, result.stderr
-    for f in fragments:
-        assert f in err, err
-    return err
+@pytest.fixture(scope="module")
+def sample(small_sample):
+    """conftest's 4-scan sample (2 scenes x 2 keyframes, 160x90 cameras); never changed here."""
+    return small_sample
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    from clip2scene.samples.nuscenes import SampleConfig, make_sample
-
-    return make_sample(tmp_path_factory.mktemp("hostile") / "root",
-                       SampleConfig(scenes=1, keyframes=3, sweeps=1, image_width=160, image_height=90))
-
-
-@pytest.fixture(scope="module")
-def cache(sample, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hostile") / "cache.zarr"
-    run_precompute(PrecomputeConfig(dataroot=sample, out=out, version="v1.0-mini", sweeps=1, teacher=TINY_CFG,
-                                    block_size=1, teacher_precision="float32"), progress=False)
-    return out
+def cache(small_cache):
+    """Its precomputed cache: 4 scans, one block each; copied before it is damaged."""
+    return small_cache
 
 
 @pytest.fixture
@@ -178,7 +164,7 @@ def test_hostile_cli(args, fragment, disk, sample, cache, tmp_path, request):
     if disk == "absent":
         assert not out.exists(), sorted(p.name for p in out.iterdir())
     if disk == "same":
-        assert before == [] and verify(str(cache)) == [] and open_cache(cache).num_scans == 3
+        assert before == [] and verify(str(cache)) == [] and open_cache(cache).num_scans == 4
         assert not (cache / "writer.lock").exists()
     if disk == "root-intact":
         assert (sample / "v1.0-mini" / "sample.json").is_file() and not (sample / "writer.lock").exists()
@@ -252,7 +238,7 @@ def test_live_writer_is_refused_before_any_work_and_overwrite_never_removes_it(s
     finally:
         go.set()
         a.join(300)
-    assert "error" not in result and result["meta"]["num_scans"] == 3
+    assert "error" not in result and result["meta"]["num_scans"] == 4
     assert verify(str(out)) == [] and not (out / "writer.lock").exists()
 
 
@@ -282,7 +268,7 @@ def test_disk_full_leaves_a_resumable_cache(sample, tmp_path, monkeypatch):
     err = assert_one_line_error(r, "cannot resume", "teacher.image_size was [64, 112], now [64, 128]")
     assert "weights_sha256" not in err  # not two whole fingerprints
     r = run(*args)
-    assert r.exit_code == 0 and "resumed: 1 of 3 blocks were already done" in r.output, r.output
+    assert r.exit_code == 0 and "resumed: 1 of 4 blocks were already done" in r.output, r.output
     assert verify(str(out)) == []
     r = run(*args)  # complete: nothing to do, said plainly
     assert r.exit_code == 0 and "already complete for these settings" in r.output and "nan" not in r.output
@@ -301,7 +287,7 @@ def test_corrupt_or_missing_chunk_fails_naming_the_file(cache, tmp_path):
 
     with pytest.raises(CacheError, match=f"{shard} is corrupt .*Zstd.*cache verify"):
         c.read_scan(1)
-    r = run("train", "--cache", bad, "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 3, *SMALL_NET)
+    r = run("train", "--cache", bad, "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 2, *SMALL_NET)
     assert_one_line_error(r, shard, "is corrupt")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     # a lost shard file would read as zeros: refused naming it

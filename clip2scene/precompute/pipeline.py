@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from clip2scene.classes import get_class_set, get_eval_classes, prompt_to_eval
@@ -147,33 +146,9 @@ def _check_image_file(path: Path) -> None:
         raise DataError(f"{path}: camera image file is empty (0 bytes): corrupt or truncated copy")
 
 
-def load_image(path: Path, width: int, height: int) -> Image.Image:
-    """Decode a camera JPEG as RGB; DataError names the file if missing, corrupt or of the wrong size."""
-    _check_image_file(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img = im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"camera image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from None
-    if img.size != (width, height):
-        raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]}, sample_data says {width}x{height}")
-    return img
-
-
-def images_to_tensor(images: list[Image.Image], size: tuple[int, int]) -> torch.Tensor:
-    """Resize PIL images to size (H, W) and stack: (B, 3, H, W) float32 in [0, 1]."""
-    h, w = size
-    arrays = [np.asarray(im.resize((w, h), Image.BILINEAR), dtype=np.uint8) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
 def decode_image(path: Path, width: int, height: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Decode a camera JPEG/PNG with torchvision.io (nvjpeg on a CUDA device): (3, H, W) uint8 on
-    `device`. DataError names the file if missing, corrupt or of the wrong size. The fast path of
-    `process_scan`; `load_image` (PIL) is the reference."""
+    `device`. DataError names the file if missing, corrupt or of the wrong size."""
     import torchvision.io as tvio
 
     device = torch.device(device)
@@ -206,61 +181,13 @@ def prepare_batch(images: list[torch.Tensor], size: tuple[int, int]) -> torch.Te
     return torch.cat(out).clamp_(0.0, 1.0)
 
 
-def assign_cameras(xyz: np.ndarray, ds: Dataset, scan: ScanRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pick one view per visible point: the one where it lies farthest from the image border.
-
-    xyz: (n, 3) float32 in the scan's frame. Returns point index (m,) int32 ascending, view
-    (m,) uint8 (ties -> lower view index), uv (m, 2) float32 pixel coordinates in that view's
-    original image.
-    """
-    n = len(xyz)
-    best_margin = np.full(n, -np.inf)
-    best_cam = np.zeros(n, np.uint8)
-    best_uv = np.zeros((n, 2), np.float64)
-    views = ds.views(scan)
-    if len(views) > 255:
-        raise DataError(f"scan {scan.token}: {len(views)} views, at most 255 fit the cache's uint8 view index")
-    for c, view in enumerate(views):
-        uv, vis = ds.project(scan, c, xyz)
-        margin = np.minimum.reduce([uv[:, 0] - 1, view.width - 1 - uv[:, 0], uv[:, 1] - 1, view.height - 1 - uv[:, 1]])
-        margin = np.where(vis, margin, -np.inf)
-        better = margin > best_margin
-        best_margin[better] = margin[better]
-        best_cam[better] = c
-        best_uv[better] = uv[better]
-    idx = np.flatnonzero(np.isfinite(best_margin)).astype(np.int32)
-    return idx, best_cam[idx], best_uv[idx].astype(np.float32)
-
-
-def sample_maps(dense: torch.Tensor, cams: np.ndarray, uv: np.ndarray, sizes: list[tuple[int, int]]) -> torch.Tensor:
-    """Bilinearly sample dense teacher maps at sub-pixel point positions.
-
-    dense: (B, K, h, w) patch-grid maps of the B cameras (features or class logits); cams: (m,)
-    camera per point; uv: (m, 2) pixel coords in the original image whose size per camera is
-    sizes[c] = (W, H). Pixel centres sit at integer coordinates, so x_norm = (u + 0.5) / W * 2 - 1
-    (align_corners=False); borders clamp. Returns (m, K) float32.
-    """
-    m, d = len(cams), dense.shape[1]
-    out = torch.zeros(m, d, dtype=torch.float32, device=dense.device)
-    for c in np.unique(cams):
-        rows = np.flatnonzero(cams == c)
-        w, h = sizes[c]
-        g = torch.from_numpy(uv[rows]).to(dense.device, torch.float32)
-        grid = torch.stack([(g[:, 0] + 0.5) / w * 2 - 1, (g[:, 1] + 0.5) / h * 2 - 1], dim=-1)
-        s = F.grid_sample(dense[c : c + 1].float(), grid.view(1, 1, -1, 2), mode="bilinear",
-                          padding_mode="border", align_corners=False)  # (1, D, 1, k)
-        # a contiguous (k, D) source and index_copy_: 3x faster than assigning the transposed view
-        out.index_copy_(0, torch.from_numpy(rows).to(dense.device), s[0, :, 0].T.contiguous())
-    return out
-
-
 def project_views(xyz: np.ndarray, ds: Dataset, scan: ScanRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every (point, view) pair: each visible point in every view that sees it.
 
     xyz: (n, 3) float32 in the scan's frame. Returns point (p,) int32, view (p,) uint8 and uv
     (p, 2) float32 pixel coordinates in that view's original image, sorted by point and, within
-    a point, by distance from the image border (largest first; ties -> lower view index): the
-    first pair of a point is `assign_cameras`' choice (the cache's `pair_order`).
+    a point, by distance from the image border (largest first; ties -> lower view index: the
+    cache's `pair_order`).
     """
     views = ds.views(scan)
     if len(views) > 255:

@@ -119,14 +119,6 @@ class Prims:
         ex = signs[None] * self.ell_radii[:, None] + self.ell_centre[:, None]
         return np.concatenate([bx, ex], 0)
 
-    def radius(self) -> np.ndarray:
-        """(B + E,) bounding-sphere radius of every primitive."""
-        return np.concatenate([np.linalg.norm(self.box_half, axis=1), self.ell_radii.max(1)])
-
-    def centres(self) -> np.ndarray:
-        """(B + E, 3) centres of every primitive."""
-        return np.concatenate([self.box_centre, self.ell_centre], 0)
-
 
 def intersect_prim(prims: Prims, k: int, origin: np.ndarray, dirs: np.ndarray, normals: bool = True):
     """Ray-primitive intersection for primitive k (boxes first, then spheroids).

@@ -64,11 +64,7 @@ class ScanNetSampleConfig:
     seed: int = 0  # everything is deterministic given the seed
 
 
-# NYU40 id -> name and RGB colour of the classes the rooms use (mesh vertices and images).
-NYU40_NAMES: dict[int, str] = {
-    1: "wall", 2: "floor", 3: "cabinet", 4: "bed", 5: "chair", 6: "sofa", 7: "table", 8: "door",
-    9: "window", 10: "bookshelf", 11: "picture", 22: "ceiling", 40: "otherprop",
-}
+# NYU40 id -> RGB colour of the classes the rooms use (mesh vertices and images).
 CLASS_COLOURS: dict[int, tuple[int, int, int]] = {
     1: (190, 190, 170),  # wall: light beige
     2: (150, 100, 50),  # floor: wood brown

@@ -307,7 +307,7 @@ class Cache:
         rows = {"points": int(self.point_count.sum()), "pairs": int(self.pair_count.sum()), "scans": self.num_scans}
         blocks = sorted(set(self.block.tolist()))
         out = []
-        for spec in schema.BLOCK_ARRAYS + schema.SCAN_ARRAYS + schema.TEXT_ARRAYS:
+        for spec in schema.ALL_ARRAYS:
             if spec.name not in stored:
                 continue
             if spec.axis in ("points", "pairs"):

@@ -70,35 +70,6 @@ class ScanRecord:
         return tuple(int(x) for x in self.image_logits.shape[1:3])
 
 
-def images_from_point_values(logits: np.ndarray, features: np.ndarray, grid: tuple[int, int] = (32, 32),
-                             patch: int = 16) -> dict:
-    """ScanRecord pair and image fields that hand every pair exactly the given per-point values:
-    each value becomes one patch of a (h, w) grid of images of (w * patch) x (h * patch) pixels,
-    and its pair sits at the patch centre. For caches built from per-point values (tests,
-    benchmarks): logits (m, C), features (m, D) -> dict(pair_image, pair_uv, image_view,
-    image_size, image_logits, image_features); the points' pair_point stays the caller's. With
-    powers of two for h and w the stored uv is exact, so `read_scan` returns the values (up to
-    the feature_dtype's rounding)."""
-    h, w = grid
-    m = len(logits)
-    per = h * w
-    n_img = -(-m // per)
-    if n_img > 255:
-        raise ValueError(f"{m} points need {n_img} images, at most 255 per scan")
-    slot = np.arange(m)
-    image = (slot // per).astype(np.uint8)
-    cell = slot % per
-    uv = np.stack([(cell % w) * patch + (patch - 1) / 2, (cell // w) * patch + (patch - 1) / 2], 1).astype(np.float32)
-    maps_l = np.zeros((n_img * per, logits.shape[1]), np.float16)
-    maps_l[:m] = logits
-    maps_f = np.zeros((n_img * per, features.shape[1]), np.float32)
-    maps_f[:m] = features
-    return dict(pair_image=image, pair_uv=uv, image_view=np.zeros(n_img, np.uint8),
-                image_size=np.tile(np.array([[w * patch, h * patch]], np.uint16), (n_img, 1)),
-                image_logits=maps_l.reshape(n_img, h, w, logits.shape[1]),
-                image_features=maps_f.reshape(n_img, h, w, features.shape[1]))
-
-
 @dataclass(frozen=True)
 class Layout:
     """Array sizes of one cache: classes C, teacher feature dim D (None = no teacher), input channels F."""

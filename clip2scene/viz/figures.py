@@ -49,11 +49,6 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     return path
 
 
-def png_size(width_in: float, height_in: float, dpi: int = DPI) -> tuple[int, int]:
-    """(width, height) in pixels of a saved figure of that size in inches (matplotlib rounds)."""
-    return int(round(width_in * dpi)), int(round(height_in * dpi))
-
-
 def slug(text: str, limit: int = 40) -> str:
     """A file-name-safe form of free text: lowercase, runs of other characters -> '_'."""
     s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")

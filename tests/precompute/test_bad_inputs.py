@@ -15,7 +15,7 @@ import pytest
 
 from clip2scene.errors import DataError
 from clip2scene.precompute.datasets.nuscenes import CAMERAS, NuScenes, load_points
-from clip2scene.precompute.pipeline import load_image
+from clip2scene.precompute.pipeline import decode_image
 from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
 VERSION = "v1.0-mini"
@@ -237,9 +237,9 @@ def test_truncated_jpeg_names_the_file(root):
     data = view.path.read_bytes()
     view.path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=re.escape(str(view.path)) + r": cannot decode image"):
-        load_image(view.path, view.width, view.height)
+        decode_image(view.path, view.width, view.height)
     for v in ds.views(second):
-        assert load_image(v.path, v.width, v.height).size == (v.width, v.height)
+        assert decode_image(v.path, v.width, v.height).shape == (3, v.height, v.width)
 
 
 def test_valid_sample_passes_and_tolerance_is_loose_enough(root):

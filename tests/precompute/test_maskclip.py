@@ -25,6 +25,8 @@ from clip2scene.precompute.teacher.weights import TINY_MODEL_NAME, WeightsNotFou
 from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.teacher.text import encode_text
 from clip2scene.precompute.teacher.prompts import TEMPLATES, prompt_name, templates_sha256
+from tests.helpers import random_images as _images
+from tests.helpers import reference_last_block_input as _reference_last_block_input
 
 CLASSES = ("car", "traffic_cone", "vegetation")
 FEW_TEMPLATES = TEMPLATES[:3] + TEMPLATES[-2:]
@@ -50,11 +52,6 @@ def _tiny_clip(seed: int, quick_gelu: bool = False) -> torch.nn.Module:
     return open_clip.create_model(TINY_MODEL_NAME, pretrained=None, force_quick_gelu=quick_gelu).eval()
 
 
-def _images(b: int = 2, h: int = 64, w: int = 96, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 3, h, w, generator=g)
-
-
 def _reference_dense(visual, images: torch.Tensor) -> torch.Tensor:
     """MaskCLIP by hand from the model's own weight matrices."""
     x, (h, w) = _reference_last_block_input(visual, images)
@@ -75,32 +72,6 @@ def _reference_dense(visual, images: torch.Tensor) -> torch.Tensor:
         x = x @ visual.proj
         x = x.transpose(1, 2).reshape(b, -1, h, w)
         return F.normalize(x, dim=1)
-
-
-def _reference_last_block_input(visual, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """By hand: tokens entering the last block, (B, 1 + h*w, width) batch-first, and (h, w)."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    x = (images - mean) / std
-    b, _, hh, ww = x.shape
-    p = visual.patch_size[0]
-    h, w = hh // p, ww // p
-    with torch.no_grad():
-        if (h, w) == tuple(visual.grid_size):
-            x = visual._embeds(x)  # the model's own embedding path
-        else:
-            x = visual.conv1(x).flatten(2).transpose(1, 2)
-            x = torch.cat([visual.class_embedding.view(1, 1, -1).expand(b, -1, -1), x], dim=1)
-            pe = visual.positional_embedding
-            gh, gw = visual.grid_size
-            grid = pe[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-            pe = torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)], dim=0)
-            x = visual.ln_pre(x + pe)
-        blocks = visual.transformer.resblocks
-        for blk in blocks[:-1]:
-            x = blk(x)
-    return x, (h, w)
 
 
 # ------------------------------------------------------------------------------------------

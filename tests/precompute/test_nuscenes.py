@@ -9,7 +9,7 @@ import pytest
 from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.errors import DataError
 from clip2scene.precompute.datasets.nuscenes import CAMERAS, NuScenes, load_points
-from tests.nuscenes_reference import CATEGORY_NAMES
+from tests.helpers import CATEGORY_NAMES
 from clip2scene.precompute.datasets.splits import MINI_TRAIN, MINI_VAL, TRAIN, VAL, scene_split
 
 
@@ -58,13 +58,6 @@ def test_label_map_follows_category_index():
         assert lut[i] == fine_to_coarse.get(i, 0), i
 
 
-@pytest.fixture
-def sample(tmp_path_factory):
-    from clip2scene.samples.nuscenes import SampleConfig, make_sample
-
-    return make_sample(tmp_path_factory.mktemp("s") / "root", SampleConfig(scenes=2, keyframes=3, sweeps=2))
-
-
 def copy_root(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -73,7 +66,7 @@ def copy_root(src, dst):
 def test_synthetic_sample_reads(sample):
     ds = NuScenes(sample, "v1.0-mini")
     kfs = ds.keyframes(sweeps=3)
-    assert len(kfs) == 6 and {k.split for k in kfs} == {"train", "val"}
+    assert len(kfs) == 4 and {k.split for k in kfs} == {"train", "val"}  # conftest's sample: 2 scenes x 2
     assert all(len(k.sweeps) == 2 for k in kfs)
     for k in kfs:
         assert all(s.timestamp < k.timestamp for s in k.sweeps)

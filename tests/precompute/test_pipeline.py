@@ -10,17 +10,10 @@ from clip2scene.precompute.datasets.geometry import project_points
 from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.teacher.maskclip import load_teacher
 from clip2scene.precompute.datasets.nuscenes import NuScenes, load_points
-from clip2scene.precompute.pipeline import PrecomputeConfig, images_to_tensor, load_image, run_precompute
+from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.storage import open_cache
-
-TINY = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(64, 112))
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    from clip2scene.samples.nuscenes import SampleConfig, make_sample
-
-    return make_sample(tmp_path_factory.mktemp("s") / "root", SampleConfig(scenes=2, keyframes=2, sweeps=2))
+from tests.helpers import TINY_TEACHER as TINY
+from tests.helpers import images_to_tensor, load_image, sample_maps
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +213,7 @@ def test_teacher_variant_and_window_cache(sample, cache_path, tmp_path):
     c = int(np.bincount(scan.pair_camera).argmax())
     cam = kf.cameras[c]
     teacher = load_teacher(windowed, cache.class_names)
-    from clip2scene.precompute.pipeline import decode_image, prepare_batch, sample_maps
+    from clip2scene.precompute.pipeline import decode_image, prepare_batch
 
     _, dense_logits = teacher.dense_outputs(prepare_batch([decode_image(cam.path, cam.width, cam.height)], (128, 224)))
     assert dense_logits.shape[-2:] == (8, 14)

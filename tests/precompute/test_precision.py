@@ -9,13 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from clip2scene.errors import ConfigError
-from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.teacher.precision import cpu_has_amx, resolve_precision
 from clip2scene.precompute.teacher.maskclip import load_teacher
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.storage import open_cache
-
-TINY = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(64, 112))
+from tests.helpers import TINY_TEACHER as TINY
 CLASSES = ("car", "road", "tree")
 
 
@@ -54,19 +52,12 @@ def test_float16_on_cpu_is_refused():
         t.set_precision("float16")
 
 
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    from clip2scene.samples.nuscenes import SampleConfig, make_sample
-
-    return make_sample(tmp_path_factory.mktemp("s") / "root", SampleConfig(scenes=1, keyframes=2, sweeps=0))
-
-
-def test_pipeline_records_precision_and_bfloat16_cache_matches_float32(sample, tmp_path):
+def test_pipeline_records_precision_and_bfloat16_cache_matches_float32(small_sample, tmp_path):
     caches = {}
     for p in ("float32", "bfloat16"):
         out = tmp_path / f"{p}.zarr"
-        meta = run_precompute(PrecomputeConfig(dataroot=sample, out=out, version="v1.0-mini", sweeps=1, teacher=TINY,
-                                               teacher_precision=p), progress=False)
+        meta = run_precompute(PrecomputeConfig(dataroot=small_sample, out=out, version="v1.0-mini", sweeps=1,
+                                               teacher=TINY, teacher_precision=p, limit=2), progress=False)
         assert meta["teacher_precision"] == p
         cache = open_cache(out)
         assert cache.meta["teacher_precision"] == p
@@ -81,9 +72,9 @@ def test_pipeline_records_precision_and_bfloat16_cache_matches_float32(sample, t
         assert cos.mean() > 0.999
 
 
-def test_pipeline_refuses_float16_on_cpu_and_unknown_precision(sample, tmp_path):
+def test_pipeline_refuses_float16_on_cpu_and_unknown_precision(small_sample, tmp_path):
     for p, msg in (("float16", "CUDA"), ("half", "unknown teacher precision")):
         with pytest.raises(ConfigError, match=msg):
-            run_precompute(PrecomputeConfig(dataroot=sample, out=tmp_path / f"{p}.zarr", version="v1.0-mini",
+            run_precompute(PrecomputeConfig(dataroot=small_sample, out=tmp_path / f"{p}.zarr", version="v1.0-mini",
                                             sweeps=1, teacher=TINY, teacher_precision=p), progress=False)
         assert not (tmp_path / f"{p}.zarr").exists()

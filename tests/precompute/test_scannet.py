@@ -13,8 +13,8 @@ from plyfile import PlyData
 from clip2scene.classes import SCANNET_CLASSES
 from clip2scene.errors import ConfigError, DataError
 from clip2scene.precompute.datasets.scannet import NYU40_TO_EVAL, ScanNet
-from clip2scene.samples.scannet import (
-    CLASS_COLOURS, NYU40_NAMES, ScanNetSampleConfig, make_scannet_sample, room_layout)
+from clip2scene.samples.scannet import CLASS_COLOURS, ScanNetSampleConfig, make_scannet_sample, room_layout
+from tests.helpers import NYU40_NAMES
 
 SCENES = ["scene0000_00", "scene0001_00", "scene0002_00"]
 TINY = ScanNetSampleConfig(train_scenes=1, val_scenes=0, frames=2, image_width=64, image_height=48,

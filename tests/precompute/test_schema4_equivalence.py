@@ -12,14 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.teacher.maskclip import load_teacher
 from clip2scene.precompute.datasets.nuscenes import NuScenes
-from clip2scene.precompute.pipeline import (PrecomputeConfig, assign_cameras, decode_image, prepare_batch,
-                                            run_precompute, sample_maps)
+from clip2scene.precompute.pipeline import PrecomputeConfig, decode_image, prepare_batch, run_precompute
 from clip2scene.storage import open_cache
-
-TINY = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(64, 112))
+from tests.helpers import TINY_TEACHER as TINY
+from tests.helpers import assign_cameras, sample_maps
 pytestmark = pytest.mark.slow  # two precompute runs end to end
 
 

@@ -102,16 +102,16 @@ def test_errors_are_region_level_and_deterministic(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_sample(tmp_path_factory):
+def tiny_sample(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim") / "root"
     return make_sample(root, SampleConfig(scenes=2, keyframes=1, sweeps=1, image_width=96, image_height=54,
                                           lidar_beams=8, lidar_azimuth_steps=128))
 
 
-def test_precompute_cli_says_simulated_and_needs_class_maps(small_sample, tmp_path):
+def test_precompute_cli_says_simulated_and_needs_class_maps(tiny_sample, tmp_path):
     runner = CliRunner()
     cache = tmp_path / "c.zarr"
-    r = runner.invoke(app, ["precompute", "--dataroot", str(small_sample), "--version", "v1.0-mini", "--out", str(cache),
+    r = runner.invoke(app, ["precompute", "--dataroot", str(tiny_sample), "--version", "v1.0-mini", "--out", str(cache),
                             "--teacher", "simulated", "--image-size", "64x112", "--sweeps", "1"])
     assert r.exit_code == 0, r.output
     assert "SIMULATED teacher" in r.output
@@ -120,11 +120,11 @@ def test_precompute_cli_says_simulated_and_needs_class_maps(small_sample, tmp_pa
     info = json.loads(runner.invoke(app, ["cache", "info", str(cache), "--json"]).output)
     assert info["meta"]["teacher"]["model"] == "simulated" and info["meta"]["teacher"]["embed_dim"] == 64
     bare = tmp_path / "bare"
-    shutil.copytree(small_sample, bare)
+    shutil.copytree(tiny_sample, bare)
     shutil.rmtree(bare / CLASSMAP_DIR)
     r = runner.invoke(app, ["precompute", "--dataroot", str(bare), "--version", "v1.0-mini", "--out",
                             str(tmp_path / "c2.zarr"), "--teacher", "simulated", "--image-size", "64x112"])
     assert r.exit_code == 2 and "no per-pixel class maps" in r.output and "Traceback" not in r.output, r.output
-    r = runner.invoke(app, ["precompute", "--dataroot", str(small_sample), "--version", "v1.0-mini", "--out",
+    r = runner.invoke(app, ["precompute", "--dataroot", str(tiny_sample), "--version", "v1.0-mini", "--out",
                             str(tmp_path / "c3.zarr"), "--teacher", "dino"])
     assert r.exit_code == 2 and "--teacher 'dino'" in r.output, r.output

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from clip2scene.precompute.datasets import splits
-from tests.nuscenes_reference import CATEGORY_NAMES
+from tests.helpers import CATEGORY_NAMES
 from clip2scene.classes import NUSCENES_CATEGORY_COLOURS as CLASS_COLOURS
 from clip2scene.samples.nuscenes import SampleConfig, make_sample, scene_names
 

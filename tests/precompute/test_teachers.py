@@ -20,7 +20,8 @@ from clip2scene.precompute.teacher.config import TEACHERS, TeacherConfig
 from clip2scene.precompute.teacher.weights import TINY_MODEL_NAME, _check_dense_capable, _model_config
 from clip2scene.precompute.teacher.maskclip import MaskCLIP, load_teacher, window_starts
 from clip2scene.precompute.teacher.prompts import TEMPLATES
-from tests.precompute.test_maskclip import _images, _reference_last_block_input
+from tests.helpers import random_images as _images
+from tests.helpers import reference_last_block_input as _reference_last_block_input
 
 CLASSES = ("car", "road", "tree", "person")
 FEW = TEMPLATES[:2]

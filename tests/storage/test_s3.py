@@ -29,10 +29,8 @@ def s3(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_precompute_train_evaluate_on_s3(s3, tmp_path):
-    from clip2scene.samples.nuscenes import SampleConfig, make_sample
-
-    root = make_sample(tmp_path / "root", SampleConfig(scenes=2, keyframes=2, sweeps=1, image_width=160, image_height=90))
+def test_precompute_train_evaluate_on_s3(s3, small_sample, tmp_path):
+    root = small_sample
     url = "s3://team/caches/sample.zarr"
     run = CliRunner().invoke
     r = run(app, ["precompute", "--dataroot", str(root), "--version", "v1.0-mini", "--out", url, "--sweeps", "2",

@@ -24,24 +24,19 @@ from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.storage import open_cache
 from clip2scene.storage.tools import merge, verify
-
-TINY = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(64, 112))
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    from clip2scene.samples.nuscenes import SampleConfig, make_sample
-
-    return make_sample(tmp_path_factory.mktemp("s") / "root",
-                       SampleConfig(scenes=2, keyframes=4, sweeps=1, image_width=160, image_height=90))
+from tests.helpers import TINY_TEACHER as TINY
 
 
 @pytest.fixture(scope="module")
-def reference(sample, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    run_precompute(PrecomputeConfig(dataroot=sample, out=out, version="v1.0-mini", sweeps=2, teacher=TINY,
-                                    block_size=1), progress=False)
-    return out
+def sample(small_sample):
+    """conftest's 4-scan sample (2 scenes x 2 keyframes); never changed here."""
+    return small_sample
+
+
+@pytest.fixture(scope="module")
+def reference(small_cache):
+    """Its uninterrupted precompute (sweeps 2, one scan per block, float32 teacher): what `_cli` builds."""
+    return small_cache
 
 
 def _files(path):
@@ -51,7 +46,7 @@ def _files(path):
 def _cli(sample, out):
     return [sys.executable, "-m", "clip2scene.cli", "precompute", "--dataroot", str(sample), "--version", "v1.0-mini",
             "--out", str(out), "--sweeps", "2", "--clip-model", "clip2scene-tiny", "--clip-weights", "none",
-            "--image-size", "64x112", "--block-size", "1"]
+            "--image-size", "64x112", "--block-size", "1", "--teacher-precision", "float32"]
 
 
 @pytest.mark.slow
@@ -120,7 +115,7 @@ def test_merge_caches_of_different_scenes(sample, reference, tmp_path):
     for split in ("train", "val"):
         out = tmp_path / f"{split}.zarr"
         run_precompute(PrecomputeConfig(dataroot=sample, out=out, version="v1.0-mini", sweeps=2, teacher=TINY,
-                                        split=split, block_size=1), progress=False)
+                                        split=split, block_size=1, teacher_precision="float32"), progress=False)
         parts.append(str(out))
     meta = merge(parts, str(tmp_path / "m.zarr"))
     ref, got = open_cache(reference), open_cache(tmp_path / "m.zarr")

@@ -6,7 +6,7 @@ import pytest
 
 from clip2scene.train.ablate import ablation_rows, run_ablation
 from clip2scene.train.trainer import TrainConfig
-from tests.train.test_trainer import TINY, write_cache
+from tests.helpers import TINY, write_cache
 
 
 def test_rows_follow_cached_sweeps():
@@ -21,8 +21,8 @@ def test_rows_follow_cached_sweeps():
 
 
 @pytest.mark.slow
-def test_run_ablation_writes_one_table(tmp_path):
-    cache = write_cache(tmp_path / "c.zarr")
+def test_run_ablation_writes_one_table(value_cache, tmp_path):
+    cache = value_cache
     base = TrainConfig(cache=str(cache), out=str(tmp_path / "base"), epochs=2, batch_size=2, lr=0.05, model=TINY,
                        precise_bn_batches=2)
     results = run_ablation(base, tmp_path / "abl", prompt_caches={"cityscapes": str(cache)}, progress=False)
@@ -36,11 +36,11 @@ def test_run_ablation_writes_one_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_teachers_writes_one_table(tmp_path):
+def test_compare_teachers_writes_one_table(value_cache, tmp_path):
     from clip2scene.errors import CacheError
     from clip2scene.train.ablate import run_teacher_comparison
 
-    a = write_cache(tmp_path / "a.zarr")
+    a = value_cache
     b = write_cache(tmp_path / "b.zarr", sha="cd" * 32)
     base = TrainConfig(cache=str(a), out=str(tmp_path / "base"), epochs=1, batch_size=2, lr=0.05, model=TINY,
                        precise_bn_batches=0)

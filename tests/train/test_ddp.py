@@ -23,7 +23,7 @@ from clip2scene.train.nets import build_model
 from clip2scene.train.voxelize import voxelize
 from clip2scene.train.trainer import (TrainConfig, _switch, build_optimizer, compute_loss,
                                       precise_batchnorm, train)
-from tests.train.test_trainer import TINY, write_cache
+from tests.helpers import TINY, write_cache
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).absolute().parents[2]  # so the ranks import this checkout

@@ -19,11 +19,11 @@ import torch
 
 from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.storage import CacheWriter, ScanRecord
-from clip2scene.storage.writer import images_from_point_values
 from clip2scene.train.evaluate import EvalConfig, evaluate
 from clip2scene.train.metrics import ConfusionMatrix
 from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, train
+from tests.helpers import images_from_point_values
 
 C, D = len(NUSCENES_CLASSES), 32
 NOISE = 0.4

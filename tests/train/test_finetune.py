@@ -16,12 +16,12 @@ from clip2scene.train.metrics import ConfusionMatrix
 from clip2scene.train.report import format_table, gather
 from clip2scene.train.trainer import TrainConfig, train
 
-from tests.train.test_trainer import TINY, make_scan, teacher_meta, write_cache
+from tests.helpers import TINY, make_scan, teacher_meta
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return write_cache(tmp_path_factory.mktemp("ft") / "c.zarr")
+def cache(value_cache):
+    return value_cache
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from clip2scene.train.evaluate import EvalConfig
 from clip2scene.train.finetune import FinetuneConfig
 from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, _continue_schedule, build_optimizer, resumed_config
-from tests.train.test_trainer import write_cache
+from tests.helpers import write_cache
 
 runner = CliRunner()
 NET = ["--channels", "8,8,16,16,32,32,16,8,8"]

@@ -22,26 +22,14 @@ from clip2scene.train.nets import (  # noqa: E402
     set_conv_algo,
 )
 from clip2scene.train.voxelize import scatter_mean, voxelize  # noqa: E402
+from tests.helpers import halved  # noqa: E402
+from tests.helpers import synthetic_scan as _scan  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 SMALL = ModelConfig(
     out_channels=16, channels=(8, 8, 16, 16, 32, 32, 16, 16, 16), blocks_per_stage=1
 )
-
-
-def _scan(n: int, seed: int, extent: float = 8.0):
-    """Synthetic scan: a ground plane plus a few boxes' surfaces; (xyz (n,3), intensity (n,))."""
-    g = torch.Generator().manual_seed(seed)
-    n_ground = n // 2
-    ground = torch.rand(n_ground, 3, generator=g) * torch.tensor([extent, extent, 0.05])
-    centres = torch.rand(4, 3, generator=g) * torch.tensor([extent, extent, 1.0])
-    which = torch.randint(0, 4, (n - n_ground,), generator=g)
-    offs = torch.rand(n - n_ground, 3, generator=g) * 1.5
-    objects = centres[which] + offs
-    xyz = torch.cat([ground, objects]) - extent / 2
-    intensity = torch.rand(n, generator=g)
-    return xyz.float(), intensity
 
 
 def _sparse_input(scans, voxel_size: float = 0.1):
@@ -69,7 +57,7 @@ def test_default_model_shape_and_parameter_count():
     torch.manual_seed(0)
     model = build_model(ModelConfig(), "cpu")
     n = count_parameters(model)
-    n_half = count_parameters(build_model(ModelConfig().halved()))
+    n_half = count_parameters(build_model(halved(ModelConfig())))
     log.info("default MinkUNet: %d parameters; halved channels: %d", n, n_half)
     # torchsparse's MinkUNet with these channels has ~21.7M parameters (+ the 96x512 head)
     assert 20_000_000 < n < 24_000_000

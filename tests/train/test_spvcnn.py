@@ -30,7 +30,8 @@ from clip2scene.train.nets.spvcnn import (  # noqa: E402
     point_positions,
 )
 from clip2scene.train.voxelize import Voxels, scatter_mean, voxelize  # noqa: E402
-from tests.train.test_model import _scan as _model_scan  # noqa: E402
+from tests.helpers import halved  # noqa: E402
+from tests.helpers import synthetic_scan as _model_scan  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def expected_params(cfg: ModelConfig) -> int:
 def test_parameter_counts_match_the_formula():
     cfgs = [ModelConfig(arch=a) for a in ARCHS]
     cfgs += [ModelConfig(arch=a, **SMALL) for a in ARCHS]
-    cfgs += [ModelConfig(arch=a, blocks_per_stage=3).halved() for a in ARCHS]
+    cfgs += [halved(ModelConfig(arch=a, blocks_per_stage=3)) for a in ARCHS]
     counts = {}
     for cfg in cfgs:
         model = build_model(cfg)

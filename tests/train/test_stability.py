@@ -19,12 +19,12 @@ from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, cli
                                         resolve_warmup, warmup_cosine)
 from clip2scene.train.trainer import TrainConfig, train
 
-from tests.train.test_trainer import TINY, write_cache
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return write_cache(tmp_path_factory.mktemp("st") / "c.zarr")
+def cache(value_cache):
+    return value_cache
 
 
 def test_warmup_then_cosine():

@@ -2,57 +2,20 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from clip2scene.errors import CacheError, ConfigError
-from clip2scene.storage import CacheWriter, ScanRecord
-from clip2scene.storage.writer import images_from_point_values
 from clip2scene.train.checkpoint import load_checkpoint
 from clip2scene.train.evaluate import EvalConfig, evaluate
-from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, train
-
-C, D = 3, 16
-TINY = ModelConfig(channels=(8, 8, 16, 16, 32, 32, 16, 8, 8), blocks_per_stage=1)
-
-
-def teacher_meta(sha="random"):
-    names = ["road", "car", "tree"]
-    return dict(dataset=dict(name="nuscenes", version="v1.0-mini", dataroot="/x", split=None),
-                teacher=dict(model="tiny", weights="none", weights_sha256=sha, quick_gelu=False, image_size=[64, 112],
-                             class_names=names, templates_sha256="t" * 64, embed_dim=D, patch_size=16),
-                class_names=names, eval_class_names=names, prompt_to_eval=[1, 2, 3], class_set="test",
-                sweeps=1, cameras=["CAM_FRONT"], point_features=["intensity"], voxel_size=0.1)
-
-
-def make_scan(rng, i, split, n=3000):
-    """Three classes in three x-bands; intensity tells them apart; logits = one-hot true labels."""
-    xyz = rng.uniform([0, 0, 0], [9, 6, 2], size=(n, 3)).astype(np.float32)
-    cls = np.minimum((xyz[:, 0] // 3).astype(np.int64), 2)
-    inten = (cls * 80 + rng.uniform(0, 30, n)).astype(np.float32)
-    vis = np.sort(rng.choice(n, n // 2, replace=False)).astype(np.int32)
-    logits = np.eye(C, dtype=np.float16)[cls[vis]]
-    return ScanRecord(token=f"t{i}", scene=f"scene-{i}", split=split, timestamp=i, lidar_path=f"x{i}",
-                      xyz=xyz, feat=inten[:, None] / np.float32(255.0), sweep=np.zeros(n, np.uint8),
-                      label=(cls + 1).astype(np.uint8), pair_point=vis,
-                      **images_from_point_values(logits, np.zeros((len(vis), D), np.float16)))
-
-
-def write_cache(path, sha="random", splits=("train", "train", "train", "val"), n=3000):
-    rng = np.random.default_rng(0)
-    text = np.linalg.qr(rng.normal(size=(D, D)))[0][:C].astype(np.float32)
-    with CacheWriter(path, teacher_meta(sha), C, D, has_labels=True) as w:
-        for i, s in enumerate(splits):
-            w.append(make_scan(rng, i, s, n))
-        w.set_text_embeddings(text)
-    return path
+# make_scan and teacher_meta: still importable from here by modules not yet moved to tests.helpers
+from tests.helpers import C, D, TINY, make_scan, teacher_meta, write_cache  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return write_cache(tmp_path_factory.mktemp("c") / "c.zarr")
+def cache(value_cache):
+    return value_cache
 
 
 def test_train_learns_and_evaluates(cache, tmp_path):

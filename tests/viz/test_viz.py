@@ -17,7 +17,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clip2scene.errors import CacheError, ConfigError, DataError
-from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.classes import NUSCENES_CATEGORY_COLOURS as CLASS_COLOURS, NUSCENES_CATEGORY_INDEX as CATEGORY_INDEX
 from clip2scene.samples.nuscenes import SampleConfig, make_sample
@@ -26,14 +25,12 @@ from clip2scene.train.evaluate import EvalConfig, evaluate
 from clip2scene.train.finetune import FinetuneConfig, finetune
 from clip2scene.train.trainer import TrainConfig, train
 from clip2scene.viz import colors
-from clip2scene.viz.figures import png_size
 from clip2scene.viz.plot import PANEL_SIZE, MARGINS, confusion_from_eval, plot_confusion, plot_run
 from clip2scene.viz.query import QueryError, heat_figure_size, labels_figure_size, query_scan, read_points_file
 from clip2scene.viz.show import bev_figure_size, camera_figure_size, render_scan, scan_index
 
-from tests.train.test_trainer import TINY
-
-TEACHER = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(64, 112))
+from tests.helpers import TINY, png_size
+from tests.helpers import TINY_TEACHER as TEACHER
 IMAGE_W, IMAGE_H = 400, 225  # SampleConfig default camera size
 
 
@@ -275,16 +272,15 @@ def test_commands(world, tmp_path):
     assert res.exit_code == 2 and "error: no metrics file" in res.output
 
 
-def test_cli_evaluate_writes_confusion_png(tmp_path):
+def test_cli_evaluate_writes_confusion_png(value_cache, tmp_path):
     """`clip2scene evaluate` writes confusion_<split>.png beside its JSON."""
     from PIL import Image
     from typer.testing import CliRunner
 
     from clip2scene.cli import app
-    from tests.train.test_trainer import TINY, write_cache
     from clip2scene.train.trainer import TrainConfig, train
 
-    cache = write_cache(tmp_path / "c.zarr")
+    cache = value_cache
     train(TrainConfig(cache=str(cache), out=str(tmp_path / "run"), epochs=1, batch_size=2, model=TINY), progress=False)
     r = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--cache", str(cache)])
     assert r.exit_code == 0, r.output

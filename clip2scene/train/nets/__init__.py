@@ -112,16 +112,6 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model {name} {value!r}: must be an integer >= 1")
 
-    def halved(self) -> "ModelConfig":
-        """A copy with every channel width halved (a cheaper student)."""
-        return ModelConfig(
-            arch=self.arch,
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            channels=tuple(max(1, c // 2) for c in self.channels),
-            blocks_per_stage=self.blocks_per_stage,
-        )
-
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
     """Build the student for ``config`` on ``device``: :class:`MinkUNet` or ``SPVCNN``.
