@@ -22,17 +22,16 @@ pytestmark = pytest.mark.slow  # two precompute runs end to end
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    from clip2scene.samples.nuscenes import SampleConfig, make_sample
-
+def built(sample, tmp_path_factory):
+    """The first keyframe of conftest's sample (and one sweep), cached with float16 and int8 features."""
     tmp = tmp_path_factory.mktemp("eq")
-    root = make_sample(tmp / "root", SampleConfig(scenes=1, keyframes=1, sweeps=1, image_width=320, image_height=180))
     caches = {}
     for dtype in ("float16", "int8"):
-        run_precompute(PrecomputeConfig(dataroot=root, out=tmp / f"{dtype}.zarr", version="v1.0-mini", sweeps=2,
-                                        teacher=TINY, teacher_precision="float32", feature_dtype=dtype), progress=False)
+        run_precompute(PrecomputeConfig(dataroot=sample, out=tmp / f"{dtype}.zarr", version="v1.0-mini", sweeps=2,
+                                        teacher=TINY, teacher_precision="float32", feature_dtype=dtype, limit=1),
+                       progress=False)
         caches[dtype] = open_cache(tmp / f"{dtype}.zarr")
-    return root, caches
+    return sample, caches
 
 
 def schema4_reference(root, cache, i):

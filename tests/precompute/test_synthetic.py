@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from clip2scene.precompute.datasets import splits
-from tests.helpers import CATEGORY_NAMES
+from tests.helpers import CATEGORY_NAMES, SAMPLE
 from clip2scene.classes import NUSCENES_CATEGORY_COLOURS as CLASS_COLOURS
 from clip2scene.samples.nuscenes import SampleConfig, make_sample, scene_names
 
@@ -51,7 +51,7 @@ SCHEMA = {
     "sensor": {"token": str, "channel": str, "modality": str},
     "visibility": {"description": str, "token": str, "level": str},
 }
-CONFIG = SampleConfig()
+CONFIG = SAMPLE  # conftest's session sample
 SMALL = SampleConfig(scenes=1, keyframes=2, sweeps=1, image_width=96, image_height=54,
                      lidar_beams=8, lidar_azimuth_steps=128)
 
@@ -130,9 +130,8 @@ def all_files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Root:
-    root = make_sample(tmp_path_factory.mktemp("synthetic") / "nuscenes", CONFIG)
-    return Root(root, "v1.0-mini")
+def data(sample) -> Root:
+    return Root(sample, "v1.0-mini")
 
 
 # ------------------------------------------------------------------------------------------------
