@@ -23,7 +23,7 @@ from clip2scene.train.nets import build_model
 from clip2scene.train.voxelize import voxelize
 from clip2scene.train.trainer import (TrainConfig, _switch, build_optimizer, compute_loss,
                                       precise_batchnorm, train)
-from tests.helpers import TINY, write_cache
+from tests.train.test_trainer import TINY, write_cache
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).absolute().parents[2]  # so the ranks import this checkout
@@ -225,6 +225,7 @@ def test_two_process_ddp_matches_emulated_ranks(cache4, tmp_path):
     assert max_diff(ddp, one) > 1e-3  # the comparison can tell the two computations apart
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("self_training", ["point", "batch"])
 def test_resume_is_exact(cache4, tmp_path, self_training):
     """Interrupted after epoch 1 and resumed = uninterrupted: weights, BatchNorm statistics (incl.

@@ -105,7 +105,7 @@ def test_finetune_on_labels_only_cache(tmp_path):
         train(TrainConfig(cache=str(tmp_path / "l.zarr"), out=str(tmp_path / "t"), model=TINY), progress=False)
 
 
-def test_cli_finetune_report_and_errors(cache, pretrained, tmp_path):
+def test_cli_finetune_report_and_errors(cache, tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["finetune", "--checkpoint", "none", "--cache", str(cache), "--out", str(tmp_path / "r"),
                             "--epochs", "1", "--batch-size", "2", "--label-fraction", "0.5",

@@ -389,7 +389,8 @@ def test_point_voxel_round_trip():
 # ---------------------------------------------------------------- learning, plumbing
 
 
-@pytest.mark.parametrize("arch,use_xyz", VARIANTS)
+@pytest.mark.parametrize("arch,use_xyz", [v if v == ("spvcnn", True) else pytest.param(*v, marks=pytest.mark.slow)
+                                          for v in VARIANTS])  # MinkUNet: also tests/train/test_model.py
 def test_overfits_tiny_problem(arch, use_xyz):
     """500 points, 4 position-dependent classes, 30 Adam steps: the loss drops a lot."""
     cfg = dict(out_channels=4, channels=(16, 16, 32, 32, 64, 64, 32, 32, 32))

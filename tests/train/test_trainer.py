@@ -63,6 +63,7 @@ def test_bad_training_input(cache, tmp_path):
         train(TrainConfig(cache=str(tmp_path / "missing.zarr"), out=str(tmp_path / "r"), model=TINY), progress=False)
 
 
+@pytest.mark.slow
 def test_loader_workers_are_spawned_and_read_the_cache(cache, tmp_path):
     """workers > 0 uses spawned processes that reopen the Zarr cache themselves."""
     base = dict(cache=str(cache), batch_size=2, lr=0.05, model=TINY, epochs=1, augment=False, precise_bn_batches=0)

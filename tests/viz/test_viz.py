@@ -105,6 +105,7 @@ def test_colour_maps():
 
 
 # ------------------------------------------------------------------------------------ show
+@pytest.mark.slow
 def test_render_scan_cameras_and_bev(world, tmp_path):
     paths = render_scan(world["cache"], 1, tmp_path, checkpoint=world["ckpt"])
     names = [p.name for p in paths]
@@ -131,6 +132,7 @@ def test_render_is_deterministic_and_skips_missing_images(world, tmp_path, caplo
     assert a[0].read_bytes() == b[0].read_bytes()
 
 
+@pytest.mark.slow
 def test_render_fine_tuned_checkpoint_and_token(world, tmp_path):
     cache = open_cache(world["cache"])
     i = scan_index(cache, str(cache.token[1]))
@@ -186,6 +188,7 @@ def test_plot_run_and_confusion(world, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ query
+@pytest.mark.slow
 def test_query_on_a_cached_scan(world, tmp_path):
     r = query_scan(world["ckpt"], ["a car", "a tree", "the road"], cache=world["cache"], index=1, labels=True,
                    out_dir=tmp_path, top_k=5)
@@ -206,6 +209,7 @@ def test_query_on_a_cached_scan(world, tmp_path):
     assert sum(saved["label_counts"].values()) == saved["points_shown"]
 
 
+@pytest.mark.slow
 def test_query_on_raw_lidar_files(world, tmp_path):
     pcd = sorted((world["root"] / "samples" / "LIDAR_TOP").glob("*.pcd.bin"))[0]
     a = query_scan(world["ckpt"], ["a car"], points_file=pcd, out_dir=tmp_path / "nus", top_k=3)
@@ -228,6 +232,7 @@ def test_query_on_raw_lidar_files(world, tmp_path):
         query_scan(world["ckpt"], ["a car"], cache=world["cache"], points_file=pcd, out_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_query_refuses_another_text_tower(world, tmp_path):
     ckpt = torch.load(world["ckpt"], weights_only=False)
     other = dict(ckpt, teacher=dict(ckpt["teacher"], weights_sha256="ab" * 32))
@@ -243,6 +248,7 @@ def test_query_refuses_another_text_tower(world, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ commands
+@pytest.mark.slow
 def test_commands(world, tmp_path):
     import typer
 
