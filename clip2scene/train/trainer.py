@@ -51,7 +51,8 @@ from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
 from clip2scene.storage.sampling import VIEW_RULES
 from clip2scene.train.checks import check_finite_loss, check_finite_model, refuse_existing_run, remove_run
-from clip2scene.validation import check_bool, check_choice, check_float, check_int, check_text, option, paths_to_text
+from clip2scene.validation import (check_bool, check_choice, check_float, check_installed, check_int, check_text, option,
+                                   paths_to_text)
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of, save_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buffers, broadcast_object,
@@ -60,6 +61,7 @@ from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, t
 from clip2scene.train.model import ModelConfig, build_model, count_parameters
 from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, clip_gradients, lr_scale,
                                         resolve_warmup, validate as validate_guard_rails, warmup_cosine)
+from clip2scene.train.tracking import VAL_FILE, BestKeeper, Eta, RunLogger, Validator, append_val, duration, val_scalars
 from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,15 @@ class TrainConfig:
     divergence_factor: float = 10.0  # a step's loss above this x the running median is a divergence
     divergence_window: int = 50  # steps in the running median
     stop_on_divergence: bool = False  # stop at the first divergence, keeping the last epoch's checkpoint
-
+    # watching a run (train/tracking.py); TensorBoard event files are always written to `out`
+    val_every: int = field(default=0, metadata={"help": "Validate every N epochs and after the last one, keeping "
+                                                        "best.pt by the score (0 = off)."})
+    val_split: str = field(default="val", metadata={"help": "Cached split to validate on: ground-truth mIoU where "
+                                                            "the cache has labels, else agreement with the teacher."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimiser steps of the run "
+                                                                  "(a smoke run; the schedule stays the full run's)."})
+    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (the wandb package must be "
+                                                         "installed; project from WANDB_PROJECT, default clip2scene)."})
 
     def __post_init__(self) -> None:
         """Every option's valid range, checked before any work: ConfigError naming the option
@@ -153,6 +163,10 @@ class TrainConfig:
             raise ConfigError(f"--overwrite would delete {self.resume}, the checkpoint --resume continues from: "
                               "leave --overwrite out to continue the run in place")
         _validate_guard_rails(self)
+        check_int("val_every", self.val_every, 0, note=" (0 = off)")
+        check_text("val_split", self.val_split)
+        check_int("max_steps", self.max_steps, 1, allow_none=True)
+        check_installed("wandb", self.wandb, "wandb")
 
 
 def _validate_guard_rails(config) -> None:
@@ -306,10 +320,11 @@ def _loader(dataset: ScanDataset, sampler: EpochSampler, batch_size: int, config
 
 
 # Options that may differ between a run and its resume: where and how it runs, not what it
-# computes. `epochs` may grow (the run is extended; see `_continue_schedule`).
+# computes. `epochs` may grow (the run is extended; see `_continue_schedule`). Validation, wandb and
+# --max-steps (which only cuts the run short: the schedule is the full run's) change no step.
 RESUME_FREE = ("cache", "out", "resume", "epochs", "device", "workers", "keep_checkpoints", "amp",
                "storage_options", "precise_bn_batches", "overwrite", "divergence_factor", "divergence_window",
-               "stop_on_divergence")
+               "stop_on_divergence", "val_every", "val_split", "max_steps", "wandb")
 _MODEL_FIELDS = ("arch", "channels", "blocks_per_stage")  # what defines the student (in/out come from the cache)
 
 
@@ -324,6 +339,10 @@ def resumed_config(config: TrainConfig, ckpt: dict, given: Collection[str] | Non
     option whose value is not None as given. `epochs` not given: the saved run's."""
     if ckpt.get("kind") == "segmenter":
         raise ConfigError(f"{path} is a fine-tuned model: --resume takes a checkpoint of `clip2scene train`")
+    partial = (ckpt.get("extra") or {}).get("partial_epoch")
+    if partial:
+        raise ConfigError(f"{path} was written by a --max-steps run in the middle of epoch {ckpt.get('epoch')} "
+                          f"(step {partial}): it cannot be resumed; start the run again")
     saved = dict(ckpt.get("train_config") or {})
     changes: dict = {}
 
@@ -422,10 +441,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     out = Path(config.out)
     ckpt = None
     start_epoch = 0
+    best_state = None  # the resumed run's BestKeeper state
     if config.resume:
         ckpt = load_checkpoint(config.resume)  # refuses a non-finite checkpoint
         config = resumed_config(config, ckpt, None, config.resume)
         start_epoch = int(ckpt["epoch"])
+        best_state = (ckpt.get("extra") or {}).get("best")
         if start_epoch > config.epochs:
             raise ConfigError(f"--epochs {config.epochs}: {config.resume} is already at epoch {start_epoch}")
         if start_epoch == config.epochs:
@@ -452,6 +473,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     model = build_model(model_config, device)
     steps_per_epoch = math.ceil(len(indices) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None and config.max_steps <= start_epoch * steps_per_epoch:
+        raise ConfigError(f"--max-steps {config.max_steps}: {config.resume} is already at step "
+                          f"{start_epoch * steps_per_epoch}")
     optimizer, scheduler = build_optimizer(model, config, total_steps, steps_per_epoch)
     schedule = schedule_info(config, steps_per_epoch, total_steps)
     schedule_note = None
@@ -467,11 +491,13 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         last_good = (config.resume, start_epoch)
         del ckpt
         if main:
-            log.info("resumed from %s at epoch %d", config.resume, start_epoch)
+            log.info("resumed from epoch %d (%s)", start_epoch, config.resume)
             if schedule_note:
                 log.info("%s", schedule_note)
 
     text = torch.from_numpy(cache.text_embeddings).to(device)
+    validator = (Validator(cache, config.val_split, config.val_every, "distill", config.voxel_size, device, text=text,
+                           views=config.views) if config.val_every else None)  # refuses an empty split here
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed,
                           features=bool(config.ssr_weight), sweeps=config.sweeps, views=config.views)
     sampler = EpochSampler(len(dataset), seed=config.seed, rank=env.rank, world_size=env.world_size,
@@ -487,6 +513,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     metrics_path = out / "metrics.jsonl"
     params = count_parameters(model)
     step = start_epoch * steps_per_epoch
+    run_steps = min(total_steps, config.max_steps or total_steps)  # what this run will do in all
+    tracker = keeper = None
     if main:
         if config.overwrite:
             removed = remove_run(out)
@@ -496,6 +524,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
             dropped = _truncate_metrics(metrics_path, step)
             if dropped:
                 log.info("dropped %d metrics lines after step %d (the interrupted part of the run)", dropped, step)
+            _truncate_metrics(out / VAL_FILE, step)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dict(_train_config_dict(config), schedule=schedule), indent=2))
         log.info("training %s (%.2fM params) on %d scans, %d steps, %d process(es)", model_config.arch,
@@ -503,6 +532,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         log.info("lr %g at reference batch %d x %.4g (%s scaling to batch %d) = %g; warm-up %d steps; clip %s",
                  config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size,
                  schedule["effective_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
+        tracker = RunLogger(out, _train_config_dict(config), wandb=config.wandb, purge_step=step)
+        if validator is not None:
+            keeper = BestKeeper(out, validator.metric, config.val_split, best_state)
+    eta = Eta(run_steps, done=step)
+    val = None
+    stopped = False  # at --max-steps
 
     def kept() -> str:
         return (f"the last good checkpoint {last_good[0]} (epoch {last_good[1]}) is kept" if last_good
@@ -560,26 +595,51 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                                     step, value, config.divergence_factor, level, len(monitor.window))
                 if mf is not None:
                     mf.write(json.dumps(row, allow_nan=False) + "\n")
+                if tracker is not None:
+                    tracker.train_step(step, row)
+                eta.update(step)
                 if diverged and config.stop_on_divergence:
                     if mf is not None:
                         mf.flush()
                     raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {config.divergence_factor:g} x "
                                            f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept()}")
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}", eta=eta.text())
+                if step >= run_steps and step < total_steps:  # --max-steps
+                    stopped = True
+                    break
             if mf is not None:
                 mf.flush()
             losses.append(float(np.mean(epoch_losses)))
-            if epoch + 1 == config.epochs:
+            last = epoch + 1 == config.epochs or stopped
+            if last:
                 _final_batchnorm(model, dataset, config, env, device, epoch)
             check_finite_model(model, step, epoch + 1, kept())  # identical weights on every rank
+            improved = False
             if main:
+                tracker.scalars(step, {"train/epoch_loss": losses[-1]})
+                if validator is not None and validator.due(epoch + 1, last):
+                    val = validator(model)
+                    improved = keeper.update(val["score"], epoch + 1)
+                    tracker.scalars(step, val_scalars(val))
+                    append_val(out / VAL_FILE, dict(step=step, epoch=epoch + 1, **val, best=improved))
+                    log.info("validation after epoch %d on %r: %s %s (best %s at epoch %s)", epoch + 1, config.val_split,
+                             val["metric"], val["score"], keeper.score, keeper.epoch)
+                partial = step if stopped and step % steps_per_epoch else None  # a mid-epoch --max-steps stop
+                extra = dict(best=keeper.state() if keeper else None, partial_epoch=partial)
                 paths = [out / "checkpoint.pt"] + ([out / f"checkpoint_epoch{epoch + 1}.pt"] if config.keep_checkpoints else [])
                 for path in paths:
                     save_checkpoint(path, model=model, model_config=model_config,
                                     train_config=_train_config_dict(config), cache=cache, epoch=epoch + 1,
-                                    optimizer=optimizer, scheduler=scheduler)
-                log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
+                                    optimizer=optimizer, scheduler=scheduler, extra=extra)
+                if improved:
+                    keeper.copy_from(out / "checkpoint.pt")
+                tracker.flush()
+                log.info("epoch %d/%d: mean loss %.4f; %s elapsed, run ETA %s", epoch + 1, config.epochs, losses[-1],
+                         duration(eta.elapsed()), eta.text())
             last_good = (str(out / "checkpoint.pt"), epoch + 1)
+            if stopped:
+                log.info("stopped at --max-steps %d (step %d of %d)", config.max_steps, step, total_steps)
+                break
     except KeyboardInterrupt:
         if last_good:
             hint = f"`--resume {last_good[0]}` continues from epoch {last_good[1]}"
@@ -589,6 +649,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     finally:
         if mf is not None:
             mf.close()
+        if tracker is not None:
+            tracker.close()
     seconds = time.perf_counter() - t0
     summary = dict(
         run=str(out),
@@ -608,6 +670,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         divergences=monitor.events,
         teacher_weights_sha256=cache.fingerprint.get("weights_sha256"),
         schedule_note=schedule_note,
+        stopped_at_max_steps=stopped,
+        val=val,
+        best=keeper.state() if keeper else None,
     )
     return broadcast_object(summary, env)
 
