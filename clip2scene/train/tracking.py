@@ -54,16 +54,18 @@ _PERF = ("scans_per_s", "points_per_s")
 class RunLogger:
     """Scalars of one run: TensorBoard event files in `out` (always), wandb when `wandb`.
 
-    `purge_step`: a run resumed in place at this step; TensorBoard drops the earlier files'
-    events from it on (the interrupted part of the run), as `metrics.jsonl` does. Use only on
-    the process that writes the run folder (rank 0)."""
+    `resumed_at`: the step a run resumed in place continues after; TensorBoard drops the
+    earlier files' events after it (the interrupted part of the run), as `metrics.jsonl` does.
+    Use only on the process that writes the run folder (rank 0)."""
 
-    def __init__(self, out: str | os.PathLike, config: dict, wandb: bool = False, purge_step: int | None = None):
+    def __init__(self, out: str | os.PathLike, config: dict, wandb: bool = False, resumed_at: int = 0):
         from torch.utils.tensorboard import SummaryWriter  # ~2 s import: only when a run starts
 
         self.out = Path(out)
-        self.writer = SummaryWriter(log_dir=str(self.out), purge_step=purge_step or None)
-        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", global_step=0)
+        # purge_step: the reader drops every earlier event at or after this step
+        self.writer = SummaryWriter(log_dir=str(self.out), purge_step=resumed_at + 1 if resumed_at else None)
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```",
+                             global_step=resumed_at + 1)  # not before the purge step (it would purge more)
         self.wandb = None
         if wandb:
             import wandb as wandb_module  # TrainConfig / FinetuneConfig checked that it is installed

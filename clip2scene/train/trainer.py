@@ -532,7 +532,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         log.info("lr %g at reference batch %d x %.4g (%s scaling to batch %d) = %g; warm-up %d steps; clip %s",
                  config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size,
                  schedule["effective_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
-        tracker = RunLogger(out, _train_config_dict(config), wandb=config.wandb, purge_step=step)
+        tracker = RunLogger(out, _train_config_dict(config), wandb=config.wandb, resumed_at=step)
         if validator is not None:
             keeper = BestKeeper(out, validator.metric, config.val_split, best_state)
     eta = Eta(run_steps, done=step)
