@@ -7,7 +7,9 @@ cross-entropy + Lovasz-softmax (method.md section 5: SGD lr 0.02, the new head a
 learning rate, 24 epochs, cosine). `mode="linear"` is the linear probe: the backbone is frozen
 (weights and BatchNorm statistics) and only the classifier trains. At the end the model is
 evaluated on the evaluation split with the devkit mIoU and `result.json` is written for
-`clip2scene report` (train/report.py).
+`clip2scene report` (train/report.py). Per-step scalars go to `metrics.jsonl` and TensorBoard event
+files in the run folder; `val_every` validates on `val_split` during training and keeps `best.pt`
+(train/tracking.py); `max_steps` stops a smoke run early.
 
 The label fraction follows SLidR: the 1% split is every 100th training scan (in cache order:
 scene, then time), so it is the same on every run and machine.

@@ -8,7 +8,9 @@ probability 0.5, the network's own prediction), and the KL ablation. SGD with mo
 schedule over all steps.
 Each epoch writes `checkpoint.pt` (model + optimiser + scheduler + config + teacher fingerprint;
 also `checkpoint_epoch{K}.pt` with `keep_checkpoints`) and appends per-step metrics to
-`metrics.jsonl` in the run folder.
+`metrics.jsonl` in the run folder, and the same scalars to TensorBoard event files there (and wandb
+with `wandb`); `val_every` validates on `val_split` and keeps `best.pt` (train/tracking.py).
+`max_steps` stops a smoke run early (the schedule stays the full run's).
 
 Reproducibility: the data order (`EpochSampler`), the augmentation (ScanDataset) and the S3 draws
 depend only on (seed, epoch, scan), so `resume` from the checkpoint of epoch k continues exactly
