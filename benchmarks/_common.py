@@ -148,7 +148,7 @@ class StudentStep:
                  channels: tuple[int, ...] | None = None, workdir: str = "/tmp", sweeps: int | None = None):
         import torch
 
-        from clip2scene.train.model import ModelConfig, build_model, count_parameters
+        from clip2scene.train.nets import ModelConfig, build_model, count_parameters
         from clip2scene.train.trainer import TrainConfig, build_optimizer
 
         self.torch = torch

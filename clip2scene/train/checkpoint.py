@@ -16,7 +16,7 @@ import torch
 from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import Cache
 from clip2scene.train.checks import count_tensors, nonfinite_tensors
-from clip2scene.train.model import ModelConfig
+from clip2scene.train.nets import ModelConfig
 
 CHECKPOINT_FORMAT = "clip2scene-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -30,7 +30,7 @@ from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.loss import text_logits
 from clip2scene.train.metrics import ConfusionMatrix
-from clip2scene.train.model import build_model
+from clip2scene.train.nets import build_model
 from clip2scene.devices import resolve_device
 from clip2scene.train.trainer import forward_points
 

@@ -50,7 +50,7 @@ from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.evaluate import _iou_dict, _num, limit_scans
 from clip2scene.train.lovasz import lovasz_softmax
 from clip2scene.train.metrics import ConfusionMatrix
-from clip2scene.train.model import ModelConfig, build_model, count_parameters
+from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.stability import DivergenceMonitor, TrainingDiverged, clip_gradients, warmup_cosine
 from clip2scene.train.tracking import VAL_FILE, BestKeeper, Eta, RunLogger, Validator, append_val, duration, val_scalars
 from clip2scene.train.trainer import _validate_guard_rails, forward_points, precise_batchnorm, schedule_info

@@ -60,7 +60,7 @@ from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buffers, broadcast_object,
                                           detect_env, process_group)
 from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, text_logits
-from clip2scene.train.model import ModelConfig, build_model, count_parameters
+from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, clip_gradients, lr_scale,
                                         resolve_warmup, validate as validate_guard_rails, warmup_cosine)
 from clip2scene.train.tracking import VAL_FILE, BestKeeper, Eta, RunLogger, Validator, append_val, duration, val_scalars

@@ -32,7 +32,7 @@ from clip2scene.storage import Cache
 from clip2scene.train.checkpoint import load_checkpoint, model_config_of
 from clip2scene.train.finetune import SEGMENTER_KIND, Segmenter
 from clip2scene.train.loss import text_logits
-from clip2scene.train.model import ModelConfig, build_model
+from clip2scene.train.nets import ModelConfig, build_model
 from clip2scene.train.trainer import forward_points
 
 log = logging.getLogger(__name__)

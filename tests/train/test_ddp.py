@@ -19,7 +19,7 @@ from clip2scene.storage import open_cache
 from clip2scene.train.checkpoint import load_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import DistEnv, detect_env
-from clip2scene.train.model import build_model
+from clip2scene.train.nets import build_model
 from clip2scene.train.voxelize import voxelize
 from clip2scene.train.trainer import (TrainConfig, _switch, build_optimizer, compute_loss,
                                       precise_batchnorm, train)
@@ -32,7 +32,7 @@ REPO = Path(__file__).absolute().parents[2]  # so the ranks import this checkout
 RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist
-    from clip2scene.train.model import ModelConfig
+    from clip2scene.train.nets import ModelConfig
     from clip2scene.train.trainer import TrainConfig, train
     fields = json.loads(sys.argv[1])
     fields["model"] = ModelConfig(**fields["model"])
