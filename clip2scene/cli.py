@@ -404,10 +404,10 @@ def _print_val(s: dict) -> None:
     v, best = s.get("val"), s.get("best")
     if not v:
         return
-    typer.echo(f"  validation on {v['split']} ({v['scans']} scans): {v['metric']} {_fmt(v['score']).strip()} after the last "
+    typer.echo(f"  validation on {v['split']} ({v['scans']} scan{'s' if v['scans'] != 1 else ''}): {v['metric']} {_fmt(v['score']).strip()} after the last "
                f"epoch; best {_fmt(best['score']).strip()} at epoch {best['epoch']} -> {best['path']}"
                if best and best.get("score") is not None else
-               f"  validation on {v['split']} ({v['scans']} scans): {v['metric']} {_fmt(v['score']).strip()} (no best.pt: undefined)")
+               f"  validation on {v['split']} ({v['scans']} scan{'s' if v['scans'] != 1 else ''}): {v['metric']} {_fmt(v['score']).strip()} (no best.pt: undefined)")
 
 
 _WARMUP_HELP = "Linear warm-up steps before the cosine (default: half the first epoch, at most 300; 0 = off)."

@@ -322,11 +322,14 @@ def _loader(dataset: ScanDataset, sampler: EpochSampler, batch_size: int, config
 
 
 # Options that may differ between a run and its resume: where and how it runs, not what it
-# computes. `epochs` may grow (the run is extended; see `_continue_schedule`). Validation, wandb and
-# --max-steps (which only cuts the run short: the schedule is the full run's) change no step.
+# computes. `epochs` may grow (the run is extended; see `_continue_schedule`). wandb and --max-steps
+# (which only cuts the run short: the schedule is the full run's) change no step.
 RESUME_FREE = ("cache", "out", "resume", "epochs", "device", "workers", "keep_checkpoints", "amp",
                "storage_options", "precise_bn_batches", "overwrite", "divergence_factor", "divergence_window",
-               "stop_on_divergence", "val_every", "val_split", "max_steps", "wandb")
+               "stop_on_divergence", "max_steps", "wandb")
+# Options that may differ too but, when not given, continue as the run had them (validation:
+# best.pt stays comparable across the resume).
+RESUME_INHERITED = ("val_every", "val_split")
 _MODEL_FIELDS = ("arch", "channels", "blocks_per_stage")  # what defines the student (in/out come from the cache)
 
 
@@ -336,7 +339,8 @@ def resumed_config(config: TrainConfig, ckpt: dict, given: Collection[str] | Non
 
     Every run-defining option (all but RESUME_FREE) and the model (arch, channels,
     blocks_per_stage) that is not `given` takes the saved run's value; a given one that differs
-    is a ConfigError naming the option. `given` holds TrainConfig field names and "arch" /
+    is a ConfigError naming the option; RESUME_INHERITED options not given take the saved run's
+    value, given ones are used as they are. `given` holds TrainConfig field names and "arch" /
     "channels" / "blocks_per_stage" (what the user typed); None (library use) counts every
     option whose value is not None as given. `epochs` not given: the saved run's."""
     if ckpt.get("kind") == "segmenter":
@@ -358,6 +362,8 @@ def resumed_config(config: TrainConfig, ckpt: dict, given: Collection[str] | Non
         value = getattr(config, name)
         if not is_given(name, value):
             changes[name] = saved[name]
+        elif name in RESUME_INHERITED:
+            continue
         elif name != "epochs" and value != saved[name]:
             raise ConfigError(f"{option(name)} {value!r} differs from the run being resumed ({path} has "
                               f"{saved[name]!r}): leave {option(name)} out to continue that run")

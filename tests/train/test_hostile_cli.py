@@ -174,6 +174,15 @@ def partial_run(ctx):
     assert r.exit_code == 0, r.output
 
 
+def validated_run(ctx):
+    r = invoke([a.format(cache=ctx.world.cache, out=ctx.out) for a in TRAIN + ["--val-every", "1"]])
+    assert r.exit_code == 0, r.output
+
+
+def validated_epochs_1_2(ctx, r):
+    assert [v["epoch"] for v in strict_json_lines(ctx.out / "val.jsonl")] == [1, 2]
+
+
 def two_steps_logged(ctx, r):
     assert [m["step"] for m in strict_json_lines(ctx.out / "metrics.jsonl")] == [1, 2]
     assert load_checkpoint(ctx.out / "checkpoint.pt")["epoch"] == 2  # stopped at an epoch's end: resumable
@@ -268,7 +277,11 @@ ROWS = [
     Row("max-steps", TRAIN + ["--epochs", "3", "--max-steps", "2"], 0, "stopped at --max-steps (step 2 of 3)",
         after=two_steps_logged),
     Row("ft-max-steps-stops", FT + ["--epochs", "3", "--max-steps", "1"], 0, "stopped at --max-steps (step 1 of 3)"),
-    Row("val-every", TRAIN + ["--val-every", "1"], 0, "validation on val (1 scans): miou", after=best_kept),
+    Row("val-every", TRAIN + ["--val-every", "1"], 0, "validation on val (1 scan): miou", after=best_kept),
+    Row("resume-keeps-validating", RESUME[:-1] + ["{out}/checkpoint.pt", "--epochs", "2"], 0,
+        "validation on val (1 scan)", setup=validated_run, after=validated_epochs_1_2),
+    Row("resume-other-val-split", RESUME + ["--epochs", "2", "--val-every", "1", "--val-split", "train"], 0,
+        "validation on train (3 scans)"),
     Row("resume-says-epoch", RESUME + ["--epochs", "2"], 0, "resumed from epoch 1 ({ckpt}): training epochs 2-2"),
     Row("evaluate-limit", ["evaluate", "--checkpoint", "{ckpt}", "--cache", "{cache}", "--split", "train", "--limit",
                            "1", "--out", "{out}/eval.json"], 0, "train: the first 1 of 3 scans (--limit)"),
