@@ -230,8 +230,9 @@ class BestKeeper:
     """The best validation score of a run and its `best.pt` (higher is better; None never wins).
 
     `state` from a resumed checkpoint (`BestKeeper.state()` saved in it) is taken over when it
-    kept the same best.pt (the run continues in place) by the same metric on the same split;
-    otherwise the best restarts (a line in the log)."""
+    kept the same best.pt (the run continues in place) by the same metric on the same split,
+    and that best.pt is still the one of the state's epoch (a resume from an earlier
+    checkpoint_epochK.pt finds a later one); otherwise the best restarts (a line in the log)."""
 
     def __init__(self, out: str | os.PathLike, metric: str, split: str, state: dict | None = None):
         self.path = Path(out) / BEST_FILE
@@ -241,7 +242,11 @@ class BestKeeper:
         if state and state.get("score") is not None:
             same = Path(state.get("path") or "").resolve() == self.path.resolve()  # resumed in place
             if same and state.get("metric") == metric and state.get("split") == split:
-                self.score, self.epoch = float(state["score"]), int(state["epoch"])
+                if _epoch_of(self.path) == int(state["epoch"]):
+                    self.score, self.epoch = float(state["score"]), int(state["epoch"])
+                else:  # gone, or written later in the run than the checkpoint resumed from
+                    log.info("%s is not the best of the resumed checkpoint (epoch %s): the best restarts",
+                             self.path, state["epoch"])
             else:
                 log.info("the resumed run kept %s by %s on %r; this run keeps %s by %s on %r: the best restarts",
                          state.get("path"), state.get("metric"), state.get("split"), self.path, metric, split)
@@ -261,6 +266,14 @@ class BestKeeper:
         tmp = self.path.with_suffix(".pt.tmp")
         shutil.copyfile(checkpoint, tmp)
         tmp.replace(self.path)
+
+
+def _epoch_of(checkpoint: Path) -> int | None:
+    """The `epoch` a checkpoint file records (None when missing or unreadable)."""
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # missing, torn or foreign: not the best the state speaks of
+        return None
 
 
 def append_val(path: Path, row: dict) -> None:

@@ -188,6 +188,10 @@ def test_best_keeper(tmp_path):
         [True, False, True, False, False, False]
     assert (k.score, k.epoch) == (0.5, 3)
     state = k.state()
+    assert BestKeeper(tmp_path, "miou", "val", state).score is None  # no best.pt on disk
+    torch.save(dict(epoch=4), tmp_path / "best.pt")
+    assert BestKeeper(tmp_path, "miou", "val", state).score is None  # a later best.pt (resumed from an earlier epoch)
+    torch.save(dict(epoch=3), tmp_path / "best.pt")
     assert BestKeeper(tmp_path, "miou", "val", state).score == 0.5  # resumed in place
     assert BestKeeper(tmp_path / "other", "miou", "val", state).score is None  # another run folder: no best.pt there
     assert BestKeeper(tmp_path, "miou", "test", state).score is None  # another split
