@@ -52,7 +52,7 @@ from clip2scene.train.lovasz import lovasz_softmax
 from clip2scene.train.metrics import ConfusionMatrix
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.stability import DivergenceMonitor, TrainingDiverged, clip_gradients, warmup_cosine
-from clip2scene.train.tracking import VAL_FILE, BestKeeper, Eta, RunLogger, Validator, append_val, duration, val_scalars
+from clip2scene.train.tracking import RunWatch, Validator
 from clip2scene.train.trainer import _validate_guard_rails, forward_points, precise_batchnorm, schedule_info
 
 log = logging.getLogger(__name__)
@@ -280,23 +280,9 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
              config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size, lr,
              schedule["head_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
     ckpt_path = out / "checkpoint.pt"
-    tracker = RunLogger(out, cfg_dict, wandb=config.wandb)
-    keeper = BestKeeper(out, validator.metric, config.val_split) if validator else None
     run_steps = min(total, config.max_steps or total)
-    eta = Eta(run_steps)
-    val = None
+    watch = RunWatch(out, cfg_dict, wandb=config.wandb, validator=validator, total_steps=run_steps)  # tracking.py
     stopped = False  # at --max-steps
-
-    def validate(epochs_done: int) -> None:
-        nonlocal val
-        val = validator(model)
-        improved = keeper.update(val["score"], epochs_done)
-        if improved:
-            save(epochs_done, keeper.path)
-        tracker.scalars(step, val_scalars(val))
-        append_val(out / VAL_FILE, dict(step=step, epoch=epochs_done, **val, best=improved))
-        log.info("validation after epoch %d on %r: %s %s (best %s at epoch %s)", epochs_done, config.val_split,
-                 val["metric"], val["score"], keeper.score, keeper.epoch)
 
     def save(epoch: int, path: Path = ckpt_path) -> None:
         state = dict(format=CHECKPOINT_FORMAT, version=1, kind=SEGMENTER_KIND, model_config=init["model_config"],
@@ -314,7 +300,7 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
     kept = "nothing was saved (fine-tuning saves at the end)"
     step = 0
     epochs_done = 0
-    with (out / "metrics.jsonl").open("w") as mf, tracker:
+    with (out / "metrics.jsonl").open("w") as mf, watch:
         for epoch in range(config.epochs):
             dataset.set_epoch(epoch)
             gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
@@ -352,9 +338,7 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
                     log.warning("step %d: loss %.4g is above %g x the median %.4g of the last %d steps (divergence)",
                                 step, value, config.divergence_factor, level, len(monitor.window))
                 mf.write(json.dumps(row, allow_nan=False) + "\n")
-                tracker.train_step(step, row)
-                eta.update(step)
-                bar.set_postfix(loss=f"{value:.4f}", eta=eta.text())
+                bar.set_postfix(loss=f"{value:.4f}", eta=watch.step(step, row))
                 if diverged and config.stop_on_divergence:
                     mf.flush()
                     raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {config.divergence_factor:g} x "
@@ -364,12 +348,10 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
                     break
             epochs_done = epoch + 1
             losses.append(float(np.mean(epoch_losses)))
-            tracker.scalars(step, {"train/epoch_loss": losses[-1]})
-            log.info("epoch %d/%d: mean loss %.4f; %s elapsed, run ETA %s", epoch + 1, config.epochs, losses[-1],
-                     duration(eta.elapsed()), eta.text())
             last = epochs_done == config.epochs or stopped
-            if validator and not last and validator.due(epochs_done, False):
-                validate(epochs_done)  # the last epoch's validation follows precise BatchNorm
+            # the last epoch's validation follows precise BatchNorm (below)
+            if watch.epoch_end(model, step, epochs_done, last, losses[-1], validate=not last):
+                save(epochs_done, watch.best_path)
             if not last and config.stop_on_divergence:
                 save(epoch + 1)  # the "last good" model a stopped run keeps
                 kept = f"the last good checkpoint {ckpt_path} (epoch {epoch + 1}) is kept"
@@ -379,8 +361,8 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
         if config.mode == "finetune":
             precise_batchnorm(model, loader, config.precise_bn_batches, voxel_size, device)
         check_finite_model(model, step, epochs_done, kept)
-        if validator:
-            validate(epochs_done)
+        if validator and watch.validate_now(model, step, epochs_done):
+            save(epochs_done, watch.best_path)
     seconds = time.perf_counter() - t0
     save(epochs_done)
     result = dict(run=str(out), checkpoint=str(ckpt_path), mode=config.mode, init=init["init"],
@@ -388,7 +370,7 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
                   labelled_scans=int(len(indices)), train_scans=int(len(all_train)), epochs=config.epochs,
                   epoch_losses=losses, seconds=seconds, schedule=schedule, divergences=monitor.events,
                   trainable_parameters=count_parameters(model, trainable_only=True), steps=step,
-                  stopped_at_max_steps=stopped, val=val, best=keeper.state() if keeper else None,
+                  stopped_at_max_steps=stopped, val=watch.last_val, best=watch.best_state(),
                   dataset=(cache.meta.get("dataset") or {}).get("name"))
     if config.eval_split is not None:
         ev = evaluate_segmenter(ckpt_path, cache, config.eval_split, device=config.device, progress=progress)

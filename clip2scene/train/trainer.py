@@ -63,7 +63,7 @@ from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, t
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, clip_gradients, lr_scale,
                                         resolve_warmup, validate as validate_guard_rails, warmup_cosine)
-from clip2scene.train.tracking import VAL_FILE, BestKeeper, Eta, RunLogger, Validator, append_val, duration, val_scalars
+from clip2scene.train.tracking import VAL_FILE, RunWatch, Validator, copy_checkpoint
 from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
@@ -522,7 +522,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     params = count_parameters(model)
     step = start_epoch * steps_per_epoch
     run_steps = min(total_steps, config.max_steps or total_steps)  # what this run will do in all
-    tracker = keeper = None
+    watch = None  # rank 0's tracking hooks (train/tracking.py)
     if main:
         if config.overwrite:
             removed = remove_run(out)
@@ -540,11 +540,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         log.info("lr %g at reference batch %d x %.4g (%s scaling to batch %d) = %g; warm-up %d steps; clip %s",
                  config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size,
                  schedule["effective_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
-        tracker = RunLogger(out, _train_config_dict(config), wandb=config.wandb, resumed_at=step)
-        if validator is not None:
-            keeper = BestKeeper(out, validator.metric, config.val_split, best_state)
-    eta = Eta(run_steps, done=step)
-    val = None
+        watch = RunWatch(out, _train_config_dict(config), wandb=config.wandb, validator=validator,
+                         total_steps=run_steps, start_step=step, best_state=best_state)
+    eta = "?"
     stopped = False  # at --max-steps
 
     def kept() -> str:
@@ -603,15 +601,14 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                                     step, value, config.divergence_factor, level, len(monitor.window))
                 if mf is not None:
                     mf.write(json.dumps(row, allow_nan=False) + "\n")
-                if tracker is not None:
-                    tracker.train_step(step, row)
-                eta.update(step)
+                if watch is not None:
+                    eta = watch.step(step, row)
                 if diverged and config.stop_on_divergence:
                     if mf is not None:
                         mf.flush()
                     raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {config.divergence_factor:g} x "
                                            f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept()}")
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}", eta=eta.text())
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}", eta=eta)
                 if step >= run_steps and step < total_steps:  # --max-steps
                     stopped = True
                     break
@@ -622,28 +619,17 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
             if last:
                 _final_batchnorm(model, dataset, config, env, device, epoch)
             check_finite_model(model, step, epoch + 1, kept())  # identical weights on every rank
-            improved = False
             if main:
-                tracker.scalars(step, {"train/epoch_loss": losses[-1]})
-                if validator is not None and validator.due(epoch + 1, last):
-                    val = validator(model)
-                    improved = keeper.update(val["score"], epoch + 1)
-                    tracker.scalars(step, val_scalars(val))
-                    append_val(out / VAL_FILE, dict(step=step, epoch=epoch + 1, **val, best=improved))
-                    log.info("validation after epoch %d on %r: %s %s (best %s at epoch %s)", epoch + 1, config.val_split,
-                             val["metric"], val["score"], keeper.score, keeper.epoch)
+                improved = watch.epoch_end(model, step, epoch + 1, last, losses[-1])
                 partial = step if stopped and step % steps_per_epoch else None  # a mid-epoch --max-steps stop
-                extra = dict(best=keeper.state() if keeper else None, partial_epoch=partial)
+                extra = dict(best=watch.best_state(), partial_epoch=partial)
                 paths = [out / "checkpoint.pt"] + ([out / f"checkpoint_epoch{epoch + 1}.pt"] if config.keep_checkpoints else [])
                 for path in paths:
                     save_checkpoint(path, model=model, model_config=model_config,
                                     train_config=_train_config_dict(config), cache=cache, epoch=epoch + 1,
                                     optimizer=optimizer, scheduler=scheduler, extra=extra)
                 if improved:
-                    keeper.copy_from(out / "checkpoint.pt")
-                tracker.flush()
-                log.info("epoch %d/%d: mean loss %.4f; %s elapsed, run ETA %s", epoch + 1, config.epochs, losses[-1],
-                         duration(eta.elapsed()), eta.text())
+                    copy_checkpoint(out / "checkpoint.pt", watch.best_path)
             last_good = (str(out / "checkpoint.pt"), epoch + 1)
             if stopped:
                 log.info("stopped at --max-steps %d (step %d of %d)", config.max_steps, step, total_steps)
@@ -657,8 +643,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     finally:
         if mf is not None:
             mf.close()
-        if tracker is not None:
-            tracker.close()
+        if watch is not None:
+            watch.close()
     seconds = time.perf_counter() - t0
     summary = dict(
         run=str(out),
@@ -679,8 +665,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         teacher_weights_sha256=cache.fingerprint.get("weights_sha256"),
         schedule_note=schedule_note,
         stopped_at_max_steps=stopped,
-        val=val,
-        best=keeper.state() if keeper else None,
+        val=watch.last_val if watch else None,
+        best=watch.best_state() if watch else None,
     )
     return broadcast_object(summary, env)
 
