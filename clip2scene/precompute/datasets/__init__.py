@@ -7,9 +7,8 @@
     DATASETS["nuscenes"].image_size          # (224, 416): the teacher input when none is given
 
 Files: ``base.py`` (protocol, ScanRef, View), ``points.py`` (point and label files), ``geometry.py``
-(poses, camera matrices, projection
-shared by the readers), ``splits.py`` (official nuScenes scene splits), one reader per format
-(``nuscenes.py``, ``semantickitti.py``, ``scannet.py``).
+(poses, camera matrices, projection shared by the readers), ``splits.py`` (official nuScenes
+scene splits), one reader per format (``nuscenes.py``, ``semantickitti.py``, ``scannet.py``).
 """
 
 from __future__ import annotations
