@@ -21,7 +21,7 @@ from clip2scene.train.evaluate import EvalConfig, evaluate
 from clip2scene.train.finetune import FinetuneConfig, evaluate_segmenter, finetune
 from clip2scene.train.tracking import BestKeeper, Eta, Validator, duration
 from clip2scene.train.trainer import TrainConfig, train
-from tests.train.test_trainer import C, TINY, make_scan, teacher_meta, write_cache
+from tests.helpers import C, TINY, make_scan, teacher_meta, write_cache
 
 TRAIN_TAGS = {"train/loss", "train/scr", "train/ssr", "train/lr", "train/grad_norm", "train/epoch_loss",
               "perf/scans_per_s", "perf/points_per_s"}
