@@ -28,7 +28,8 @@ SMALL_SAMPLE = SampleConfig(scenes=2, keyframes=2, sweeps=1, image_width=160, im
 
 # ------------------------------------------------------------------------------------ tiny models
 TINY_TEACHER_ARGS = ["--clip-model", "clip2scene-tiny", "--clip-weights", "none", "--image-size", "64x112"]
-TINY_CHANNELS = (8, 8, 16, 16, 32, 32, 16, 8, 8)
+TINY_CHANNELS = (8, 8, 16, 16, 32, 32, 16, 8, 8)  # the widths of `TINY`
+TINY_NET_ARGS = ["--channels", ",".join(map(str, TINY_CHANNELS))]
 
 
 def _tiny_teacher():

@@ -6,11 +6,11 @@ import pytest
 from typer.testing import CliRunner
 
 from clip2scene.cli import app
+from tests.helpers import TINY_NET_ARGS as SMALL_NET
 from tests.helpers import TINY_TEACHER_ARGS as TINY
 from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
-SMALL_NET = ["--channels", "8,8,16,16,32,32,16,8,8"]
 
 
 def run(*args):

@@ -27,12 +27,12 @@ from clip2scene.precompute import pipeline
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.storage import open_cache
 from clip2scene.storage.tools import verify
+from tests.helpers import TINY_NET_ARGS as SMALL_NET
 from tests.helpers import TINY_TEACHER as TINY_CFG
-from tests.helpers import assert_one_line_error
 from tests.helpers import TINY_TEACHER_ARGS as TINY
+from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
-SMALL_NET = ["--channels", "8,8,16,16,32,32,16,8,8"]
 DEAD_S3 = ["--storage-option", "client_kwargs.endpoint_url=http://127.0.0.1:1",
            "--storage-option", "config_kwargs.retries.max_attempts=1"]
 

@@ -17,10 +17,8 @@ from clip2scene.precompute.pipeline import PrecomputeConfig, open_dataset, run_p
 from clip2scene.storage import open_cache
 from clip2scene.train.finetune import FinetuneConfig, finetune
 from clip2scene.train.evaluate import EvalConfig, evaluate
-from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, train
-
-SMALL = ModelConfig(channels=(8, 8, 16, 16, 32, 32, 16, 8, 8), blocks_per_stage=1)
+from tests.helpers import TINY as SMALL
 
 
 def _sample(fmt, root):
@@ -75,6 +73,7 @@ def test_cache_matches_reader(fmt):
     assert visible_any > 0
 
 
+@pytest.mark.slow  # train, evaluate and fine-tune end to end on each format
 def test_train_finetune_evaluate(fmt):
     name, root, tmp = fmt
     cache = tmp / "cache.zarr"

@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clip2scene.cli import app
+from tests.helpers import TINY_NET_ARGS, TINY_TEACHER_ARGS
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,7 @@ def test_precompute_train_evaluate_on_s3(s3, small_sample, tmp_path):
     url = "s3://team/caches/sample.zarr"
     run = CliRunner().invoke
     r = run(app, ["precompute", "--dataroot", str(root), "--version", "v1.0-mini", "--out", url, "--sweeps", "2",
-                  "--clip-model", "clip2scene-tiny", "--clip-weights", "none", "--image-size", "64x112",
-                  "--block-size", "2"] + s3)
+                  *TINY_TEACHER_ARGS, "--block-size", "2"] + s3)
     assert r.exit_code == 0, r.output
     r = run(app, ["cache", "info", url, "--json"] + s3)
     assert r.exit_code == 0, r.output
@@ -44,7 +44,7 @@ def test_precompute_train_evaluate_on_s3(s3, small_sample, tmp_path):
     r = run(app, ["cache", "verify", url] + s3)
     assert r.exit_code == 0 and "every file matches" in r.output, r.output
     r = run(app, ["train", "--cache", url, "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2",
-                  "--channels", "8,8,16,16,32,32,16,8,8", "--precise-bn-batches", "1"] + s3)
+                  *TINY_NET_ARGS, "--precise-bn-batches", "1"] + s3)
     assert r.exit_code == 0, r.output
     r = run(app, ["evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--cache", url] + s3)
     assert r.exit_code == 0 and "mIoU" in r.output, r.output
@@ -55,7 +55,7 @@ def test_precompute_train_evaluate_on_s3(s3, small_sample, tmp_path):
     fs.pipe("team/caches/sample.zarr/writer.lock", json.dumps(dict(host="elsewhere", pid=1, user="bob",
                                                                     since="now", id="x")).encode())
     r = run(app, ["precompute", "--dataroot", str(root), "--version", "v1.0-mini", "--out", url, "--overwrite",
-                  "--clip-model", "clip2scene-tiny", "--clip-weights", "none", "--image-size", "64x112"] + s3)
+                  *TINY_TEACHER_ARGS] + s3)
     assert r.exit_code == 2 and "being written by bob@elsewhere" in r.stderr, r.output
     r = run(app, ["cache", "info", "s3://team/nothing.zarr"] + s3)
     assert r.exit_code == 2 and "cache not found: s3://team/nothing.zarr" in r.stderr

@@ -25,6 +25,7 @@ from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.storage import open_cache
 from clip2scene.storage.tools import merge, verify
 from tests.helpers import TINY_TEACHER as TINY
+from tests.helpers import TINY_TEACHER_ARGS
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,7 @@ def _files(path):
 
 def _cli(sample, out):
     return [sys.executable, "-m", "clip2scene.cli", "precompute", "--dataroot", str(sample), "--version", "v1.0-mini",
-            "--out", str(out), "--sweeps", "2", "--clip-model", "clip2scene-tiny", "--clip-weights", "none",
-            "--image-size", "64x112", "--block-size", "1", "--teacher-precision", "float32"]
+            "--out", str(out), "--sweeps", "2", *TINY_TEACHER_ARGS, "--block-size", "1", "--teacher-precision", "float32"]
 
 
 @pytest.mark.slow
