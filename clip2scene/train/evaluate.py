@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import open_cache
-from clip2scene.validation import check_int, check_text, paths_to_text
+from clip2scene.validation import STORAGE_HELP, check_int, check_text, opt, paths_to_text
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.loss import text_logits
@@ -39,13 +39,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalConfig:
-    checkpoint: str  # checkpoint.pt written by `clip2scene train`
-    cache: str  # cache with ground-truth labels
-    split: str = "val"  # which cached scans to evaluate
-    out: str | None = None  # JSON result path; default <checkpoint folder>/eval_<split>.json
-    device: str = "cpu"  # torch device
-    batch_size: int = 1  # scans per forward pass
-    storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL
+    checkpoint: str = opt(help="checkpoint.pt from train, finetune or linear-probe.")
+    cache: str = opt(help="Cache with ground-truth labels (folder or URL).")
+    split: str = opt("val", "Cached split to evaluate.")
+    out: str | None = opt(None, "JSON result path (default <checkpoint folder>/eval_<split>.json).")
+    device: str = opt("cpu", "cpu or cuda[:i].")
+    batch_size: int = opt(1, "Scans per forward pass.", cli=False)
+    storage_options: dict = opt(default_factory=dict, help=STORAGE_HELP, flag="--storage-option")
 
     def __post_init__(self) -> None:
         """ConfigError naming the option and value, before any work."""

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,9 @@ from clip2scene.errors import CacheError, ConfigError, Interrupted
 from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checks import check_finite_loss, check_finite_model, refuse_existing_run, remove_run
-from clip2scene.validation import check_bool, check_choice, check_float, check_int, check_text, paths_to_text
+from clip2scene.validation import (CLIP_HELP, DIV_FACTOR_HELP, DIV_WINDOW_HELP, SCALING_HELP, STOP_HELP, STORAGE_HELP,
+                                   WARMUP_HELP, check_bool, check_choice, check_float, check_int, check_text, opt,
+                                   paths_to_text)
 from clip2scene.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.evaluate import _iou_dict, _num
@@ -59,38 +61,45 @@ MODES = ("finetune", "linear")  # all weights / frozen backbone with a linear he
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    cache: str  # cache with ground-truth labels (a teacher is not needed)
-    out: str  # run folder: checkpoint.pt, metrics.jsonl, result.json
-    checkpoint: str | None = None  # distillation checkpoint to start from; None = random init
-    mode: str = "finetune"  # "finetune" (all weights) or "linear" (frozen backbone, linear head)
-    label_fraction: float = 1.0  # fraction of training scans with labels: every round(1/f)-th scan
-    split: str = "train"  # scans to train on
-    eval_split: str | None = "val"  # scans to evaluate on at the end (None = skip)
-    epochs: int = 24  # passes over the labelled scans
-    batch_size: int = 8  # scans per step
-    lr: float = 0.02  # SGD learning rate of the backbone (cosine-annealed to 0)
-    head_lr_mult: float = 100.0  # the new classifier's learning rate = lr * head_lr_mult
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-4  # SGD weight decay
-    lovasz_weight: float = 1.0  # weight of the Lovasz-softmax term (cross-entropy has weight 1)
-    voxel_size: float | None = None  # metres; None = the checkpoint's, else the cache's dataset default
-    augment: bool = True  # random z-rotation and x/y flips
-    device: str = "cpu"  # "cpu" or "cuda[:i]"
-    workers: int = 0  # DataLoader worker processes (spawn)
-    seed: int = 0  # head init (and backbone init for random), shuffling, augmentation
-    precise_bn_batches: int = 16  # re-estimate BatchNorm statistics after training (finetune mode)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # used for random init only
-    storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL
-    overwrite: bool = False  # replace a previous run in `out` (its run files are removed first)
-    head_input: str = "l2"  # classifier input: "l2" (unit-norm point features, see Segmenter) or "raw"
+    cache: str = opt(help="Cache with labels, folder or URL (a labels-only cache from --clip-model none works).")
+    out: str = opt(help="Run folder (checkpoint.pt, metrics.jsonl, result.json).")
+    checkpoint: str | None = opt(None, "Pre-trained checkpoint.pt from train, or none (random init baseline; "
+                                       "finetune only).", none="none")
+    mode: str = opt("finetune", "finetune (all weights) or linear (frozen backbone, linear head): set by the command.",
+                    cli=False)
+    label_fraction: float = opt(1.0, "Labelled fraction of the training scans: 0.01 = every 100th scan.")
+    split: str = opt("train", "Cached split to train on.", cli=False)
+    eval_split: str | None = opt("val", "Split to evaluate at the end (none = skip).", none="none")
+    epochs: int = opt(24, "Epochs (passes over the labelled scans).")
+    batch_size: int = opt(8, "Scans per step.")
+    lr: float = opt(0.02, "Backbone SGD learning rate at --reference-batch (cosine); the head trains at lr x "
+                          "--head-lr-mult.")
+    head_lr_mult: float = opt(100.0, "Classifier learning rate = lr x this.")
+    momentum: float = opt(0.9, "SGD momentum.", cli=False)
+    weight_decay: float = opt(1e-4, "SGD weight decay.", cli=False)
+    lovasz_weight: float = opt(1.0, "Weight of Lovasz-softmax next to cross-entropy.")
+    voxel_size: float | None = opt(None, "Voxel size in metres (default: the checkpoint's, else the dataset's).")
+    augment: bool = opt(True, "Random z-rotation and flips.")
+    device: str = opt("cpu", "cpu or cuda[:i].")
+    workers: int = opt(0, "DataLoader workers (spawned processes).")
+    seed: int = opt(0, "Random seed (head init, random backbone init, shuffling, augmentation).")
+    precise_bn_batches: int = opt(16, "Re-estimate BatchNorm statistics on N batches after training (finetune mode).",
+                                  cli=False)
+    model: ModelConfig = opt(default_factory=lambda: ModelConfig(arch="spvcnn"),
+                             help="Architecture for random init (--checkpoint none) only.")
+    storage_options: dict = opt(default_factory=dict, help=STORAGE_HELP, flag="--storage-option")
+    overwrite: bool = opt(False, "Replace a previous run in --out (its run files are removed).")
+    head_input: str = opt("l2", "Classifier input: l2 (unit-norm point features; the recipe's head lr is stable on "
+                                "them) or raw.")
     # guard rails (train/stability.py); `lr` is the backbone rate at `reference_batch`, scaled by `lr_scaling`
-    warmup_steps: int | None = None  # linear warm-up steps (None = auto: half the first epoch, <= 300; 0 = off)
-    clip_grad_norm: float | None = None  # clip the total gradient L2 norm to this (None = off; the norm is logged anyway)
-    lr_scaling: str = "linear"  # lr x batch_size / reference_batch: linear, sqrt or none
-    reference_batch: int = 8  # the recipe's batch (method.md section 5: released nuScenes fine-tuning config, batch 8)
-    divergence_factor: float = 10.0  # a step's loss above this x the running median is a divergence
-    divergence_window: int = 50  # steps in the running median
-    stop_on_divergence: bool = False  # stop at the first divergence, keeping the last epoch's checkpoint
+    warmup_steps: int | None = opt(None, WARMUP_HELP)
+    clip_grad_norm: float | None = opt(None, CLIP_HELP)
+    lr_scaling: str = opt("linear", SCALING_HELP)
+    reference_batch: int = opt(8, "The recipe's batch that --lr is given for (method.md section 5: released "
+                                  "fine-tuning config, batch 8).")
+    divergence_factor: float = opt(10.0, DIV_FACTOR_HELP)
+    divergence_window: int = opt(50, DIV_WINDOW_HELP)
+    stop_on_divergence: bool = opt(False, STOP_HELP)
 
 
     def __post_init__(self) -> None:

@@ -35,7 +35,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Collection
 
@@ -51,7 +51,9 @@ from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
 from clip2scene.storage.sampling import VIEW_RULES
 from clip2scene.train.checks import check_finite_loss, check_finite_model, refuse_existing_run, remove_run
-from clip2scene.validation import check_bool, check_choice, check_float, check_int, check_text, option, paths_to_text
+from clip2scene.validation import (CLIP_HELP, DIV_FACTOR_HELP, DIV_WINDOW_HELP, SCALING_HELP, STOP_HELP, STORAGE_HELP,
+                                   WARMUP_HELP, check_bool, check_choice, check_float, check_int, check_text, opt,
+                                   option, paths_to_text)
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of, save_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buffers, broadcast_object,
@@ -69,45 +71,48 @@ SELF_TRAINING = ("point", "batch", "off")  # S3 switch modes (see `_switch`)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    cache: str  # cache folder written by `clip2scene precompute`
-    out: str  # run folder: checkpoint.pt, metrics.jsonl, config.json
-    split: str = "train"  # which cached scans to train on
-    epochs: int = 20  # passes over the training scans
-    batch_size: int = 4  # scans per step (global: split evenly over the ranks under torchrun)
-    lr: float = 0.1  # SGD learning rate (cosine-annealed to 0 over all steps)
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-4  # SGD weight decay
-    tau: float = 0.5  # SCR temperature
-    voxel_size: float | None = None  # metres; None = the cache's dataset default (0.1 outdoor, 0.05 ScanNet)
-    augment: bool = True  # random z-rotation and x/y flips
-    device: str = "cpu"  # "cpu" or "cuda[:i]"
-    workers: int = 0  # DataLoader worker processes
-    seed: int = 0  # model init, shuffling and augmentation
-    resume: str | None = None  # checkpoint to continue from (must match the cache's teacher)
-    precise_bn_batches: int = 16  # after the last epoch, re-estimate BatchNorm statistics on this many batches (0 = off)
-    keep_checkpoints: bool = False  # also keep checkpoint_epoch{K}.pt of every epoch (resume points)
-    storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL (s3://...)
-    amp: bool = True  # mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU
-    sweeps: int | None = None  # use the first K cached lidar frames per scan (None = all cached)
-    scr_weight: float = 1.0  # weight of SCR (0 = off)
-    ssr_weight: float = 1.0  # weight of SSR (0 = off)
-    kl_weight: float = 0.0  # weight of the KL ablation loss (0 = off)
-    ssr_lambda: float = 1.0  # SSR attention temperature lambda
-    ssr_grid: float = 0.1  # SSR cell size in metres
-    self_training: str = "point"  # S3 switch: "point" (paper), "batch" (released code) or "off"
-    switch_epoch: int | None = None  # first epoch (0-based) with S3 switching; None = epochs // 2
-    switch_prob: float = 0.5  # probability of using the network's own prediction
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # student architecture
-    views: str = "border"  # teacher view per point: "border" (farthest from the image border) or "mean" (all views)
-    overwrite: bool = False  # replace a previous run in `out` (its run files are removed first)
+    cache: str = opt(help="Cache written by precompute (folder or URL).")
+    out: str = opt(help="Run folder (checkpoint.pt, metrics.jsonl, config.json).")
+    split: str = opt("train", "Cached split to train on.")
+    epochs: int = opt(20, "Epochs (passes over the training scans).")
+    batch_size: int = opt(4, "Scans per step (global: split evenly over the ranks under torchrun).")
+    lr: float = opt(0.1, "SGD learning rate at --reference-batch (momentum 0.9, weight decay 1e-4, cosine schedule).")
+    momentum: float = opt(0.9, "SGD momentum.", cli=False)
+    weight_decay: float = opt(1e-4, "SGD weight decay.", cli=False)
+    tau: float = opt(0.5, "SCR temperature.")
+    voxel_size: float | None = opt(None, "Voxel size in metres (default: the dataset's, 0.1 outdoor, 0.05 ScanNet).")
+    augment: bool = opt(True, "Random z-rotation and flips.")
+    device: str = opt("cpu", "cpu or cuda[:i].")
+    workers: int = opt(0, "DataLoader workers (spawned processes).")
+    seed: int = opt(0, "Random seed (model init, shuffling, augmentation).")
+    resume: str | None = opt(None, "Checkpoint to continue from: options not given are the run's own (model, lr, ...); "
+                                   "a larger --epochs extends the run.")
+    precise_bn_batches: int = opt(16, "Re-estimate BatchNorm statistics on N batches at the end (0 = off).")
+    keep_checkpoints: bool = opt(False, "Also keep checkpoint_epochK.pt of every epoch (resume points).")
+    storage_options: dict = opt(default_factory=dict, help=STORAGE_HELP, flag="--storage-option")
+    amp: bool = opt(True, "Mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU.", cli=False)
+    sweeps: int | None = opt(None, "Use the first K cached lidar frames per scan (default all).")
+    scr_weight: float = opt(1.0, "SCR loss weight (0 = off).")
+    ssr_weight: float = opt(1.0, "SSR loss weight (0 = off).")
+    kl_weight: float = opt(0.0, "KL loss weight (the paper's failing ablation).")
+    ssr_lambda: float = opt(1.0, "SSR attention temperature lambda.")
+    ssr_grid: float = opt(0.1, "SSR grid cell in metres.")
+    self_training: str = opt("point", "S3 switch: point (paper), batch (released code) or off.")
+    switch_epoch: int | None = opt(None, "First epoch (0-based) of S3 switching (default epochs // 2).")
+    switch_prob: float = opt(0.5, "S3 probability of the network's own prediction.")
+    model: ModelConfig = opt(default_factory=lambda: ModelConfig(arch="spvcnn"), help="Student architecture.")
+    views: str = opt("border", "Teacher view of a point seen by several cameras: border (farthest from the image "
+                               "border) or mean (average over all, OpenScene-style).")
+    overwrite: bool = opt(False, "Replace a previous run in --out (its run files are removed).")
     # guard rails (train/stability.py); `lr` is the rate at `reference_batch`, scaled by `lr_scaling`
-    warmup_steps: int | None = None  # linear warm-up steps (None = auto: half the first epoch, <= 300; 0 = off)
-    clip_grad_norm: float | None = None  # clip the total gradient L2 norm to this (None = off; the norm is logged anyway)
-    lr_scaling: str = "linear"  # lr x batch_size / reference_batch: linear, sqrt or none
-    reference_batch: int = 4  # the recipe's global batch (method.md section 5: pre-training batch 4)
-    divergence_factor: float = 10.0  # a step's loss above this x the running median is a divergence
-    divergence_window: int = 50  # steps in the running median
-    stop_on_divergence: bool = False  # stop at the first divergence, keeping the last epoch's checkpoint
+    warmup_steps: int | None = opt(None, WARMUP_HELP)
+    clip_grad_norm: float | None = opt(None, CLIP_HELP)
+    lr_scaling: str = opt("linear", SCALING_HELP)
+    reference_batch: int = opt(4, "The recipe's global batch that --lr is given for (method.md section 5: "
+                                  "pre-training batch 4).")
+    divergence_factor: float = opt(10.0, DIV_FACTOR_HELP)
+    divergence_window: int = opt(50, DIV_WINDOW_HELP)
+    stop_on_divergence: bool = opt(False, STOP_HELP)
 
 
     def __post_init__(self) -> None:
