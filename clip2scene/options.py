@@ -313,7 +313,8 @@ def _check_value(path: Path, key: str, tp, value, meta):
         ok = True  # anything else: the dataclass checks it
     if not ok:
         want = _TYPE_WORDS.get(tp) or ("a list" if origin is tuple else str(tp))
-        raise ConfigError(f"{path}: {key} = {json.dumps(value) if _jsonable(value) else value!r}: expected {want}")
+        shown = json.dumps(value) if _jsonable(value) else repr(value)
+        raise ConfigError(f"{path}: {key} = {shown}: expected {want}")
     return value
 
 
