@@ -396,7 +396,8 @@ def build(opts: list[Opt], values: dict, given: set[str], file_values: dict, req
             _set(tree, o.path, o.value(values[o.param]))
     for o in opts:
         if o.param in required and not _has(tree, o.path):
-            where = f" or set {'.'.join(o.path)} in {config_path}" if config_path else " (or in a --config file)"
+            key = ".".join(o.path)
+            where = f" or set {key} in {config_path}" if config_path else f" (or set {key} in a --config file)"
             raise ConfigError(f"missing option {o.flag}: give it{where}")
     return tree
 
