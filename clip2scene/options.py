@@ -153,7 +153,7 @@ def options_for(cls, *, exclude: tuple[str, ...] = (), defaults: Optional[dict] 
     out: list[Opt] = []
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if not meta.get("cli", False) or f.name in exclude:
+        if not meta.get("cli", bool(meta.get("help"))) or f.name in exclude:  # field(metadata={"help": ...}) too
             continue
         tp, optional = _unwrap_optional(hints(cls)[f.name])
         default = _default(f, parent_default)
