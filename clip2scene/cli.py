@@ -99,11 +99,13 @@ CONFIG_HELP = ("TOML file of options (keys = option names with _ for -; [model] 
                "linear-probe); options given here override it.")
 
 
-def _config_from(ctx: typer.Context, command, cls, values: dict, config_file: Optional[str], fixed: Optional[dict] = None):
+def _config_from(ctx: typer.Context, command, cls, values: dict, config_file: Optional[str],
+                 fixed: Optional[dict] = None, make=None):
     """The config of a command with generated options (clip2scene.options): the --config file's
-    values, then the options typed, then `fixed` (set by the command). Nested configs (model,
-    simulated) start from the field's default. Every bad value: one line naming the option (and
-    the file when it came from there), exit 2. Returns (config, tree of the values set, file path)."""
+    values, then the options typed, then `fixed` (set by the command); `make(tree)` builds it
+    (default: nested configs start from the field's default). Every bad value: one line naming
+    the option (and the file when it came from there), exit 2. Returns (config, tree of the
+    values set, file path)."""
     from clip2scene.options import blame_file, build, given_params, make_config, read_config
 
     path, file_values = _run(read_config, config_file, cls)
@@ -114,7 +116,7 @@ def _config_from(ctx: typer.Context, command, cls, values: dict, config_file: Op
     tree = _run(build, command.__options__, values, given, file_values, command.__required__, path)
     tree.update(fixed or {})
     try:
-        return make_config(cls, tree), tree, path
+        return (make or (lambda t: make_config(cls, t)))(tree), tree, path
     except ValueError as e:  # ConfigError, or a knob of SimulatedConfig
         _fail(str(blame_file(e if isinstance(e, Clip2SceneError) else Clip2SceneError(str(e)), path, file_values,
                              command.__options__, given)))
@@ -242,6 +244,29 @@ def _print_precompute(meta: dict) -> None:
     if t["weights_sha256"] == "random":
         typer.echo(f"  WARNING: {RANDOM_TEACHER}")
 
+def _precompute_config(tree: dict):
+    """PrecomputeConfig from nested field values; the [teacher] values are read as the CLI means
+    them: model none = labels only (no teacher), teacher simulated = the simulated teacher, no
+    image_size = the dataset's default for that model (full camera size with a window)."""
+    from clip2scene.options import make_config
+    from clip2scene.precompute.pipeline import DATASETS, PrecomputeConfig, default_image_size
+    from clip2scene.precompute.teacher.config import TeacherConfig
+
+    tree = dict(tree)
+    t = tree.pop("teacher", None) or {}
+    dataset = tree.get("dataset", "nuscenes")
+    known = dataset if dataset in DATASETS else "nuscenes"  # an unknown one: PrecomputeConfig names it
+    if t.get("teacher") == "simulated":
+        teacher = _simulated_teacher_config(t.get("image_size") or default_image_size(known, "ViT-B-16"))
+    elif t.get("model") == "none":
+        teacher = None
+    else:
+        size = t.get("image_size") or default_image_size(known, t.get("model", "ViT-B-16"),
+                                                         windowed=t.get("window") is not None)
+        teacher = TeacherConfig(**{**t, "image_size": size})
+    return make_config(PrecomputeConfig, dict(tree, teacher=teacher))
+
+
 def _precompute_options():
     from clip2scene.precompute.pipeline import PrecomputeConfig
 
@@ -253,37 +278,10 @@ def _precompute_options():
 def precompute(ctx: typer.Context, config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
                **options) -> None:
     """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
-    from clip2scene.precompute.pipeline import DATASETS, PrecomputeConfig, default_image_size, run_precompute
-    from clip2scene.precompute.teacher.config import TeacherConfig
+    from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 
-    # every option is validated by PrecomputeConfig / TeacherConfig (one line, exit 2); the teacher
-    # table is read here: --clip-model none = labels only, the simulated teacher, the default size
-    from clip2scene.options import blame_file, build, given_params, read_config
-
-    path, file_values = _run(read_config, config, PrecomputeConfig)
-    given = given_params(ctx)
-    tree = _run(build, precompute.__options__, options, given, file_values, precompute.__required__, path)
-    t = tree.pop("teacher", None) or {}
-    dataset = tree.get("dataset", "nuscenes")
-    known = dataset if dataset in DATASETS else "nuscenes"
-    try:
-        if t.get("teacher") == "simulated":
-            size = t.get("image_size") or default_image_size(known, "ViT-B-16")
-            teacher_cfg = _simulated_teacher_config(size)
-        elif t.get("model") == "none":
-            teacher_cfg = None
-        else:
-            size = t.get("image_size") or default_image_size(known, t.get("model", "ViT-B-16"),
-                                                             windowed=t.get("window") is not None)
-            teacher_cfg = TeacherConfig(**{**t, "image_size": size})
-        if isinstance(tree.get("simulated"), dict):
-            from clip2scene.precompute.teacher.simulated import SimulatedConfig
-
-            tree["simulated"] = SimulatedConfig(**tree["simulated"])
-        cfg = PrecomputeConfig(**tree, teacher=teacher_cfg)
-    except ValueError as e:  # ConfigError, or a knob of SimulatedConfig
-        err = e if isinstance(e, Clip2SceneError) else Clip2SceneError(str(e))
-        _fail(str(blame_file(err, path, file_values, precompute.__options__, given)))
+    # every option is validated by PrecomputeConfig / TeacherConfig (one line, exit 2)
+    cfg, _, _ = _config_from(ctx, precompute, PrecomputeConfig, options, config, make=_precompute_config)
     try:
         meta = _run(run_precompute, cfg)
     except KeyboardInterrupt:
