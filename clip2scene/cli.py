@@ -305,11 +305,16 @@ def _train_config(ctx: typer.Context, command, options: dict, config_file: Optio
     """TrainConfig from --config and the typed options (TrainConfig validates them). With --resume,
     the options set nowhere (neither typed nor in the file) come from the checkpoint's run."""
     from clip2scene.options import given_fields
-    from clip2scene.train.trainer import TrainConfig, resume_from
+    from clip2scene.train.checkpoint import load_checkpoint
+    from clip2scene.train.trainer import TrainConfig, resumed_config
 
     config, tree, _ = _config_from(ctx, command, TrainConfig, options, config_file, fixed)
     if config.resume is not None:
-        config = _run(resume_from, config, given_fields(tree))
+        ckpt = _run(load_checkpoint, config.resume)
+        config = _run(resumed_config, config, ckpt, given_fields(tree), config.resume)
+        if int(os.environ.get("RANK", "0")) == 0 and int(ckpt["epoch"]) < config.epochs:
+            typer.echo(f"resumed from epoch {int(ckpt['epoch'])} ({config.resume}): training epochs "
+                       f"{int(ckpt['epoch']) + 1}-{config.epochs}")
     return config
 
 
@@ -352,10 +357,25 @@ def _print_train(s: dict) -> None:
     typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in s["epoch_losses"]))
     if s.get("divergences"):
         typer.echo(f"  WARNING: {s['divergences']} step(s) with a loss above the divergence threshold (see metrics.jsonl)")
+    if s.get("stopped_at_max_steps"):
+        typer.echo(f"  stopped at --max-steps (step {s['steps']} of {s['schedule']['total_steps']})")
+    _print_val(s)
     typer.echo(f"  checkpoint: {s['checkpoint']}")
     if s.get("teacher_weights_sha256") == "random":
         typer.echo("  WARNING: distilled from a randomly initialised teacher (no CLIP weights): the student "
                    "learned meaningless pseudo-labels.")
+
+
+def _print_val(s: dict) -> None:
+    """The last validation and the best one (train / finetune / linear-probe summaries)."""
+    v, best = s.get("val"), s.get("best")
+    if not v:
+        return
+    typer.echo(f"  validation on {v['split']} ({v['scans']} scan{'s' if v['scans'] != 1 else ''}): {v['metric']} {_fmt(v['score']).strip()} after the last "
+               f"epoch; best {_fmt(best['score']).strip()} at epoch {best['epoch']} -> {best['path']}"
+               if best and best.get("score") is not None else
+               f"  validation on {v['split']} ({v['scans']} scan{'s' if v['scans'] != 1 else ''}): {v['metric']} {_fmt(v['score']).strip()} (no best.pt: undefined)")
+
 
 @app.command()
 @lazy_options(_train_options(), required=("cache", "out"))
@@ -437,6 +457,13 @@ def _confusion_png(eval_json) -> None:
     typer.echo(f"confusion matrix: {_run(confusion_from_eval, eval_json)}")
 
 
+def _scans(r: dict) -> str:
+    """'N scans', or 'N of M scans (--limit)' for a limited evaluation."""
+    if r.get("split_scans", r["scans"]) > r["scans"]:
+        return f"the first {r['scans']} of {r['split_scans']} scans (--limit)"
+    return f"{r['scans']} scans"
+
+
 def _print_eval(r: dict) -> None:
     if r.get("teacher_model") == "simulated":
         typer.echo(f"teacher: {SIMULATED_NOTE}")
@@ -446,7 +473,7 @@ def _print_eval(r: dict) -> None:
     random = r.get("teacher_weights") == "random"
     typer.echo(f"{'mIoU':<22}{_fmt(r['miou']):>12}{_fmt(r['teacher_miou_visible']):>14}"
                + ("  (RANDOM teacher, no CLIP weights)" if random else ""))
-    typer.echo(f"({r['split']}: {r['scans']} scans, {r['points']} points; *teacher pseudo-labels on camera-visible "
+    typer.echo(f"({r['split']}: {_scans(r)}, {r['points']} points; *teacher pseudo-labels on camera-visible "
                f"points only; n/a = class absent from truth and prediction)")
     typer.echo(f"results: {r['json']}")
     _confusion_png(r["json"])
@@ -473,11 +500,12 @@ def evaluate(ctx: typer.Context, **options) -> None:
     cfg, _, _ = _config_from(ctx, evaluate, EvalConfig, options, None)
     checkpoint, split = Path(cfg.checkpoint), cfg.split
     if _run(load_checkpoint, checkpoint).get("kind") == SEGMENTER_KIND:
-        r = _run(evaluate_segmenter, checkpoint, _run(open_cache, cfg.cache, cfg.storage_options), split, cfg.device)
+        r = _run(evaluate_segmenter, checkpoint, _run(open_cache, cfg.cache, cfg.storage_options), split, cfg.device,
+                 limit=cfg.limit)
         path = Path(cfg.out) if cfg.out else checkpoint.parent / f"eval_{split}.json"
         r["split"] = split
         path.write_text(json.dumps(r, indent=2))
-        typer.echo(f"{split}: {r['scans']} scans, {r['points']} points; mIoU {_fmt(r['miou'])}")
+        typer.echo(f"{split}: {_scans(r)}, {r['points']} points; mIoU {_fmt(r['miou'])}")
         for name, v in r["per_class_iou"].items():
             typer.echo(f"  {name:22s} {_fmt(v)}")
         typer.echo(f"  result: {path}")
@@ -494,6 +522,9 @@ def _print_finetune(r: dict) -> None:
     typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in r["epoch_losses"]))
     if r.get("divergences"):
         typer.echo(f"  WARNING: {r['divergences']} step(s) with a loss above the divergence threshold (see metrics.jsonl)")
+    if r.get("stopped_at_max_steps"):
+        typer.echo(f"  stopped at --max-steps (step {r['steps']} of {r['schedule']['total_steps']})")
+    _print_val(r)
     if "miou" in r:
         typer.echo(f"  {r['eval_split']}: mIoU {_fmt(r['miou'])} over {r['eval_scans']} scans")
     typer.echo(f"  result: {r['json']}")

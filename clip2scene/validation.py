@@ -106,3 +106,14 @@ SCALING_HELP = "How learning rates follow --batch-size / --reference-batch: line
 DIV_FACTOR_HELP = "A step's loss above this x the running median is reported as a divergence."
 DIV_WINDOW_HELP = "Steps in the running median of the divergence check."
 STOP_HELP = "Stop (exit 2) at the first divergence, keeping the last good epoch's checkpoint."
+
+
+def check_installed(name: str, value, module: str) -> None:
+    """A true `value` (e.g. ``wandb=True``) needs the package `module` to be importable."""
+    check_bool(name, value)
+    if value:
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{option(name)}: the {module} package is not installed (pip install {module}), "
+                              f"or leave {option(name)} out")

@@ -46,6 +46,8 @@ class EvalConfig:
     device: str = opt("cpu", "cpu or cuda[:i].")
     batch_size: int = opt(1, "Scans per forward pass.", cli=False)
     storage_options: dict = opt(default_factory=dict, help=STORAGE_HELP, flag="--storage-option")
+    limit: int | None = opt(None, "Evaluate only the first N scans of the split, in cache order (a smoke run; "
+                                  "None = all).")
 
     def __post_init__(self) -> None:
         """ConfigError naming the option and value, before any work."""
@@ -56,8 +58,17 @@ class EvalConfig:
         check_text("out", self.out, allow_none=True)
         check_text("device", self.device)
         check_int("batch_size", self.batch_size, 1)
+        check_int("limit", self.limit, 1, allow_none=True)
         if not isinstance(self.storage_options, dict):
             raise ConfigError(f"storage_options {self.storage_options!r}: expected a dict")
+
+
+def limit_scans(indices: np.ndarray, limit: int | None) -> np.ndarray:
+    """The first `limit` of a split's scan indices (cache order: scene, then time); all when None."""
+    if limit is not None and limit < len(indices):
+        log.info("--limit %d: evaluating %d of the split's %d scans", limit, limit, len(indices))
+        return indices[:limit]
+    return indices
 
 
 def _num(v: float) -> float | None:
@@ -81,6 +92,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     indices = cache.indices(config.split)
     if len(indices) == 0:
         raise ConfigError(f"cache {cache.path} has no scans in split {config.split!r}")
+    split_scans = len(indices)
+    indices = limit_scans(indices, config.limit)
     model_config = model_config_of(ckpt)
     model = build_model(model_config, device)
     model.load_state_dict(ckpt["state_dict"])
@@ -111,6 +124,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         cache=str(cache.path),
         split=config.split,
         scans=int(len(indices)),
+        split_scans=int(split_scans),
+        limit=config.limit,
         points=int(points),
         class_names=names,
         miou=_num(student.miou()),

@@ -7,7 +7,9 @@ cross-entropy + Lovasz-softmax (method.md section 5: SGD lr 0.02, the new head a
 learning rate, 24 epochs, cosine). `mode="linear"` is the linear probe: the backbone is frozen
 (weights and BatchNorm statistics) and only the classifier trains. At the end the model is
 evaluated on the evaluation split with the devkit mIoU and `result.json` is written for
-`clip2scene report` (train/report.py).
+`clip2scene report` (train/report.py). Per-step scalars go to `metrics.jsonl` and TensorBoard event
+files in the run folder; `val_every` validates on `val_split` during training and keeps `best.pt`
+(train/tracking.py); `max_steps` stops a smoke run early.
 
 The label fraction follows SLidR: the 1% split is every 100th training scan (in cache order:
 scene, then time), so it is the same on every run and machine.
@@ -42,15 +44,16 @@ from clip2scene.runtime import worker_init
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checks import check_finite_loss, check_finite_model, refuse_existing_run, remove_run
 from clip2scene.validation import (CLIP_HELP, DIV_FACTOR_HELP, DIV_WINDOW_HELP, SCALING_HELP, STOP_HELP, STORAGE_HELP,
-                                   WARMUP_HELP, check_bool, check_choice, check_float, check_int, check_text, opt,
-                                   paths_to_text)
+                                   WARMUP_HELP, check_bool, check_choice, check_float, check_installed, check_int,
+                                   check_text, opt, paths_to_text)
 from clip2scene.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_config_of
 from clip2scene.train.data import ScanDataset, collate
-from clip2scene.train.evaluate import _iou_dict, _num
+from clip2scene.train.evaluate import _iou_dict, _num, limit_scans
 from clip2scene.train.lovasz import lovasz_softmax
 from clip2scene.train.metrics import ConfusionMatrix
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.stability import DivergenceMonitor, TrainingDiverged, clip_gradients, warmup_cosine
+from clip2scene.train.tracking import RunWatch, Validator
 from clip2scene.train.trainer import _validate_guard_rails, forward_points, precise_batchnorm, schedule_info
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,14 @@ class FinetuneConfig:
     divergence_factor: float = opt(10.0, DIV_FACTOR_HELP)
     divergence_window: int = opt(50, DIV_WINDOW_HELP)
     stop_on_divergence: bool = opt(False, STOP_HELP)
+    # watching a run (train/tracking.py); TensorBoard event files are always written to `out`
+    val_every: int = opt(0, "Validate (ground-truth mIoU) every N epochs and after the last one, keeping best.pt by "
+                            "it (0 = off).")
+    val_split: str = opt("val", "Cached split to validate on during training.")
+    max_steps: int | None = opt(None, "Stop after this many optimiser steps (a smoke run; the schedule stays the full "
+                                      "run's).")
+    wandb: bool = opt(False, "Also log to Weights & Biases (the wandb package must be installed; project from "
+                             "WANDB_PROJECT, default clip2scene).")
 
 
     def __post_init__(self) -> None:
@@ -135,6 +146,10 @@ class FinetuneConfig:
         if self.head_input not in HEAD_INPUTS:
             raise ConfigError(f"--head-input {self.head_input!r}: expected one of {', '.join(HEAD_INPUTS)}")
         _validate_guard_rails(self)
+        check_int("val_every", self.val_every, 0, note=" (0 = off)")
+        check_text("val_split", self.val_split)
+        check_int("max_steps", self.max_steps, 1, allow_none=True)
+        check_installed("wandb", self.wandb, "wandb")
 
 
 HEAD_INPUTS = ("l2", "raw")
@@ -238,6 +253,8 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
     model, init = _segmenter_from(config, cache, device)
     voxel_size = config.voxel_size or init.get("voxel_size") or cache.voxel_size
     config = replace(config, voxel_size=voxel_size)
+    validator = (Validator(cache, config.val_split, config.val_every, "segmenter", voxel_size, device)
+                 if config.val_every else None)  # refuses an empty split before any work
 
     steps_per_epoch = math.ceil(len(indices) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -272,23 +289,27 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
              config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size, lr,
              schedule["head_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
     ckpt_path = out / "checkpoint.pt"
+    run_steps = min(total, config.max_steps or total)
+    watch = RunWatch(out, cfg_dict, wandb=config.wandb, validator=validator, total_steps=run_steps)  # tracking.py
+    stopped = False  # at --max-steps
 
-    def save(epoch: int) -> None:
+    def save(epoch: int, path: Path = ckpt_path) -> None:
         state = dict(format=CHECKPOINT_FORMAT, version=1, kind=SEGMENTER_KIND, model_config=init["model_config"],
                      num_classes=len(cache.eval_class_names), eval_class_names=cache.eval_class_names,
                      point_features=cache.point_features, voxel_size=voxel_size, train_config=cfg_dict,
                      init=init["init"], pretrained=init["checkpoint"], dataset=cache.meta.get("dataset"),
-                     head_input=config.head_input, epoch=epoch, state_dict=model.state_dict())
-        tmp = ckpt_path.with_suffix(".pt.tmp")
+                     head_input=config.head_input, epoch=epoch, step=step, state_dict=model.state_dict())
+        tmp = path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
-        tmp.replace(ckpt_path)
+        tmp.replace(path)
 
     monitor = DivergenceMonitor(config.divergence_window, config.divergence_factor)
     t0 = time.perf_counter()
     losses = []
     kept = "nothing was saved (fine-tuning saves at the end)"
     step = 0
-    with (out / "metrics.jsonl").open("w") as mf:
+    epochs_done = 0
+    with (out / "metrics.jsonl").open("w") as mf, watch:
         for epoch in range(config.epochs):
             dataset.set_epoch(epoch)
             gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
@@ -300,7 +321,9 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
             if config.mode == "linear":
                 model.backbone.eval()  # frozen: BatchNorm keeps its pre-trained statistics
             epoch_losses = []
-            for batch in tqdm(loader, desc=f"{config.mode} {epoch + 1}/{config.epochs}", unit="step", disable=not progress):
+            bar = tqdm(loader, desc=f"{config.mode} {epoch + 1}/{config.epochs}", unit="step", disable=not progress)
+            for batch in bar:
+                ts = time.perf_counter()
                 logits = forward_points(model, batch, voxel_size, device)
                 loss, terms = segmentation_loss(logits, batch["label"].to(device), config.lovasz_weight)
                 optimizer.zero_grad(set_to_none=True)
@@ -316,31 +339,47 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
                 diverged = monitor.update(value)
                 row = dict(step=step, epoch=epoch + 1, loss=value, **terms, lr=optimizer.param_groups[0]["lr"],
                            head_lr=optimizer.param_groups[-1]["lr"],
-                           grad_norm=grad_norm if math.isfinite(grad_norm) else None)
+                           grad_norm=grad_norm if math.isfinite(grad_norm) else None, points=int(batch["xyz"].shape[0]),
+                           seconds=time.perf_counter() - ts)
+                row["scans_per_s"] = len(batch["index"]) / max(row["seconds"], 1e-9)
                 if diverged:
                     row.update(diverged=True, loss_median=level)
                     log.warning("step %d: loss %.4g is above %g x the median %.4g of the last %d steps (divergence)",
                                 step, value, config.divergence_factor, level, len(monitor.window))
                 mf.write(json.dumps(row, allow_nan=False) + "\n")
+                bar.set_postfix(loss=f"{value:.4f}", eta=watch.step(step, row))
                 if diverged and config.stop_on_divergence:
                     mf.flush()
                     raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {config.divergence_factor:g} x "
                                            f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept}")
+                if step >= run_steps and step < total:  # --max-steps
+                    stopped = True
+                    break
+            epochs_done = epoch + 1
             losses.append(float(np.mean(epoch_losses)))
-            log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
-            if epoch + 1 < config.epochs and config.stop_on_divergence:
+            last = epochs_done == config.epochs or stopped
+            # the last epoch's validation follows precise BatchNorm (below)
+            if watch.epoch_end(model, step, epochs_done, last, losses[-1], validate=not last):
+                save(epochs_done, watch.best_path)
+            if not last and config.stop_on_divergence:
                 save(epoch + 1)  # the "last good" model a stopped run keeps
                 kept = f"the last good checkpoint {ckpt_path} (epoch {epoch + 1}) is kept"
+            if stopped:
+                log.info("stopped at --max-steps %d (step %d of %d)", config.max_steps, step, total)
+                break
         if config.mode == "finetune":
             precise_batchnorm(model, loader, config.precise_bn_batches, voxel_size, device)
-    check_finite_model(model, step, config.epochs, kept)
+        check_finite_model(model, step, epochs_done, kept)
+        if validator and watch.validate_now(model, step, epochs_done):
+            save(epochs_done, watch.best_path)
     seconds = time.perf_counter() - t0
-    save(config.epochs)
+    save(epochs_done)
     result = dict(run=str(out), checkpoint=str(ckpt_path), mode=config.mode, init=init["init"],
                   pretrained=init["checkpoint"], label_fraction=config.label_fraction,
                   labelled_scans=int(len(indices)), train_scans=int(len(all_train)), epochs=config.epochs,
                   epoch_losses=losses, seconds=seconds, schedule=schedule, divergences=monitor.events,
-                  trainable_parameters=count_parameters(model, trainable_only=True),
+                  trainable_parameters=count_parameters(model, trainable_only=True), steps=step,
+                  stopped_at_max_steps=stopped, val=watch.last_val, best=watch.best_state(),
                   dataset=(cache.meta.get("dataset") or {}).get("name"))
     if config.eval_split is not None:
         ev = evaluate_segmenter(ckpt_path, cache, config.eval_split, device=config.device, progress=progress)
@@ -353,8 +392,9 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
 
 @torch.inference_mode()
 def evaluate_segmenter(checkpoint: str | Path, cache: Cache | str, split: str, device: str = "cpu",
-                       progress: bool = True) -> dict:
-    """Devkit mIoU of a fine-tuned model (argmax over the K classifier outputs) on a cache split."""
+                       progress: bool = True, limit: int | None = None) -> dict:
+    """Devkit mIoU of a fine-tuned model (argmax over the K classifier outputs) on a cache split
+    (its first `limit` scans when given)."""
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("kind") != SEGMENTER_KIND:
@@ -368,6 +408,8 @@ def evaluate_segmenter(checkpoint: str | Path, cache: Cache | str, split: str, d
     indices = cache.indices(split)
     if len(indices) == 0:
         raise ConfigError(f"cache {cache.path} has no scans in split {split!r}")
+    split_scans = len(indices)
+    indices = limit_scans(indices, limit)
     model = Segmenter(build_model(model_config_of(ckpt), dev), ckpt["num_classes"],
                       ckpt.get("head_input", "raw")).to(dev)  # checkpoints before head_input: raw
     model.load_state_dict(ckpt["state_dict"])
@@ -383,6 +425,6 @@ def evaluate_segmenter(checkpoint: str | Path, cache: Cache | str, split: str, d
     iou = cm.per_class_iou()
     miou = cm.miou()
     return dict(checkpoint=str(checkpoint), cache=str(cache.path), split=split, scans=int(len(indices)),
-                points=int(points), class_names=names,
+                split_scans=int(split_scans), limit=limit, points=int(points), class_names=names,
                 miou=_num(miou), per_class_iou=_iou_dict(names, iou),
                 confusion_matrix=cm.matrix.tolist())

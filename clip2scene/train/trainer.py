@@ -8,7 +8,9 @@ probability 0.5, the network's own prediction), and the KL ablation. SGD with mo
 schedule over all steps.
 Each epoch writes `checkpoint.pt` (model + optimiser + scheduler + config + teacher fingerprint;
 also `checkpoint_epoch{K}.pt` with `keep_checkpoints`) and appends per-step metrics to
-`metrics.jsonl` in the run folder.
+`metrics.jsonl` in the run folder, and the same scalars to TensorBoard event files there (and wandb
+with `wandb`); `val_every` validates on `val_split` and keeps `best.pt` (train/tracking.py).
+`max_steps` stops a smoke run early (the schedule stays the full run's).
 
 Reproducibility: the data order (`EpochSampler`), the augmentation (ScanDataset) and the S3 draws
 depend only on (seed, epoch, scan), so `resume` from the checkpoint of epoch k continues exactly
@@ -52,8 +54,8 @@ from clip2scene.storage import Cache, open_cache
 from clip2scene.storage.sampling import VIEW_RULES
 from clip2scene.train.checks import check_finite_loss, check_finite_model, refuse_existing_run, remove_run
 from clip2scene.validation import (CLIP_HELP, DIV_FACTOR_HELP, DIV_WINDOW_HELP, SCALING_HELP, STOP_HELP, STORAGE_HELP,
-                                   WARMUP_HELP, check_bool, check_choice, check_float, check_int, check_text, opt,
-                                   option, paths_to_text)
+                                   WARMUP_HELP, check_bool, check_choice, check_float, check_installed, check_int,
+                                   check_text, opt, option, paths_to_text)
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of, save_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buffers, broadcast_object,
@@ -62,6 +64,7 @@ from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, t
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, clip_gradients, lr_scale,
                                         resolve_warmup, validate as validate_guard_rails, warmup_cosine)
+from clip2scene.train.tracking import VAL_FILE, RunWatch, Validator, copy_checkpoint
 from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,14 @@ class TrainConfig:
     divergence_factor: float = opt(10.0, DIV_FACTOR_HELP)
     divergence_window: int = opt(50, DIV_WINDOW_HELP)
     stop_on_divergence: bool = opt(False, STOP_HELP)
+    # watching a run (train/tracking.py); TensorBoard event files are always written to `out`
+    val_every: int = opt(0, "Validate every N epochs and after the last one, keeping best.pt by the score (0 = off).")
+    val_split: str = opt("val", "Cached split to validate on: ground-truth mIoU where the cache has labels, else "
+                                "agreement with the teacher.")
+    max_steps: int | None = opt(None, "Stop after this many optimiser steps of the run (a smoke run; the schedule "
+                                      "stays the full run's).")
+    wandb: bool = opt(False, "Also log to Weights & Biases (the wandb package must be installed; project from "
+                             "WANDB_PROJECT, default clip2scene).")
 
 
     def __post_init__(self) -> None:
@@ -158,6 +169,10 @@ class TrainConfig:
             raise ConfigError(f"--overwrite would delete {self.resume}, the checkpoint --resume continues from: "
                               "leave --overwrite out to continue the run in place")
         _validate_guard_rails(self)
+        check_int("val_every", self.val_every, 0, note=" (0 = off)")
+        check_text("val_split", self.val_split)
+        check_int("max_steps", self.max_steps, 1, allow_none=True)
+        check_installed("wandb", self.wandb, "wandb")
 
 
 def _validate_guard_rails(config) -> None:
@@ -311,10 +326,14 @@ def _loader(dataset: ScanDataset, sampler: EpochSampler, batch_size: int, config
 
 
 # Options that may differ between a run and its resume: where and how it runs, not what it
-# computes. `epochs` may grow (the run is extended; see `_continue_schedule`).
+# computes. `epochs` may grow (the run is extended; see `_continue_schedule`). wandb and --max-steps
+# (which only cuts the run short: the schedule is the full run's) change no step.
 RESUME_FREE = ("cache", "out", "resume", "epochs", "device", "workers", "keep_checkpoints", "amp",
                "storage_options", "precise_bn_batches", "overwrite", "divergence_factor", "divergence_window",
-               "stop_on_divergence")
+               "stop_on_divergence", "max_steps", "wandb")
+# Options that may differ too but, when not given, continue as the run had them (validation:
+# best.pt stays comparable across the resume).
+RESUME_INHERITED = ("val_every", "val_split")
 _MODEL_FIELDS = ("arch", "channels", "blocks_per_stage")  # what defines the student (in/out come from the cache)
 
 
@@ -324,11 +343,16 @@ def resumed_config(config: TrainConfig, ckpt: dict, given: Collection[str] | Non
 
     Every run-defining option (all but RESUME_FREE) and the model (arch, channels,
     blocks_per_stage) that is not `given` takes the saved run's value; a given one that differs
-    is a ConfigError naming the option. `given` holds TrainConfig field names and "arch" /
+    is a ConfigError naming the option; RESUME_INHERITED options not given take the saved run's
+    value, given ones are used as they are. `given` holds TrainConfig field names and "arch" /
     "channels" / "blocks_per_stage" (what the user typed); None (library use) counts every
     option whose value is not None as given. `epochs` not given: the saved run's."""
     if ckpt.get("kind") == "segmenter":
         raise ConfigError(f"{path} is a fine-tuned model: --resume takes a checkpoint of `clip2scene train`")
+    partial = (ckpt.get("extra") or {}).get("partial_epoch")
+    if partial:
+        raise ConfigError(f"{path} was written by a --max-steps run in the middle of epoch {ckpt.get('epoch')} "
+                          f"(step {partial}): it cannot be resumed; start the run again")
     saved = dict(ckpt.get("train_config") or {})
     changes: dict = {}
 
@@ -342,6 +366,8 @@ def resumed_config(config: TrainConfig, ckpt: dict, given: Collection[str] | Non
         value = getattr(config, name)
         if not is_given(name, value):
             changes[name] = saved[name]
+        elif name in RESUME_INHERITED:
+            continue
         elif name != "epochs" and value != saved[name]:
             raise ConfigError(f"{option(name)} {value!r} differs from the run being resumed ({path} has "
                               f"{saved[name]!r}): leave {option(name)} out to continue that run")
@@ -427,10 +453,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     out = Path(config.out)
     ckpt = None
     start_epoch = 0
+    best_state = None  # the resumed run's BestKeeper state
     if config.resume:
         ckpt = load_checkpoint(config.resume)  # refuses a non-finite checkpoint
         config = resumed_config(config, ckpt, None, config.resume)
         start_epoch = int(ckpt["epoch"])
+        best_state = (ckpt.get("extra") or {}).get("best")
         if start_epoch > config.epochs:
             raise ConfigError(f"--epochs {config.epochs}: {config.resume} is already at epoch {start_epoch}")
         if start_epoch == config.epochs:
@@ -457,6 +485,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     model = build_model(model_config, device)
     steps_per_epoch = math.ceil(len(indices) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None and config.max_steps <= start_epoch * steps_per_epoch:
+        raise ConfigError(f"--max-steps {config.max_steps}: {config.resume} is already at step "
+                          f"{start_epoch * steps_per_epoch}")
     optimizer, scheduler = build_optimizer(model, config, total_steps, steps_per_epoch)
     schedule = schedule_info(config, steps_per_epoch, total_steps)
     schedule_note = None
@@ -472,11 +503,13 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         last_good = (config.resume, start_epoch)
         del ckpt
         if main:
-            log.info("resumed from %s at epoch %d", config.resume, start_epoch)
+            log.info("resumed from epoch %d (%s)", start_epoch, config.resume)
             if schedule_note:
                 log.info("%s", schedule_note)
 
     text = torch.from_numpy(cache.text_embeddings).to(device)
+    validator = (Validator(cache, config.val_split, config.val_every, "distill", config.voxel_size, device, text=text,
+                           views=config.views) if config.val_every else None)  # refuses an empty split here
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed,
                           features=bool(config.ssr_weight), sweeps=config.sweeps, views=config.views)
     sampler = EpochSampler(len(dataset), seed=config.seed, rank=env.rank, world_size=env.world_size,
@@ -492,6 +525,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     metrics_path = out / "metrics.jsonl"
     params = count_parameters(model)
     step = start_epoch * steps_per_epoch
+    run_steps = min(total_steps, config.max_steps or total_steps)  # what this run will do in all
+    watch = None  # rank 0's tracking hooks (train/tracking.py)
     if main:
         if config.overwrite:
             removed = remove_run(out)
@@ -501,6 +536,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
             dropped = _truncate_metrics(metrics_path, step)
             if dropped:
                 log.info("dropped %d metrics lines after step %d (the interrupted part of the run)", dropped, step)
+            _truncate_metrics(out / VAL_FILE, step)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dict(_train_config_dict(config), schedule=schedule), indent=2))
         log.info("training %s (%.2fM params) on %d scans, %d steps, %d process(es)", model_config.arch,
@@ -508,6 +544,10 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         log.info("lr %g at reference batch %d x %.4g (%s scaling to batch %d) = %g; warm-up %d steps; clip %s",
                  config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size,
                  schedule["effective_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
+        watch = RunWatch(out, _train_config_dict(config), wandb=config.wandb, validator=validator,
+                         total_steps=run_steps, start_step=step, best_state=best_state)
+    eta = "?"
+    stopped = False  # at --max-steps
 
     def kept() -> str:
         return (f"the last good checkpoint {last_good[0]} (epoch {last_good[1]}) is kept" if last_good
@@ -565,26 +605,39 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                                     step, value, config.divergence_factor, level, len(monitor.window))
                 if mf is not None:
                     mf.write(json.dumps(row, allow_nan=False) + "\n")
+                if watch is not None:
+                    eta = watch.step(step, row)
                 if diverged and config.stop_on_divergence:
                     if mf is not None:
                         mf.flush()
                     raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {config.divergence_factor:g} x "
                                            f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept()}")
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}", eta=eta)
+                if step >= run_steps and step < total_steps:  # --max-steps
+                    stopped = True
+                    break
             if mf is not None:
                 mf.flush()
             losses.append(float(np.mean(epoch_losses)))
-            if epoch + 1 == config.epochs:
+            last = epoch + 1 == config.epochs or stopped
+            if last:
                 _final_batchnorm(model, dataset, config, env, device, epoch)
             check_finite_model(model, step, epoch + 1, kept())  # identical weights on every rank
             if main:
+                improved = watch.epoch_end(model, step, epoch + 1, last, losses[-1])
+                partial = step if stopped and step % steps_per_epoch else None  # a mid-epoch --max-steps stop
+                extra = dict(best=watch.best_state(), partial_epoch=partial)
                 paths = [out / "checkpoint.pt"] + ([out / f"checkpoint_epoch{epoch + 1}.pt"] if config.keep_checkpoints else [])
                 for path in paths:
                     save_checkpoint(path, model=model, model_config=model_config,
                                     train_config=_train_config_dict(config), cache=cache, epoch=epoch + 1,
-                                    optimizer=optimizer, scheduler=scheduler)
-                log.info("epoch %d: mean loss %.4f", epoch + 1, losses[-1])
+                                    optimizer=optimizer, scheduler=scheduler, extra=extra)
+                if improved:
+                    copy_checkpoint(out / "checkpoint.pt", watch.best_path)
             last_good = (str(out / "checkpoint.pt"), epoch + 1)
+            if stopped:
+                log.info("stopped at --max-steps %d (step %d of %d)", config.max_steps, step, total_steps)
+                break
     except KeyboardInterrupt:
         if last_good:
             hint = f"`--resume {last_good[0]}` continues from epoch {last_good[1]}"
@@ -594,6 +647,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     finally:
         if mf is not None:
             mf.close()
+        if watch is not None:
+            watch.close()
     seconds = time.perf_counter() - t0
     summary = dict(
         run=str(out),
@@ -613,6 +668,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         divergences=monitor.events,
         teacher_weights_sha256=cache.fingerprint.get("weights_sha256"),
         schedule_note=schedule_note,
+        stopped_at_max_steps=stopped,
+        val=watch.last_val if watch else None,
+        best=watch.best_state() if watch else None,
     )
     return broadcast_object(summary, env)
 
