@@ -199,3 +199,21 @@ def test_read_config_refuses_with_one_line(tmp_path):
         with pytest.raises(ConfigError) as e:
             read_config(str(f), TrainConfig)
         assert str(f) in str(e.value) and fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_top_level_help_imports_no_torch():
+    """The options come from the config dataclasses (torch, spconv), so they are made only when a
+    command is looked up: `clip2scene --help` and `--version` stay instant."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from typer.testing import CliRunner; from clip2scene.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0 and 'train' in r.output, r.output; "
+            "print(sorted(m for m in ('torch', 'spconv', 'zarr') if m in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
