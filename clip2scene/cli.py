@@ -94,9 +94,9 @@ def _storage(options: Optional[list[str]]) -> dict:
 
     return _run(parse_storage_options, options)
 
-CONFIG_HELP = ("TOML file of options (keys = option names with _ for -; [model] / [teacher] tables), a run's "
-               "config.json, or a preset name (clip2scene/configs/: demo, annotation-free, finetune-1pct, "
-               "linear-probe); options given here override it.")
+CONFIG_HELP = ("Options from a TOML file (keys = option names with _ for -; [model] / [teacher] tables), a run's "
+               "config.json, or a preset (clip2scene/configs/: annotation-free, demo, finetune-1pct, linear-probe); "
+               "options on the command line override its values.")
 
 
 def _config_from(ctx: typer.Context, command, cls, values: dict, config_file: Optional[str],
