@@ -100,16 +100,17 @@ CONFIG_HELP = ("Options from a TOML file (keys = option names with _ for -; [mod
 
 
 def _config_from(ctx: typer.Context, command, cls, values: dict, config_file: Optional[str],
-                 fixed: Optional[dict] = None, make=None):
+                 fixed: Optional[dict] = None, make=None, match: tuple[str, ...] = ()):
     """The config of a command with generated options (clip2scene.options): the --config file's
-    values, then the options typed, then `fixed` (set by the command); `make(tree)` builds it
-    (default: nested configs start from the field's default). Every bad value: one line naming
-    the option (and the file when it came from there), exit 2. Returns (config, tree of the
-    values set, file path)."""
+    values, then the options typed, then `fixed` (set by the command; a file value of a `match`
+    key must equal it); `make(tree)` builds it (default: nested configs start from the field's
+    default). Every bad value: one line naming the option (and the file when it came from
+    there), exit 2. Returns (config, tree of the values set, file path)."""
     from clip2scene.options import blame_file, build, given_params, make_config, read_config
 
     path, file_values = _run(read_config, config_file, cls)
-    for key, value in (fixed or {}).items():  # e.g. a finetune config.json given to linear-probe
+    for key in match:  # e.g. a finetune config.json given to linear-probe
+        value = (fixed or {})[key]
         if key in file_values and file_values[key] != value:
             _fail(f"{path}: {key} = {file_values[key]!r} does not fit `clip2scene {ctx.info_name}` ({key} {value!r})")
     given = given_params(ctx)
@@ -395,6 +396,7 @@ def train(ctx: typer.Context, config: Optional[str] = typer.Option(None, "--conf
 @lazy_options(_train_options(exclude=("resume",)))
 def ablate(
     ctx: typer.Context,
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP + " Its cache / out are not used."),
     cache: Path = typer.Option(..., help="Cache to ablate on (its sweeps bound the sweep rows)."),
     out: Path = typer.Option(Path("runs/ablate"), help="Folder for one run per row plus ablation.md/json."),
     prompt_cache: list[str] = typer.Option([], help="NAME=PATH: a cache of the same data precomputed with "
@@ -407,7 +409,8 @@ def ablate(
     from clip2scene.train.ablate import format_table, run_ablation
 
     caches = _name_paths(prompt_cache, "--prompt-cache")
-    base = _train_config(ctx, ablate, options, fixed=dict(cache=str(cache), out=str(out / "base"), overwrite=overwrite))
+    base = _train_config(ctx, ablate, options, config,
+                         fixed=dict(cache=str(cache), out=str(out / "base"), overwrite=overwrite, resume=None))
     results = _interruptible(run_ablation, base, out, caches, eval_split)
     typer.echo(format_table(results))
     typer.echo(f"table: {out / 'ablation.md'}")
@@ -430,6 +433,7 @@ def _name_paths(items: list[str], flag: str) -> dict[str, str]:
 @lazy_options(_train_options(exclude=("resume", "overwrite")))
 def compare_teachers(
     ctx: typer.Context,
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP + " Its cache / out are not used."),
     cache: list[str] = typer.Option(..., help="NAME=PATH: a cache of the same scans precomputed with one teacher (repeatable)."),
     out: Path = typer.Option(Path("runs/teachers"), help="Folder for one run per teacher plus teachers.md/json."),
     eval_split: str = typer.Option("val", help="Split to evaluate each student on."),
@@ -440,7 +444,7 @@ def compare_teachers(
 
     caches = _name_paths(cache, "--cache")
     first = next(iter(caches.values()))
-    base = _train_config(ctx, compare_teachers, options, fixed=dict(cache=first, out=str(out / "base")))
+    base = _train_config(ctx, compare_teachers, options, config, fixed=dict(cache=first, out=str(out / "base"), overwrite=False, resume=None))
     results = _run(run_teacher_comparison, base, caches, out, eval_split)
     typer.echo(format_teacher_table(results))
     typer.echo(f"table: {out / 'teachers.md'}")
@@ -541,7 +545,8 @@ def _finetune_options(exclude: tuple[str, ...] = ()):
 def _finetune_cmd(ctx: typer.Context, command, mode: str, options: dict, config_file: Optional[str]) -> None:
     from clip2scene.train.finetune import FinetuneConfig, finetune
 
-    cfg, _, _ = _config_from(ctx, command, FinetuneConfig, options, config_file, fixed=dict(mode=mode))
+    cfg, _, _ = _config_from(ctx, command, FinetuneConfig, options, config_file, fixed=dict(mode=mode),
+                             match=("mode",))
     _print_schedule(cfg, "finetune")
     _print_finetune(_interruptible(finetune, cfg))
 

@@ -162,6 +162,26 @@ def test_run_config_json_round_trips(tmp_path, captured):
     assert captured["config"] == ft
 
 
+def test_ablate_takes_the_base_options_from_a_config(tmp_path, monkeypatch):
+    from clip2scene.train import ablate
+
+    seen = {}
+
+    def fake(base, *a, **k):
+        seen["base"] = base
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate, "run_ablation", fake)
+    f = tmp_path / "a.toml"
+    f.write_text('cache = "elsewhere.zarr"\nresume = "x.pt"\nepochs = 2\n[model]\narch = "minkunet"\n')
+    r = runner.invoke(cli.app, ["ablate", "--config", str(f), "--cache", "c.zarr", "--out", str(tmp_path / "ab"),
+                                "--lr", "0.2"])
+    assert r.exit_code == 130, r.output
+    base = seen["base"]
+    assert (base.cache, base.out, base.resume, base.epochs, base.lr, base.model.arch) == (
+        "c.zarr", str(tmp_path / "ab" / "base"), None, 2, 0.2, "minkunet")
+
+
 def test_precompute_config_file(tmp_path, monkeypatch):
     from clip2scene.precompute import pipeline
 
