@@ -149,7 +149,7 @@ class StudentStep:
         import torch
 
         from clip2scene.train.loop import Stepper, build_optimizer
-        from clip2scene.train.model import ModelConfig, build_model, count_parameters
+        from clip2scene.train.nets import ModelConfig, build_model, count_parameters
         from clip2scene.train.trainer import Distillation, TrainConfig
 
         self.device = torch.device(device)

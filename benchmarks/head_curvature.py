@@ -42,7 +42,7 @@ def main() -> None:
     from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
     from clip2scene.storage import open_cache
     from clip2scene.train.data import ScanDataset, collate
-    from clip2scene.train.model import ModelConfig, build_model
+    from clip2scene.train.nets import ModelConfig, build_model
     from clip2scene.train.voxelize import voxelize
 
     tmp = Path(tempfile.mkdtemp(prefix="head_curvature_"))

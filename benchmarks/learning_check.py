@@ -126,7 +126,7 @@ def main() -> None:
     from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
     from clip2scene.storage import open_cache
     from clip2scene.train.finetune import FinetuneConfig, finetune
-    from clip2scene.train.model import ModelConfig
+    from clip2scene.train.nets import ModelConfig
     from clip2scene.train.trainer import TrainConfig, train
 
     model = ModelConfig(arch="spvcnn", **({"channels": parse_channels(args.channels)} if args.channels else {}))

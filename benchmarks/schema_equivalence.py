@@ -25,7 +25,7 @@ import numpy as np
 
 TRAIN = """
 import json, sys
-from clip2scene.train.model import ModelConfig
+from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, train
 a = json.loads(sys.argv[1])
 cfg = TrainConfig(cache=a["cache"], out=a["out"], epochs=a["epochs"], batch_size=a["batch"], split=a["split"],

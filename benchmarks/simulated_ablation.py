@@ -45,7 +45,7 @@ def main() -> None:
 
     from clip2scene.cli import DEMO_BATCH, DEMO_CHANNELS, DEMO_EPOCHS, DEMO_LR, DEMO_TAU
     from clip2scene.train.ablate import run_ablation
-    from clip2scene.train.model import ModelConfig
+    from clip2scene.train.nets import ModelConfig
     from clip2scene.train.trainer import TrainConfig
 
     with tempfile.TemporaryDirectory(prefix="c2s-simablate-") as tmp:

@@ -325,7 +325,7 @@ def precompute(
 # ---------------------------------------------------------------------------------- train
 def _model_config(arch: str, channels: Optional[str]):
     """ModelConfig from --arch / --channels (ModelConfig validates: one-line error on bad values)."""
-    from clip2scene.train.model import ModelConfig
+    from clip2scene.train.nets import ModelConfig
 
     chans = _parse_channels(channels)
     return _run(ModelConfig, arch=arch, **({} if chans is None else dict(channels=chans)))
@@ -899,7 +899,7 @@ def demo(
     typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per "
                f"visible point); took {lap()}")
     typer.echo(f"[3/4] train: SPVCNN (spconv, narrow) from the cache, SCR + SSR + S3, {epochs} epochs, tau {DEMO_TAU}")
-    from clip2scene.train.model import ModelConfig
+    from clip2scene.train.nets import ModelConfig
     from clip2scene.train.trainer import TrainConfig
 
     tcfg = TrainConfig(cache=str(cfg.out), out=str(workdir / "run"), epochs=epochs, batch_size=DEMO_BATCH, lr=DEMO_LR,

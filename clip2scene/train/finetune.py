@@ -45,7 +45,7 @@ from clip2scene.train.evaluate import _iou_dict, _num
 from clip2scene.train.loop import LoopConfig, StepForward, build_optimizer, run_loop, schedule_info
 from clip2scene.train.lovasz import lovasz_softmax
 from clip2scene.train.metrics import ConfusionMatrix
-from clip2scene.train.model import ModelConfig, build_model, count_parameters
+from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.predict import forward_points, predict_labels
 from clip2scene.train.segmenter import HEAD_INPUTS, SEGMENTER_KIND, Segmenter
 from clip2scene.train.trainer import _validate_guard_rails

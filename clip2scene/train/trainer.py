@@ -52,7 +52,7 @@ from clip2scene.train.data import ScanDataset
 from clip2scene.train.distributed import DistEnv, broadcast_object, detect_env, process_group
 from clip2scene.train.loop import LoopConfig, StepForward, build_optimizer, run_loop, schedule_info
 from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, text_logits
-from clip2scene.train.model import ModelConfig, build_model, count_parameters
+from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.stability import validate as validate_guard_rails
 from clip2scene.train.voxelize import voxelize
 

@@ -17,7 +17,7 @@ from clip2scene.precompute.pipeline import PrecomputeConfig, open_dataset, run_p
 from clip2scene.storage import open_cache
 from clip2scene.train.finetune import FinetuneConfig, finetune
 from clip2scene.train.evaluate import EvalConfig, evaluate
-from clip2scene.train.model import ModelConfig
+from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, train
 
 SMALL = ModelConfig(channels=(8, 8, 16, 16, 32, 32, 16, 8, 8), blocks_per_stage=1)

@@ -20,7 +20,7 @@ from clip2scene.train.checkpoint import load_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import DistEnv, detect_env
 from clip2scene.train.loop import LoopConfig, Stepper, build_optimizer, final_batchnorm
-from clip2scene.train.model import build_model
+from clip2scene.train.nets import build_model
 from clip2scene.train.trainer import Distillation, TrainConfig, _switch, train
 from tests.train.test_trainer import TINY, write_cache
 
@@ -31,7 +31,7 @@ REPO = Path(__file__).absolute().parents[2]  # so the ranks import this checkout
 RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist
-    from clip2scene.train.model import ModelConfig
+    from clip2scene.train.nets import ModelConfig
     from clip2scene.train.trainer import TrainConfig, train
     fields = json.loads(sys.argv[1])
     fields["model"] = ModelConfig(**fields["model"])

@@ -22,7 +22,7 @@ from clip2scene.storage import CacheWriter, ScanRecord
 from clip2scene.storage.writer import images_from_point_values
 from clip2scene.train.evaluate import EvalConfig, evaluate
 from clip2scene.train.metrics import ConfusionMatrix
-from clip2scene.train.model import ModelConfig
+from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, train
 
 C, D = len(NUSCENES_CLASSES), 32

@@ -38,7 +38,7 @@ from clip2scene.train.checks import check_finite_loss, nonfinite_tensors, remove
 from clip2scene.train.checkpoint import load_checkpoint
 from clip2scene.train.evaluate import EvalConfig
 from clip2scene.train.finetune import FinetuneConfig
-from clip2scene.train.model import ModelConfig
+from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, _continue_schedule, build_optimizer, resumed_config
 from tests.train.test_trainer import write_cache
 

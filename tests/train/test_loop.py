@@ -12,7 +12,7 @@ from clip2scene.train.checkpoint import DISTILL_KIND, Checkpoint, load_checkpoin
 from clip2scene.train.data import ScanDataset, collate
 from clip2scene.train.finetune import FinetuneConfig, finetune
 from clip2scene.train.loop import LoopConfig, build_optimizer
-from clip2scene.train.model import build_model
+from clip2scene.train.nets import build_model
 from clip2scene.train.predict import eval_labels, forward_points, predict_labels
 from clip2scene.train.segmenter import SEGMENTER_KIND
 from clip2scene.train.trainer import TrainConfig, train

@@ -1,4 +1,4 @@
-"""Tests for clip2scene.train.model: the spconv MinkUNet student on CPU (ConvAlgo.Native)."""
+"""Tests for clip2scene.train.nets: the spconv MinkUNet student on CPU (ConvAlgo.Native)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ spconv = pytest.importorskip("spconv.pytorch")
 from spconv.core import ConvAlgo  # noqa: E402
 from spconv.pytorch.conv import SparseConvolution  # noqa: E402
 
-from clip2scene.train.model import (  # noqa: E402
-    KNOWN_ARCHS,
+from clip2scene.train.nets import (  # noqa: E402
+    ARCHS,
     MinkUNet,
     ModelConfig,
     build_model,
@@ -168,9 +168,9 @@ def test_batch_of_two_scans_does_not_mix_items():
 
 
 def test_unknown_arch_raises():
-    assert KNOWN_ARCHS == ("minkunet", "spvcnn")
+    assert tuple(ARCHS) == ("minkunet", "spvcnn")
     with pytest.raises(ValueError, match="pointnet.*minkunet, spvcnn"):
-        build_model(ModelConfig(arch="pointnet"))
+        ModelConfig(arch="pointnet")
 
 
 def test_forward_points_is_the_trainer_recipe():

@@ -17,7 +17,7 @@ from clip2scene.precompute.maskclip import TeacherConfig
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.precompute.simulated import SimulatedConfig
 from clip2scene.train.evaluate import EvalConfig, evaluate
-from clip2scene.train.model import ModelConfig
+from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, train
 
 EPOCHS, LR, TAU = 80, 0.1, 0.1  # the demo's schedule and student (clip2scene.cli DEMO_*)

@@ -1,4 +1,4 @@
-"""Tests for clip2scene.train.spvcnn (SPVCNN on spconv, CPU / ConvAlgo.Native) and the
+"""Tests for clip2scene.train.nets.spvcnn (SPVCNN on spconv, CPU / ConvAlgo.Native) and the
 point-level interface (``forward_points`` / ``embed_points``) shared with the MinkUNet."""
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ spconv = pytest.importorskip("spconv.pytorch")
 from spconv.core import ConvAlgo  # noqa: E402
 from spconv.pytorch.conv import SparseConvolution  # noqa: E402
 
-from clip2scene.train.model import (  # noqa: E402
-    KNOWN_ARCHS,
+from clip2scene.train.nets import (  # noqa: E402
+    ARCHS,
     MinkUNet,
     ModelConfig,
     build_model,
     count_parameters,
     set_conv_algo,
 )
-from clip2scene.train.spvcnn import (  # noqa: E402
+from clip2scene.train.nets.spvcnn import (  # noqa: E402
     SPVCNN,
     PointVoxelMaps,
     lookup_voxels,
@@ -109,9 +109,9 @@ def expected_params(cfg: ModelConfig) -> int:
 
 
 def test_parameter_counts_match_the_formula():
-    cfgs = [ModelConfig(arch=a) for a in KNOWN_ARCHS]
-    cfgs += [ModelConfig(arch=a, **SMALL) for a in KNOWN_ARCHS]
-    cfgs += [ModelConfig(arch=a, blocks_per_stage=3).halved() for a in KNOWN_ARCHS]
+    cfgs = [ModelConfig(arch=a) for a in ARCHS]
+    cfgs += [ModelConfig(arch=a, **SMALL) for a in ARCHS]
+    cfgs += [ModelConfig(arch=a, blocks_per_stage=3).halved() for a in ARCHS]
     counts = {}
     for cfg in cfgs:
         model = build_model(cfg)
@@ -130,7 +130,7 @@ def test_parameter_counts_match_the_formula():
 # ---------------------------------------------------------------- shapes, order, determinism
 
 
-@pytest.mark.parametrize("arch", KNOWN_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_default_models_output_per_point(arch):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch))

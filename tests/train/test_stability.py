@@ -14,7 +14,7 @@ from clip2scene.errors import ConfigError
 from clip2scene.train import stability
 from clip2scene.train.checkpoint import load_checkpoint
 from clip2scene.train.finetune import FinetuneConfig, Segmenter, finetune
-from clip2scene.train.model import build_model
+from clip2scene.train.nets import build_model
 from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, clip_gradients, lr_scale,
                                         resolve_warmup, warmup_cosine)
 from clip2scene.train.trainer import TrainConfig, train

@@ -11,7 +11,7 @@ from clip2scene.storage import CacheWriter, ScanRecord
 from clip2scene.storage.writer import images_from_point_values
 from clip2scene.train.checkpoint import load_checkpoint
 from clip2scene.train.evaluate import EvalConfig, evaluate
-from clip2scene.train.model import ModelConfig
+from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, train
 
 C, D = 3, 16

@@ -1,12 +1,12 @@
 """SPVCNN student (Tang et al., ECCV 2020) in spconv 2.x, as released with CLIP2Scene.
 
-A sparse-voxel U-Net (exactly the voxel branch of our :class:`~clip2scene.train.model.MinkUNet`,
+A sparse-voxel U-Net (exactly the voxel branch of our :class:`~clip2scene.train.nets.minkunet.MinkUNet`,
 same parameter names) plus a light point branch: per-point features are read off the voxel
 branch at three resolutions, refined by point MLPs, written back into the voxel branch, and the
 multi-scale point features ``[z1 (cs4), z2 (cs6), z3 (cs8)]`` (256 + 128 + 96 = 480 for the
 default widths) go through one ``Linear`` to the teacher's text space (512).
 
-    from clip2scene.train.model import ModelConfig, build_model
+    from clip2scene.train.nets import ModelConfig, build_model
     from clip2scene.train.voxelize import voxelize
 
     model = build_model(ModelConfig(arch="spvcnn"), "cpu")       # ConvAlgo.Native on CPU
@@ -57,6 +57,8 @@ point positions only set interpolation weights. Dropout: none (the release uses 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 
 import spconv.pytorch as spconv
@@ -64,8 +66,11 @@ import torch
 from spconv.core import ConvAlgo
 from torch import nn
 
-from clip2scene.train.model import ModelConfig, SparseUNet, _check_same_indices
+from clip2scene.train.nets.blocks import SparseUNet, check_same_indices
 from clip2scene.train.voxelize import Voxels, scatter_mean
+
+if TYPE_CHECKING:
+    from clip2scene.train.nets import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +228,7 @@ class SPVCNN(SparseUNet):
     cs0 -> cs4, cs4 -> cs6, cs6 -> cs8) and ``head`` = Linear(cs4 + cs6 + cs8 -> out_channels).
 
     Args:
-        config: the :class:`~clip2scene.train.model.ModelConfig` (``arch="spvcnn"``).
+        config: the :class:`~clip2scene.train.nets.ModelConfig` (``arch="spvcnn"``).
         algo: spconv convolution algorithm; ``ConvAlgo.Native`` on CPU, ``None`` for spconv's
             CUDA default.
     """
@@ -270,13 +275,13 @@ class SPVCNN(SparseUNet):
         for j, (up, dec) in enumerate(zip(self.up, self.dec), start=1):
             skip = skips[4 - j]
             h = up(h)
-            _check_same_indices(h, skip, f"decoder stage {j}")
+            check_same_indices(h, skip, f"decoder stage {j}")
             h = dec(h.replace_feature(torch.cat([h.features, skip.features], dim=1)))
             if j == 2:
                 check_stride(h, 4)
                 z2 = maps.voxel_to_point(h, 4) + pt[1](z1)
                 h = maps.point_to_voxel(z2, h, 4)
-        _check_same_indices(h, x, "network output")
+        check_same_indices(h, x, "network output")
         z3 = maps.voxel_to_point(h, 1) + pt[2](z2)
         return torch.cat([z1, z2, z3], dim=1)
 
