@@ -29,7 +29,7 @@ from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import Cache
 from clip2scene.train.checks import count_tensors, nonfinite_tensors
 from clip2scene.train.nets import ModelConfig, build_model
-from clip2scene.train.segmenter import SEGMENTER_KIND, Segmenter
+from clip2scene.train.nets.segmenter import SEGMENTER_KIND, Segmenter
 
 CHECKPOINT_FORMAT = "clip2scene-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -68,6 +68,32 @@ def _iou_dict(names: list[str], iou: np.ndarray) -> dict:
 
 
 @torch.inference_mode()
+def score_split(model: torch.nn.Module, voxel_size: float, text: torch.Tensor | None, table: torch.Tensor,
+                cache, indices: np.ndarray, device: torch.device, batch_size: int = 1, teacher: bool = False,
+                desc: str = "evaluate", progress: bool = True):
+    """Confusion matrices of a model's predictions (`predict_labels` with `text` / `table`) on the
+    cached scans `indices` (no augmentation) against their ground-truth labels.
+
+    Returns (student ConfusionMatrix, teacher ConfusionMatrix or None, points scored); with
+    `teacher` the cached MaskCLIP pseudo-labels of the camera-visible points are scored too,
+    through the same `table` (the teacher's quality on the same points)."""
+    num = len(cache.eval_class_names) + 1  # label 0 = ignore
+    student, teacher_cm = ConfusionMatrix(num, 0), (ConfusionMatrix(num, 0) if teacher else None)
+    loader = DataLoader(ScanDataset(cache, indices, augment=False), batch_size=batch_size, shuffle=False,
+                        collate_fn=collate)
+    points = 0
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        # argmax over the classes that map to an evaluation class, then map
+        pred = predict_labels(forward_points(model, batch, voxel_size, device), text, table)
+        label = batch["label"].numpy()
+        student.update(label, pred.numpy())
+        if teacher_cm is not None:
+            teacher_cm.update(label[batch["pair_point"].numpy()], eval_labels(batch["pair_logits"], table).numpy())
+        points += len(label)
+    return student, teacher_cm, points
+
+
+@torch.inference_mode()
 def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     """Evaluate a checkpoint on a cache split; writes and returns the result dict."""
     device = resolve_device(config.device)
@@ -85,18 +111,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     table = ckpt.label_table(cache.prompt_to_eval)  # prompt class -> eval label (0 = none)
     if not bool(table.any()):
         raise CacheError(f"cache {cache.path}: no prompt class maps to an evaluation class")
-    num = len(names) + 1  # label 0 = ignore
-    student, teacher = ConfusionMatrix(num, 0), ConfusionMatrix(num, 0)
-    loader = DataLoader(ScanDataset(cache, indices, augment=False), batch_size=config.batch_size,
-                        shuffle=False, collate_fn=collate)
-    points = 0
-    for batch in tqdm(loader, desc=f"evaluate {config.split}", unit="batch", disable=not progress):
-        # argmax over the prompt classes that map to an evaluation class, then map
-        pred = predict_labels(forward_points(model, batch, ckpt.voxel_size, device), text, table)
-        label = batch["label"].numpy()
-        student.update(label, pred.numpy())
-        teacher.update(label[batch["pair_point"].numpy()], eval_labels(batch["pair_logits"], table).numpy())
-        points += len(label)
+    student, teacher, points = score_split(model, ckpt.voxel_size, text, table, cache, indices, device,
+                                           batch_size=config.batch_size, teacher=True,
+                                           desc=f"evaluate {config.split}", progress=progress)
     s_iou, t_iou = student.per_class_iou(), teacher.per_class_iou()
     result = dict(
         checkpoint=str(config.checkpoint),

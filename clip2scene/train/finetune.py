@@ -7,7 +7,8 @@ cross-entropy + Lovasz-softmax (method.md section 5: SGD lr 0.02, the new head a
 learning rate, 24 epochs, cosine). `mode="linear"` is the linear probe: the backbone is frozen
 (weights and BatchNorm statistics) and only the classifier trains. At the end the model is
 evaluated on the evaluation split with the devkit mIoU and `result.json` is written for
-`clip2scene report` (train/report.py).
+`clip2scene report` (train/report.py). Training runs the shared loop (`clip2scene.train.loop`)
+with the `Segmentation` task; the model is `clip2scene.train.nets.segmenter.Segmenter`.
 
 The label fraction follows SLidR: the 1% split is every 100th training scan (in cache order:
 scene, then time), so it is the same on every run and machine.
@@ -31,8 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from clip2scene.devices import resolve_device
 from clip2scene.errors import CacheError, ConfigError, Interrupted
@@ -40,14 +39,12 @@ from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checks import refuse_existing_run, remove_run
 from clip2scene.validation import check_bool, check_choice, check_float, check_int, check_text, paths_to_text
 from clip2scene.train.checkpoint import load_checkpoint, write_checkpoint
-from clip2scene.train.data import ScanDataset, collate
-from clip2scene.train.evaluate import _iou_dict, _num
+from clip2scene.train.data import ScanDataset
+from clip2scene.train.evaluate import _iou_dict, _num, score_split
 from clip2scene.train.loop import LoopConfig, StepForward, build_optimizer, run_loop, schedule_info
 from clip2scene.train.lovasz import lovasz_softmax
-from clip2scene.train.metrics import ConfusionMatrix
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
-from clip2scene.train.predict import forward_points, predict_labels
-from clip2scene.train.segmenter import HEAD_INPUTS, SEGMENTER_KIND, Segmenter
+from clip2scene.train.nets.segmenter import HEAD_INPUTS, SEGMENTER_KIND, Segmenter
 from clip2scene.train.trainer import _validate_guard_rails
 
 log = logging.getLogger(__name__)
@@ -299,16 +296,9 @@ def evaluate_segmenter(checkpoint: str | Path, cache: Cache | str, split: str, d
     indices = cache.indices(split)
     if len(indices) == 0:
         raise ConfigError(f"cache {cache.path} has no scans in split {split!r}")
-    model = ckpt.load_model(dev)
-    table = ckpt.label_table()
+    cm, _, points = score_split(ckpt.load_model(dev), ckpt.voxel_size, None, ckpt.label_table(), cache, indices, dev,
+                                desc=f"evaluate {split}", progress=progress)
     names = cache.eval_class_names
-    cm = ConfusionMatrix(len(names) + 1, 0)
-    loader = DataLoader(ScanDataset(cache, indices), batch_size=1, shuffle=False, collate_fn=collate)
-    points = 0
-    for batch in tqdm(loader, desc=f"evaluate {split}", unit="scan", disable=not progress):
-        pred = predict_labels(forward_points(model, batch, ckpt.voxel_size, dev), None, table).numpy()
-        cm.update(batch["label"].numpy(), pred)
-        points += len(pred)
     iou = cm.per_class_iou()
     miou = cm.miou()
     return dict(checkpoint=str(checkpoint), cache=str(cache.path), split=split, scans=int(len(indices)),

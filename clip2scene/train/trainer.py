@@ -5,7 +5,8 @@ MaskCLIP pseudo-labels on camera-visible points), SSR (Eqs. 3-4, spatial-tempora
 0.1 m cells of the merged keyframe + sweeps, fusing cached pixel features and point features),
 S3 (switchable self-training: from `switch_epoch` on, each labelled point's target is, with
 probability 0.5, the network's own prediction), and the KL ablation. SGD with momentum, cosine
-schedule over all steps.
+schedule over all steps. The loop itself (schedule, loader, step, metrics, checkpoints) is
+`clip2scene.train.loop.run_loop`; this module supplies the `Distillation` task and the resume rules.
 Each epoch writes `checkpoint.pt` (model + optimiser + scheduler + config + teacher fingerprint;
 also `checkpoint_epoch{K}.pt` with `keep_checkpoints`) and appends per-step metrics to
 `metrics.jsonl` in the run folder.

@@ -30,7 +30,7 @@ from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import Cache
 from clip2scene.train.checkpoint import DISTILL_KIND, Checkpoint, load_checkpoint
 from clip2scene.train.predict import eval_labels, forward_points, predict_labels
-from clip2scene.train.segmenter import SEGMENTER_KIND
+from clip2scene.train.nets.segmenter import SEGMENTER_KIND
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from clip2scene.train.finetune import FinetuneConfig, finetune
 from clip2scene.train.loop import LoopConfig, build_optimizer
 from clip2scene.train.nets import build_model
 from clip2scene.train.predict import eval_labels, forward_points, predict_labels
-from clip2scene.train.segmenter import SEGMENTER_KIND
+from clip2scene.train.nets.segmenter import SEGMENTER_KIND
 from clip2scene.train.trainer import TrainConfig, train
 from clip2scene.viz.student import load_student, teacher_labels
 from tests.train.test_trainer import TINY, write_cache
