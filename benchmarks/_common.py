@@ -55,7 +55,7 @@ def pick_data(kind: str, tmp: Path, keyframes: int, sweeps: int, size: tuple[int
                     "ships no lidar sweep files, so its scans hold keyframe points only (K>1 adds no points)")
     if kind == "real":
         raise SystemExit(f"--data real: {REAL_ROOT} is missing")
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     w, h = size
     why = "" if kind == "synthetic" else f" (real fixture {REAL_ROOT} not found: synthetic fallback)"
@@ -68,7 +68,7 @@ def pick_data(kind: str, tmp: Path, keyframes: int, sweeps: int, size: tuple[int
 
 
 def teacher_config(weights: str = "none", model: str = "ViT-B-16"):
-    from clip2scene.precompute.maskclip import TeacherConfig
+    from clip2scene.precompute.teacher.config import TeacherConfig
 
     return TeacherConfig(model=model, weights=weights)
 
@@ -112,7 +112,7 @@ def process_teacher(cfg):
             return pipeline._teacher(cfg, get_class_set(cfg.class_set), resolve_device(cfg.device))
         except TypeError:
             pass
-    from clip2scene.precompute.maskclip import load_teacher
+    from clip2scene.precompute.teacher.maskclip import load_teacher
 
     return load_teacher(cfg.teacher, get_class_set(cfg.class_set), device=cfg.device)
 

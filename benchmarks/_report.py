@@ -89,7 +89,7 @@ def device_description(device: str | None = None) -> str:
 
 
 def _amx() -> bool:
-    from clip2scene.precompute.maskclip import cpu_has_amx
+    from clip2scene.precompute.teacher.precision import cpu_has_amx
 
     return cpu_has_amx()
 

@@ -83,7 +83,7 @@ def build_windowed(args, data, tmp: Path) -> dict:
     """The float16 cache of a sliding-window teacher; its info() plus the teacher's grids."""
     from dataclasses import replace
 
-    from clip2scene.precompute.maskclip import TeacherConfig
+    from clip2scene.precompute.teacher.config import TeacherConfig
     from clip2scene.precompute.pipeline import run_precompute
     from clip2scene.storage import open_cache
 

@@ -114,7 +114,7 @@ def run_variant(args) -> None:
             ds = C.scan_dataset(cache, indices, augment=True, features=True, sweeps=args.sweeps)
             return collate([ds[i] for i in range(len(ds))])
     else:
-        from clip2scene.precompute.nuscenes import NuScenes
+        from clip2scene.precompute.datasets.nuscenes import NuScenes
 
         teacher = torch.load(args.teacher_file, weights_only=False, map_location=device)
         precision = teacher.set_precision("float32" if args.variant == "online" else args.teacher_precision).precision

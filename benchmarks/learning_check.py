@@ -122,7 +122,7 @@ def main() -> None:
     setup_process()
     if not real_available():
         raise SystemExit(f"this check needs the real fixture {REAL_ROOT}")
-    from clip2scene.precompute.maskclip import TeacherConfig
+    from clip2scene.precompute.teacher.config import TeacherConfig
     from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
     from clip2scene.storage import open_cache
     from clip2scene.train.finetune import FinetuneConfig, finetune

@@ -3,7 +3,7 @@ tools and the loader cost at nuScenes trainval scale (34,149 keyframes, 2.6 mill
 and ego_pose records), SemanticKITTI (43,552 scans) and ScanNet (1,513 scenes).
 
 Phases (each measured in a fresh child process, so peak RSS is its own):
-- tables:  `precompute.synthetic_scale` writes the metadata-scale dataroots (once; reused with --work).
+- tables:  `samples.scale` writes the metadata-scale dataroots (once; reused with --work).
 - reader:  NuScenes(trainval) open time and peak RSS; listing all scans (K = 10); planning every
            block's task payload (`pipeline.block_payload`, 16 scans a block); the same for the
            SemanticKITTI and ScanNet trees.
@@ -70,7 +70,7 @@ class Timer:
 
 # ------------------------------------------------------------------------------------ children
 def child_reader(args) -> dict:
-    from clip2scene.precompute.nuscenes import NuScenes
+    from clip2scene.precompute.datasets.nuscenes import NuScenes
     from clip2scene.precompute.pipeline import block_payload
 
     out = {}
@@ -316,7 +316,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="c2s-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     phases = [p for p in args.phases.split(",") if p]
-    from clip2scene.precompute import synthetic_scale as gen
+    from clip2scene.samples import scale as gen
 
     nus, kitti, scannet = work / "nuscenes", work / "semantickitti", work / "scannet"
     results: dict = {}
@@ -332,7 +332,7 @@ def main() -> None:
     if "reader" in phases and not (kitti / "sequences").is_dir():
         gen.make_kitti_tree(kitti, gen.KittiScale(scale=args.scenes / gen.TRAINVAL_SCENES))
     if "reader" in phases and not (scannet / "scans").is_dir():
-        from clip2scene.precompute.synthetic_scannet import ScanNetSampleConfig, make_scannet_sample
+        from clip2scene.samples.scannet import ScanNetSampleConfig, make_scannet_sample
 
         src = make_scannet_sample(work / "scannet-src", ScanNetSampleConfig(train_scenes=1, val_scenes=0))
         gen.make_scannet_tree(scannet, src, gen.ScanNetScale(scale=args.scenes / gen.TRAINVAL_SCENES))

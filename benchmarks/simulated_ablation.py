@@ -26,7 +26,7 @@ def build_demo_cache(work: Path) -> Path:
     """The demo's sample and its simulated-teacher cache under `work`."""
     from clip2scene.cli import DEMO_IMAGE_SIZE, DEMO_SAMPLE, DEMO_SWEEPS, _simulated_teacher_config
     from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     root = make_sample(work / "sample", SampleConfig(**DEMO_SAMPLE))
     cfg = PrecomputeConfig(dataroot=root, out=work / "cache.zarr", version="v1.0-mini", sweeps=DEMO_SWEEPS,

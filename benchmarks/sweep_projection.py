@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip2scene.precompute.nuscenes import NuScenes
-from clip2scene.precompute.pipeline import assign_cameras, merged_points
-from clip2scene.precompute.synthetic import CLASS_COLOURS, SampleConfig, make_sample
+from clip2scene.precompute.datasets.nuscenes import NuScenes
+from clip2scene.precompute.datasets.nuscenes import merged_points
+from clip2scene.precompute.pipeline import assign_cameras
+from clip2scene.classes import NUSCENES_CATEGORY_COLOURS as CLASS_COLOURS
+from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
 
 def main() -> None:

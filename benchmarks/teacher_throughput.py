@@ -156,7 +156,9 @@ def naive_scan(ds, scan, teacher, out_dir: Path, image_size) -> dict:
 def teacher_costs(args) -> None:
     """--teachers: per-image cost of every variant, whole image and sliding windows (see the docstring)."""
     from clip2scene.classes import get_class_set
-    from clip2scene.precompute.maskclip import TEACHERS, MaskCLIP, TeacherConfig, load_teacher, resolve_precision
+    from clip2scene.precompute.teacher.config import TEACHERS, TeacherConfig
+    from clip2scene.precompute.teacher.maskclip import MaskCLIP, load_teacher
+    from clip2scene.precompute.teacher.precision import resolve_precision
 
     def size(text):
         h, w = (int(v) for v in text.lower().split("x"))
@@ -232,8 +234,8 @@ def main() -> None:
     import torch
 
     from clip2scene.classes import get_class_set
-    from clip2scene.precompute.maskclip import load_teacher
-    from clip2scene.precompute.nuscenes import NuScenes
+    from clip2scene.precompute.teacher.maskclip import load_teacher
+    from clip2scene.precompute.datasets.nuscenes import NuScenes
     from clip2scene.precompute.pipeline import run_precompute
     from clip2scene.storage import open_cache
 

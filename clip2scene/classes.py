@@ -69,6 +69,77 @@ NUSCENES_CLASSES: tuple[str, ...] = (
     "manmade", "vegetation",
 )
 
+# Fine category name -> evaluation class name (nuScenes-lidarseg challenge); absent = ignore (0).
+FINE_TO_COARSE: dict[str, str] = {
+    "human.pedestrian.adult": "pedestrian",
+    "human.pedestrian.child": "pedestrian",
+    "human.pedestrian.police_officer": "pedestrian",
+    "human.pedestrian.construction_worker": "pedestrian",
+    "movable_object.barrier": "barrier",
+    "movable_object.trafficcone": "traffic_cone",
+    "vehicle.bicycle": "bicycle",
+    "vehicle.bus.bendy": "bus",
+    "vehicle.bus.rigid": "bus",
+    "vehicle.car": "car",
+    "vehicle.construction": "construction vehicle",
+    "vehicle.motorcycle": "motorcycle",
+    "vehicle.trailer": "trailer",
+    "vehicle.truck": "truck",
+    "flat.driveable_surface": "driveable surface",
+    "flat.other": "other_flat",
+    "flat.sidewalk": "sidewalk",
+    "flat.terrain": "terrain",
+    "static.manmade": "manmade",
+    "static.vegetation": "vegetation",
+}
+
+# (name, description) of the 32 nuScenes-lidarseg classes, in official `index` order 0..31.
+NUSCENES_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("noise", "Any lidar return that does not correspond to a physical object, such as dust, vapor, noise, fog, raindrops, smoke and reflections."),
+    ("animal", "All animals, e.g. cats, rats, dogs, deer, birds."),
+    ("human.pedestrian.adult", "Adult subcategory."),
+    ("human.pedestrian.child", "Child subcategory."),
+    ("human.pedestrian.construction_worker", "Construction worker"),
+    ("human.pedestrian.personal_mobility", "A small electric or self-propelled vehicle, e.g. skateboard, segway, or scooters, on which the person typically travels in a upright position."),
+    ("human.pedestrian.police_officer", "Police officer."),
+    ("human.pedestrian.stroller", "Strollers."),
+    ("human.pedestrian.wheelchair", "Wheelchairs."),
+    ("movable_object.barrier", "Temporary road barrier placed in the scene in order to redirect traffic."),
+    ("movable_object.debris", "Movable object that is left on the driveable surface that is too large to be driven over safely."),
+    ("movable_object.pushable_pullable", "Objects that a pedestrian may push or pull."),
+    ("movable_object.trafficcone", "All types of traffic cone."),
+    ("static_object.bicycle_rack", "Area or device intended to park or secure the bicycles in a row."),
+    ("vehicle.bicycle", "Human or electric powered 2-wheeled vehicle designed to travel at lower speeds."),
+    ("vehicle.bus.bendy", "Bendy bus subcategory. Annotate each section of the bendy bus individually."),
+    ("vehicle.bus.rigid", "Rigid bus subcategory."),
+    ("vehicle.car", "Vehicle designed primarily for personal use, e.g. sedans, hatch-backs, wagons, vans, mini-vans, SUVs and jeeps."),
+    ("vehicle.construction", "Vehicles primarily designed for construction."),
+    ("vehicle.emergency.ambulance", "All types of ambulances."),
+    ("vehicle.emergency.police", "All types of police vehicles including police bicycles and motorcycles."),
+    ("vehicle.motorcycle", "Gasoline or electric powered 2-wheeled vehicle designed to move rapidly."),
+    ("vehicle.trailer", "Any vehicle trailer, both for trucks, cars and bikes."),
+    ("vehicle.truck", "Vehicles primarily designed to haul cargo including pick-ups, lorrys, trucks and semi-tractors."),
+    ("flat.driveable_surface", "All paved or unpaved surfaces that a car can drive on with no concern of traffic rules."),
+    ("flat.other", "All other forms of horizontal ground-level structures that do not belong to any of driveable_surface, curb, sidewalk and terrain."),
+    ("flat.sidewalk", "Sidewalk, pedestrian walkways, bike paths, etc."),
+    ("flat.terrain", "Natural horizontal surfaces such as ground level horizontal vegetation (< 20 cm tall), grass, rolling hills, soil, sand and gravel."),
+    ("static.manmade", "Includes man-made structures but not limited to: buildings, walls, guard rails, fences, poles, drainages, hydrants, flags, banners, street signs, electric circuit boxes, traffic lights, parking meters and stairs with more than 3 steps."),
+    ("static.other", "Points in the background that are not distinguishable, or objects that do not match any of the above labels."),
+    ("static.vegetation", "Any vegetation in the frame that is higher than the ground, including bushes, plants, potted plants, trees, etc."),
+    ("vehicle.ego", "The vehicle on which the cameras, radar and lidar are mounted, that is sometimes visible at the bottom of the image."),
+)
+NUSCENES_CATEGORY_INDEX: dict[str, int] = {name: i for i, (name, _) in enumerate(NUSCENES_CATEGORIES)}
+
+# Fine category index -> RGB used to render (the nuScenes devkit's lidarseg colour map).
+NUSCENES_CATEGORY_COLOURS: dict[int, tuple[int, int, int]] = dict(enumerate([
+    (0, 0, 0), (70, 130, 180), (0, 0, 230), (135, 206, 235), (100, 149, 237), (219, 112, 147),
+    (0, 0, 128), (240, 128, 128), (138, 43, 226), (112, 128, 144), (210, 105, 30), (105, 105, 105),
+    (47, 79, 79), (188, 143, 143), (220, 20, 60), (255, 127, 80), (255, 69, 0), (255, 158, 0),
+    (233, 150, 70), (255, 83, 0), (255, 215, 0), (255, 61, 99), (255, 140, 0), (255, 99, 71),
+    (0, 207, 191), (175, 0, 75), (75, 0, 75), (112, 180, 60), (222, 184, 135), (255, 228, 196),
+    (0, 175, 0), (255, 240, 245),
+]))
+
 # SemanticKITTI 19 classes, in learning-map label order 1..19 (prompt spelling).
 SEMANTICKITTI_CLASSES: tuple[str, ...] = (
     "car", "bicycle", "motorcycle", "truck", "other vehicle", "person", "bicyclist",

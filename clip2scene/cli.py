@@ -79,7 +79,7 @@ RANDOM_TEACHER = "the teacher was randomly initialised (no CLIP weights): its ps
 def _run(fn, *args, _raise: type | tuple = (), **kwargs):
     """Call library code; turn user-facing errors into one line and exit code 2 (those of type
     `_raise` are re-raised for the caller to handle)."""
-    from clip2scene.precompute.maskclip import WeightsNotFoundError
+    from clip2scene.precompute.teacher.weights import WeightsNotFoundError
     from clip2scene.storage.store import remote_error
 
     try:
@@ -167,20 +167,20 @@ def make_sample_cmd(
 def _make_sample(out: Path, format: str, scenes: int, keyframes: int, sweeps: int, width: Optional[int],
                  height: Optional[int], seed: int) -> None:
     if format == "nuscenes":
-        from clip2scene.precompute.synthetic import SampleConfig, make_sample
+        from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
         cfg = SampleConfig(scenes=scenes, keyframes=keyframes, sweeps=sweeps, image_width=width or 400,
                            image_height=height or 225, seed=seed)
         root = _run(make_sample, out, cfg)
         typer.echo(f"wrote synthetic nuScenes sample: {root} ({scenes} scenes x {keyframes} keyframes)")
     elif format == "semantickitti":
-        from clip2scene.precompute.synthetic_kitti import KittiSampleConfig, make_semantickitti_sample
+        from clip2scene.samples.semantickitti import KittiSampleConfig, make_semantickitti_sample
 
         cfg = KittiSampleConfig(frames=keyframes, image_width=width or 320, image_height=height or 96, seed=seed)
         root = _run(make_semantickitti_sample, out, cfg)
         typer.echo(f"wrote synthetic SemanticKITTI sample: {root} (sequences {', '.join(cfg.sequences)} x {keyframes} frames)")
     elif format == "scannet":
-        from clip2scene.precompute.synthetic_scannet import ScanNetSampleConfig, make_scannet_sample
+        from clip2scene.samples.scannet import ScanNetSampleConfig, make_scannet_sample
 
         cfg = ScanNetSampleConfig(train_scenes=scenes, frames=keyframes * 2, image_width=width or 320,
                                   image_height=height or 240, seed=seed)
@@ -209,7 +209,7 @@ def _parse_window(option: str, value: Optional[str]) -> Optional[tuple[int, int]
 def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smoothing: bool = False,
                     prompt_denoising: bool = False, denoise_threshold: float = 0.5, teacher: str = "maskclip",
                     window: Optional[str] = None, stride: Optional[str] = None, pamr: bool = False):
-    from clip2scene.precompute.maskclip import TeacherConfig
+    from clip2scene.precompute.teacher.config import TeacherConfig
 
     win, step = _parse_window("--window", window), _parse_window("--stride", stride)
     return _run(TeacherConfig, model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
@@ -230,7 +230,7 @@ SIMULATED_NOTE = ("SIMULATED teacher: pseudo-labels made from the synthetic samp
 
 
 def _simulated_teacher_config(image_size: str):
-    from clip2scene.precompute.maskclip import TeacherConfig
+    from clip2scene.precompute.teacher.config import TeacherConfig
 
     return TeacherConfig(model="simulated", weights="none", image_size=_parse_size(image_size), teacher="simulated")
 
@@ -272,7 +272,7 @@ def precompute(
     dataroot: Path = typer.Option(..., help="Dataset root folder."),
     out: str = typer.Option(..., help="Cache to create: folder or fsspec URL (s3://bucket/c.zarr)."),
     dataset: str = typer.Option("nuscenes", help="Dataset format: nuscenes, semantickitti, scannet."),
-    version: str = typer.Option("v1.0-trainval", help="nuScenes version folder (v1.0-mini, v1.0-trainval)."),
+    version: Optional[str] = typer.Option(None, help="Dataset version: nuScenes v1.0-mini or v1.0-trainval (default), SemanticKITTI semantickitti, ScanNet scannet-25k."),
     split: Optional[str] = typer.Option(None, help="Only this split (train/val); default all."),
     sweeps: int = typer.Option(3, help="Lidar frames per scan: keyframe + K-1 previous sweeps (1..10)."),
     class_set: Optional[str] = typer.Option(None, help="Prompt class set: nuscenes, semantickitti, cityscapes, scannet, all (default: the dataset's)."),
@@ -860,7 +860,7 @@ def demo(
     own class maps with CLIP-like errors), and the demo shows whether the 3D student beats its
     2D teacher; with --clip-weights it runs MaskCLIP ViT-B-16."""
     from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
     from clip2scene.storage import open_cache
     from clip2scene.train.evaluate import EvalConfig, evaluate as run_eval
     from clip2scene.train.trainer import train as run_train

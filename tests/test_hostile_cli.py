@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from clip2scene.cli import app
 from clip2scene.precompute import pipeline
-from clip2scene.precompute.maskclip import TeacherConfig
+from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.storage import open_cache
 from clip2scene.storage.tools import verify
@@ -53,7 +53,7 @@ def assert_one_line_error(result, *fragments):
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     return make_sample(tmp_path_factory.mktemp("hostile") / "root",
                        SampleConfig(scenes=1, keyframes=3, sweeps=1, image_width=160, image_height=90))
@@ -317,7 +317,7 @@ def test_random_teacher_and_failed_cache_are_said_plainly(cache):
 
 
 def test_zero_byte_jpeg_and_control_character_json(sample, tmp_path):
-    from clip2scene.precompute.nuscenes import NuScenes
+    from clip2scene.precompute.datasets.nuscenes import NuScenes
 
     root = shutil.copytree(sample, tmp_path / "root")
     view = NuScenes(root, "v1.0-mini").views(NuScenes(root, "v1.0-mini").scans()[0])[1]

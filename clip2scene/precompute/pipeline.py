@@ -1,6 +1,6 @@
 """Stage one: run the MaskCLIP teacher once per scan and write the Zarr cache.
 
-Works on any `precompute.dataset.Dataset` (nuScenes, SemanticKITTI, ScanNet). For every scan:
+Works on any `precompute.datasets.base.Dataset` (nuScenes, SemanticKITTI, ScanNet). For every scan:
 read its points (nuScenes/KITTI: keyframe + K-1 previous sweeps moved into the keyframe's lidar
 frame through the ego poses; ScanNet: the scene's mesh vertices), decode its images (six
 nuScenes cameras, KITTI image_2, ScanNet posed frames), run MaskCLIP on them in batches,
@@ -41,10 +41,12 @@ from tqdm.auto import tqdm
 from clip2scene.classes import get_class_set, get_eval_classes, prompt_to_eval
 from clip2scene.devices import resolve_device
 from clip2scene.errors import CacheError, ConfigError, DataError
-from clip2scene.precompute.maskclip import PRECISIONS, MaskCLIP, TeacherConfig, load_teacher, resolve_precision
-from clip2scene.precompute.dataset import Dataset, ScanRef
-from clip2scene.precompute.simulated import SimulatedConfig, load_simulated_teacher
-from clip2scene.precompute.nuscenes import NuScenes, merged_points  # noqa: F401  (re-exported)
+from clip2scene.precompute.teacher.precision import PRECISIONS, resolve_precision
+from clip2scene.precompute.teacher.maskclip import MaskCLIP, load_teacher
+from clip2scene.precompute.teacher.config import TeacherConfig
+from clip2scene.precompute.datasets.base import Dataset, ScanRef
+from clip2scene.precompute.teacher.simulated import SimulatedConfig, load_simulated_teacher
+from clip2scene.precompute.datasets import DATASETS, open_dataset
 from clip2scene.runtime import tune_malloc
 from clip2scene.storage import CacheWriter, Layout, Location, ScanRecord, open_cache, write_block
 from clip2scene.storage.store import Lock
@@ -52,22 +54,14 @@ from clip2scene.validation import check_int
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("nuscenes", "semantickitti", "scannet")
-# Teacher input (H, W) per dataset: multiples of 16 close to the cameras' aspect ratios
-# (nuScenes 1600x900, KITTI image_2 1241x376, ScanNet 25k colour 640x480).
-DEFAULT_IMAGE_SIZE = {"nuscenes": (224, 416), "semantickitti": (128, 416), "scannet": (240, 320)}
-# Full camera resolution, the input that sliding windows tile (nuScenes 900x1600, KITTI ~376x1241,
-# ScanNet 480x640); `default_image_size` rounds it to the backbone's patch size.
-FULL_IMAGE_SIZE = {"nuscenes": (900, 1600), "semantickitti": (376, 1241), "scannet": (480, 640)}
-
-
 def default_image_size(dataset: str, clip_model: str, windowed: bool = False) -> tuple[int, int]:
-    """Teacher input (H, W) when none is given: `DEFAULT_IMAGE_SIZE`, or `FULL_IMAGE_SIZE` for
-    sliding windows, each side rounded to the nearest multiple of the backbone's patch size (16
+    """Teacher input (H, W) when none is given: the dataset's `DatasetSpec.image_size`, or its
+    `full_size` for sliding windows, each side rounded to the nearest multiple of the backbone's patch size (16
     when the model name is unknown here; load_teacher reports that)."""
-    from clip2scene.precompute.maskclip import _model_config
+    from clip2scene.precompute.teacher.weights import _model_config
 
-    h, w = (FULL_IMAGE_SIZE if windowed else DEFAULT_IMAGE_SIZE)[dataset]
+    spec = DATASETS[dataset]
+    h, w = spec.full_size if windowed else spec.image_size
     try:
         patch = _model_config(clip_model.replace("/", "-")).get("vision_cfg", {}).get("patch_size") or 16
     except (ValueError, ImportError):
@@ -81,7 +75,7 @@ class PrecomputeConfig:
     dataroot: Path  # dataset root (nuScenes: holds samples/, sweeps/, <version>/; KITTI: sequences/; ScanNet: scans/)
     out: Path | str  # cache to create: a folder or an fsspec URL (s3://bucket/c.zarr)
     dataset: str = "nuscenes"  # dataset format: nuscenes, semantickitti or scannet
-    version: str = "v1.0-trainval"  # nuScenes version folder under dataroot (ignored by the others)
+    version: str | None = None  # dataset version (nuScenes: folder under dataroot, v1.0-mini / v1.0-trainval); None = the dataset's default
     split: str | None = None  # cache only this split's scenes (train/val/...), None = all
     sweeps: int = 3  # K lidar frames per scan: the keyframe + K-1 previous sweeps (paper: 3)
     class_set: str = "nuscenes"  # prompt class names (clip2scene.classes)
@@ -103,6 +97,8 @@ class PrecomputeConfig:
         """Every option checked here, once: ConfigError with one line naming the option and value."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"--dataset {self.dataset!r}: unknown dataset; expected one of {', '.join(DATASETS)}")
+        if self.version is None:
+            object.__setattr__(self, "version", DATASETS[self.dataset].version)
         if not str(self.dataroot):
             raise ConfigError("--dataroot: empty path")
         object.__setattr__(self, "dataroot", Path(self.dataroot))
@@ -343,21 +339,6 @@ def process_scan(ds: Dataset, scan: ScanRef, teacher: MaskCLIP | None, device: t
         image_logits=np.concatenate(logits) if logits else np.zeros((0, 0, 0, c), np.float16),
         image_features=np.concatenate(feats) if feats else np.zeros((0, 0, 0, d), np.float32),
     )
-
-
-def open_dataset(name: str, dataroot: Path | str, version: str | None = None) -> Dataset:
-    """Open a dataset reader by format name (ConfigError for an unknown name)."""
-    if name == "nuscenes":
-        return NuScenes(dataroot, version or "v1.0-trainval")
-    if name == "semantickitti":
-        from clip2scene.precompute.semantickitti import SemanticKITTI
-
-        return SemanticKITTI(dataroot)
-    if name == "scannet":
-        from clip2scene.precompute.scannet import ScanNet
-
-        return ScanNet(dataroot)
-    raise ConfigError(f"unknown dataset {name!r}; supported: {', '.join(DATASETS)}")
 
 
 # Teachers that are not a MaskCLIP variant, by TeacherConfig.teacher (any other name goes to load_teacher).
@@ -604,7 +585,7 @@ def run_precompute(config: PrecomputeConfig, progress: bool = True) -> dict:
         raise ConfigError(f"{ds.dataroot} has no labels and --clip-model none asks for no teacher: nothing to cache")
     teacher = _teacher(config, class_names, resolve_device(config.device))
     if getattr(teacher, "reads_class_maps", False):
-        from clip2scene.precompute.classmaps import CLASSMAP_DIR, find_class_map_root
+        from clip2scene.precompute.teacher.classmaps import CLASSMAP_DIR, find_class_map_root
 
         first = ds.views(scans[0])
         if first and find_class_map_root(first[0].path) is None:

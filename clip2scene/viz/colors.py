@@ -6,9 +6,9 @@ row k is the colour of class k (``clip2scene.classes.EVAL_CLASSES[name][k - 1]``
 
 * nuScenes-lidarseg (16 classes): the official devkit colour map is defined on the 32 fine
   classes (``nuscenes.utils.color_map.get_colormap``, reproduced in
-  `clip2scene.precompute.synthetic.CLASS_COLOURS`). Each of the 16 challenge classes takes the
+  `clip2scene.classes.NUSCENES_CATEGORY_COLOURS`). Each of the 16 challenge classes takes the
   colour of the fine class named in `NUSCENES_FINE_SOURCE` (a fine class that maps to it in
-  `clip2scene.precompute.nuscenes.FINE_TO_COARSE`; for the merged classes the most common one:
+  `clip2scene.classes.FINE_TO_COARSE`; for the merged classes the most common one:
   ``bus`` = ``vehicle.bus.rigid``, ``pedestrian`` = ``human.pedestrian.adult``), so a picture of
   coarse labels looks like the devkit's fine-label renders.
 * SemanticKITTI (19 classes): ``color_map`` of the official ``semantic-kitti.yaml`` (stored
@@ -30,9 +30,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clip2scene.classes import EVAL_CLASSES, NUSCENES_CLASSES, SCANNET_CLASSES, SEMANTICKITTI_CLASSES
-from clip2scene.precompute.nuscenes import FINE_TO_COARSE
-from clip2scene.precompute.synthetic import CATEGORY_INDEX, CLASS_COLOURS
+from clip2scene.classes import (EVAL_CLASSES, FINE_TO_COARSE, NUSCENES_CATEGORY_COLOURS, NUSCENES_CATEGORY_INDEX, NUSCENES_CLASSES,
+                                SCANNET_CLASSES, SEMANTICKITTI_CLASSES)
 
 __all__ = [
     "IGNORE_COLOUR",
@@ -82,7 +81,7 @@ def _nuscenes_colours() -> tuple[RGB, ...]:
         fine = NUSCENES_FINE_SOURCE[name]
         if FINE_TO_COARSE.get(fine) != name:  # the source must be one of the class's own members
             raise ValueError(f"colour source {fine!r} of {name!r} maps to {FINE_TO_COARSE.get(fine)!r}")
-        out.append(tuple(int(v) for v in CLASS_COLOURS[CATEGORY_INDEX[fine]]))
+        out.append(tuple(int(v) for v in NUSCENES_CATEGORY_COLOURS[NUSCENES_CATEGORY_INDEX[fine]]))
     return tuple(out)
 
 

@@ -31,7 +31,7 @@ def _guard(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from clip2scene.precompute.maskclip import WeightsNotFoundError
+        from clip2scene.precompute.teacher.weights import WeightsNotFoundError
 
         try:
             return fn(*args, **kwargs)

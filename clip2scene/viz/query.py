@@ -4,7 +4,7 @@ The distilled student maps points into CLIP's joint image-text space, so any tex
 the *same* CLIP text tower can be looked for in a point cloud. `query_scan` rebuilds that tower
 from the checkpoint's teacher fingerprint (`load_teacher` with the fingerprint's model, weights
 and image size), embeds each query exactly as the class prompts were embedded (85 templates,
-mean of the normalised embeddings; `clip2scene.precompute.maskclip.encode_text`), and refuses to
+mean of the normalised embeddings; `clip2scene.precompute.teacher.maskclip.encode_text`), and refuses to
 go on unless the text tower is the checkpoint's:
 
 * real weights: the sha256 of the weight file loaded here must equal the fingerprint's
@@ -105,8 +105,9 @@ def encode_queries(student: Student, texts: list[str], weights: str | None = Non
             reproduce the stored embeddings; ConfigError: no teacher fingerprint in the checkpoint.
         WeightsNotFoundError: the weights are not on this machine (the message says where to put them).
     """
-    from clip2scene.precompute.maskclip import TeacherConfig, load_teacher
-    from clip2scene.precompute.prompts import TEMPLATES, templates_sha256
+    from clip2scene.precompute.teacher.config import TeacherConfig
+    from clip2scene.precompute.teacher.maskclip import load_teacher
+    from clip2scene.precompute.teacher.prompts import TEMPLATES, templates_sha256
 
     fp = student.teacher
     if not fp or not fp.get("model") or not fp.get("weights"):
@@ -114,7 +115,7 @@ def encode_queries(student: Student, texts: list[str], weights: str | None = Non
     if not texts or any(not t.strip() for t in texts):
         raise ConfigError("give at least one non-empty query text")
     if fp.get("model") == "simulated":  # the simulated teacher's pseudo-text embeddings (no CLIP text tower)
-        from clip2scene.precompute.simulated import pseudo_text_embeddings
+        from clip2scene.precompute.teacher.simulated import pseudo_text_embeddings
 
         knobs = fp.get("simulated") or {}
         return pseudo_text_embeddings(texts, int(fp["embed_dim"]), float(knobs.get("group_weight", 0.0)))

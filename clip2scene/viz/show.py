@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from clip2scene.errors import ConfigError, DataError
-from clip2scene.precompute.dataset import View
+from clip2scene.precompute.datasets.base import View
 from clip2scene.storage import Cache, ScanData, open_cache
 from clip2scene.viz.colors import IGNORE_COLOUR, UNSEEN_COLOUR, colour_points, palette_for
 from clip2scene.viz.figures import DPI, bev_extent, bev_point_size, draw_bev, inch_figure, legend_axes, mark_sensor, save_figure
@@ -141,7 +141,7 @@ def _legend_entries(colourings: list[Colouring], names: list[str], pal: np.ndarr
 
 def _scan_views(cache: Cache, scan: ScanData, dataroot: str | Path | None) -> list[View] | None:
     """The scan's views from its dataset reader, or None (logged warning) when unavailable."""
-    from clip2scene.precompute.pipeline import open_dataset
+    from clip2scene.precompute.datasets import open_dataset
 
     meta = cache.meta.get("dataset") or {}
     root = Path(dataroot) if dataroot is not None else (Path(meta["dataroot"]) if meta.get("dataroot") else None)

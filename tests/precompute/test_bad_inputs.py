@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from clip2scene.errors import DataError
-from clip2scene.precompute.nuscenes import CAMERAS, NuScenes, load_points
+from clip2scene.precompute.datasets.nuscenes import CAMERAS, NuScenes, load_points
 from clip2scene.precompute.pipeline import load_image
-from clip2scene.precompute.synthetic import SampleConfig, make_sample
+from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
 VERSION = "v1.0-mini"
 

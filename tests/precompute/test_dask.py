@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from clip2scene.precompute.maskclip import TeacherConfig
+from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.storage.tools import verify
 
@@ -19,7 +19,7 @@ def _files(path):
 @pytest.mark.slow
 def test_dask_cluster_precompute_equals_single_process(tmp_path):
     distributed = pytest.importorskip("distributed")
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     root = make_sample(tmp_path / "root", SampleConfig(scenes=2, keyframes=3, sweeps=1, image_width=160, image_height=90))
     base = dict(dataroot=root, version="v1.0-mini", sweeps=2, teacher=TINY, block_size=2)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from clip2scene.classes import SCANNET_CLASSES, SEMANTICKITTI_CLASSES
-from clip2scene.precompute.maskclip import TeacherConfig
+from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.pipeline import PrecomputeConfig, open_dataset, run_precompute
 from clip2scene.storage import open_cache
 from clip2scene.train.finetune import FinetuneConfig, finetune
@@ -25,10 +25,10 @@ SMALL = ModelConfig(channels=(8, 8, 16, 16, 32, 32, 16, 8, 8), blocks_per_stage=
 
 def _sample(fmt, root):
     if fmt == "semantickitti":
-        from clip2scene.precompute.synthetic_kitti import KittiSampleConfig, make_semantickitti_sample
+        from clip2scene.samples.semantickitti import KittiSampleConfig, make_semantickitti_sample
 
         return make_semantickitti_sample(root, KittiSampleConfig(frames=3, lidar_azimuth_steps=256))
-    from clip2scene.precompute.synthetic_scannet import ScanNetSampleConfig, make_scannet_sample
+    from clip2scene.samples.scannet import ScanNetSampleConfig, make_scannet_sample
 
     return make_scannet_sample(root, ScanNetSampleConfig(frames=4, spacing=0.08))
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from clip2scene.errors import DataError
-from clip2scene.precompute.geometry import Pose, project_points, quaternion_to_matrix, sensor_to_sensor
+from clip2scene.precompute.datasets.geometry import Pose, project_points, quaternion_to_matrix, sensor_to_sensor
 
 # Camera looking along +x of its parent frame: camera z = parent x, camera x = -parent y, camera y = -parent z.
 CAM_R = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # columns = camera axes in parent
@@ -83,7 +83,7 @@ RING = ["CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_
 
 
 def test_real_keyframes_project_inside_and_overlap_only_at_edges(real_root):
-    from clip2scene.precompute.nuscenes import NuScenes, load_points
+    from clip2scene.precompute.datasets.nuscenes import NuScenes, load_points
 
     ds = NuScenes(real_root, "v1.0-mini")
     for kf in ds.keyframes()[::10]:

@@ -1,4 +1,4 @@
-"""Tests of the MaskCLIP teacher (clip2scene.precompute.maskclip) and prompts, on a tiny ViT.
+"""Tests of the MaskCLIP teacher (clip2scene.precompute.teacher.maskclip) and prompts, on a tiny ViT.
 
 Nothing here touches the network: HF_HUB_OFFLINE=1 is set, and every weight lookup is pointed at
 tmp_path (HOME and HF_HUB_CACHE are monkeypatched).
@@ -17,23 +17,14 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 
-from clip2scene.precompute import maskclip as mc
-from clip2scene.precompute.maskclip import (
-    CLIP_MEAN,
-    CLIP_STD,
-    DENOISED_SCORE,
-    REFINE_LOGIT_SCALE,
-    TINY_MODEL_NAME,
-    MaskCLIP,
-    TeacherConfig,
-    WeightsNotFoundError,
-    encode_text,
-    load_teacher,
-    refine_scores,
-    register_tiny_model,
-    resize_positional_embedding,
-)
-from clip2scene.precompute.prompts import TEMPLATES, prompt_name, templates_sha256
+from clip2scene.precompute.teacher import text as teacher_text
+from clip2scene.precompute.teacher import weights as teacher_weights
+from clip2scene.precompute.teacher.maskclip import CLIP_MEAN, CLIP_STD, MaskCLIP, load_teacher, resize_positional_embedding
+from clip2scene.precompute.teacher.refine import DENOISED_SCORE, REFINE_LOGIT_SCALE, refine_scores
+from clip2scene.precompute.teacher.weights import TINY_MODEL_NAME, WeightsNotFoundError, register_tiny_model
+from clip2scene.precompute.teacher.config import TeacherConfig
+from clip2scene.precompute.teacher.text import encode_text
+from clip2scene.precompute.teacher.prompts import TEMPLATES, prompt_name, templates_sha256
 
 CLASSES = ("car", "traffic_cone", "vegetation")
 FEW_TEMPLATES = TEMPLATES[:3] + TEMPLATES[-2:]
@@ -307,7 +298,7 @@ def test_trimmed_text_encoding_equals_encode_text():
     tok = open_clip.get_tokenizer(TINY_MODEL_NAME)
     tokens = tok(["a car.", "a photo of the hard to see driveable surface in a video game, at night."])
     with torch.no_grad():
-        assert torch.allclose(mc._encode_tokens(clip, tokens), clip.encode_text(tokens), atol=1e-5)
+        assert torch.allclose(teacher_text._encode_tokens(clip, tokens), clip.encode_text(tokens), atol=1e-5)
 
 
 def test_logits_are_cosines(teacher):
@@ -419,7 +410,7 @@ def test_bare_file_activation_inference(monkeypatch, tmp_path, caplog):
     assert any("assuming OpenAI-trained" in r.getMessage() for r in caplog.records)
     _assert_same_teacher(t, source, _images(1))
     (path.parent / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": {**mc._TINY_MODEL_CONFIG, "quick_gelu": False}}))
+        json.dumps({"model_cfg": {**teacher_weights._TINY_MODEL_CONFIG, "quick_gelu": False}}))
     t2 = load_teacher(TeacherConfig(TINY_MODEL_NAME, str(path), (64, 96)), CLASSES, templates=FEW_TEMPLATES)
     assert t2.fingerprint["quick_gelu"] is False
     assert not isinstance(t2.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
@@ -447,7 +438,7 @@ def test_local_dir(tmp_path):
     source = _tiny_clip(11)
     folder = tmp_path / "tiny_dir"
     folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": mc._TINY_MODEL_CONFIG, "preprocess_cfg": {}}))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": teacher_weights._TINY_MODEL_CONFIG, "preprocess_cfg": {}}))
     torch.save(source.state_dict(), folder / "open_clip_pytorch_model.bin")
     t = load_teacher(TeacherConfig(TINY_MODEL_NAME, f"local-dir:{folder}", (64, 96)), CLASSES, templates=FEW_TEMPLATES)
     assert t.fingerprint["weights_sha256"] == hashlib.sha256(

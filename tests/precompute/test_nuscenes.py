@@ -8,9 +8,9 @@ import pytest
 
 from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.errors import DataError
-from clip2scene.precompute.nuscenes import CAMERAS, NuScenes, load_points
+from clip2scene.precompute.datasets.nuscenes import CAMERAS, NuScenes, load_points
 from tests.nuscenes_reference import CATEGORY_NAMES
-from clip2scene.precompute.splits import MINI_TRAIN, MINI_VAL, TRAIN, VAL, scene_split
+from clip2scene.precompute.datasets.splits import MINI_TRAIN, MINI_VAL, TRAIN, VAL, scene_split
 
 
 def test_official_splits():
@@ -60,7 +60,7 @@ def test_label_map_follows_category_index():
 
 @pytest.fixture
 def sample(tmp_path_factory):
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     return make_sample(tmp_path_factory.mktemp("s") / "root", SampleConfig(scenes=2, keyframes=3, sweeps=2))
 

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from clip2scene.errors import CacheError, ConfigError, DataError
-from clip2scene.precompute.geometry import project_points
-from clip2scene.precompute.maskclip import TeacherConfig, load_teacher
-from clip2scene.precompute.nuscenes import NuScenes, load_points
+from clip2scene.precompute.datasets.geometry import project_points
+from clip2scene.precompute.teacher.config import TeacherConfig
+from clip2scene.precompute.teacher.maskclip import load_teacher
+from clip2scene.precompute.datasets.nuscenes import NuScenes, load_points
 from clip2scene.precompute.pipeline import PrecomputeConfig, images_to_tensor, load_image, run_precompute
 from clip2scene.storage import open_cache
 
@@ -17,7 +18,7 @@ TINY = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(64, 11
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     return make_sample(tmp_path_factory.mktemp("s") / "root", SampleConfig(scenes=2, keyframes=2, sweeps=2))
 

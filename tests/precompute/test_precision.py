@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from clip2scene.errors import ConfigError
-from clip2scene.precompute.maskclip import TeacherConfig, cpu_has_amx, load_teacher, resolve_precision
+from clip2scene.precompute.teacher.config import TeacherConfig
+from clip2scene.precompute.teacher.precision import cpu_has_amx, resolve_precision
+from clip2scene.precompute.teacher.maskclip import load_teacher
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.storage import open_cache
 
@@ -54,7 +56,7 @@ def test_float16_on_cpu_is_refused():
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     return make_sample(tmp_path_factory.mktemp("s") / "root", SampleConfig(scenes=1, keyframes=2, sweeps=0))
 

@@ -9,9 +9,9 @@ import pickle
 import numpy as np
 import pytest
 
-from clip2scene.precompute.nuscenes import LIDAR, NuScenes, merged_points
+from clip2scene.precompute.datasets.nuscenes import LIDAR, NuScenes, merged_points
 from clip2scene.precompute.pipeline import block_payload
-from clip2scene.precompute.synthetic_scale import NuScenesScale, make_nuscenes_tables
+from clip2scene.samples.scale import NuScenesScale, make_nuscenes_tables
 
 K = 10  # --sweeps 10: keyframe + 9 previous sweeps
 
@@ -104,7 +104,7 @@ def test_block_payload_is_self_contained(root):
 
 def test_streamed_tables_match_json_load(root, tmp_path):
     """iter_table reads records across buffer boundaries exactly as json.load does."""
-    from clip2scene.precompute import nuscenes
+    from clip2scene.precompute.datasets import nuscenes
 
     path = root / "v1.0-trainval" / "sample_data.json"
     old = nuscenes._CHUNK
@@ -116,8 +116,8 @@ def test_streamed_tables_match_json_load(root, tmp_path):
 
 
 def test_kitti_block_payload_holds_only_its_sequences(tmp_path):
-    from clip2scene.precompute.semantickitti import SemanticKITTI
-    from clip2scene.precompute.synthetic_kitti import KittiSampleConfig, make_semantickitti_sample
+    from clip2scene.precompute.datasets.semantickitti import SemanticKITTI
+    from clip2scene.samples.semantickitti import KittiSampleConfig, make_semantickitti_sample
 
     root = make_semantickitti_sample(tmp_path / "kitti", KittiSampleConfig(frames=3, lidar_beams=8,
                                                                            lidar_azimuth_steps=64))

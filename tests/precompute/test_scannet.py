@@ -12,8 +12,8 @@ from plyfile import PlyData
 
 from clip2scene.classes import SCANNET_CLASSES
 from clip2scene.errors import ConfigError, DataError
-from clip2scene.precompute.scannet import NYU40_TO_EVAL, ScanNet
-from clip2scene.precompute.synthetic_scannet import (
+from clip2scene.precompute.datasets.scannet import NYU40_TO_EVAL, ScanNet
+from clip2scene.samples.scannet import (
     CLASS_COLOURS, NYU40_NAMES, ScanNetSampleConfig, make_scannet_sample, room_layout)
 
 SCENES = ["scene0000_00", "scene0001_00", "scene0002_00"]

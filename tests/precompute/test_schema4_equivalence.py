@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip2scene.precompute.maskclip import TeacherConfig, load_teacher
-from clip2scene.precompute.nuscenes import NuScenes
+from clip2scene.precompute.teacher.config import TeacherConfig
+from clip2scene.precompute.teacher.maskclip import load_teacher
+from clip2scene.precompute.datasets.nuscenes import NuScenes
 from clip2scene.precompute.pipeline import (PrecomputeConfig, assign_cameras, decode_image, prepare_batch,
                                             run_precompute, sample_maps)
 from clip2scene.storage import open_cache
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.slow  # two precompute runs end to end
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     tmp = tmp_path_factory.mktemp("eq")
     root = make_sample(tmp / "root", SampleConfig(scenes=1, keyframes=1, sweeps=1, image_width=320, image_height=180))

@@ -1,5 +1,5 @@
-"""SemanticKITTI reader (clip2scene.precompute.semantickitti) on the synthetic sample
-(clip2scene.precompute.synthetic_kitti): layout, splits, label map, sweeps, projection, colours,
+"""SemanticKITTI reader (clip2scene.precompute.datasets.semantickitti) on the synthetic sample
+(clip2scene.samples.semantickitti): layout, splits, label map, sweeps, projection, colours,
 bad input. Calibration is re-read and the projection recomputed here by hand, independently of
 the reader. Run: .venv/bin/python -m pytest -q tests/precompute/test_semantickitti.py
 """
@@ -16,8 +16,8 @@ from PIL import Image
 
 from clip2scene.classes import SEMANTICKITTI_CLASSES
 from clip2scene.errors import DataError
-from clip2scene.precompute.semantickitti import LEARNING_MAP, SPLITS, KittiFrame, SemanticKITTI, sequence_split
-from clip2scene.precompute.synthetic_kitti import PALETTE, KittiSampleConfig, make_semantickitti_sample
+from clip2scene.precompute.datasets.semantickitti import LEARNING_MAP, SPLITS, KittiFrame, SemanticKITTI, sequence_split
+from clip2scene.samples.semantickitti import PALETTE, KittiSampleConfig, make_semantickitti_sample
 
 CONFIG = KittiSampleConfig()
 W, H = CONFIG.image_width, CONFIG.image_height

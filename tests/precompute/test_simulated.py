@@ -1,4 +1,4 @@
-"""The simulated teacher (clip2scene.precompute.simulated) and the class maps it reads."""
+"""The simulated teacher (clip2scene.precompute.teacher.simulated) and the class maps it reads."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from clip2scene.classes import NUSCENES_CLASSES
 from clip2scene.cli import app
-from clip2scene.precompute.classmaps import CLASSMAP_DIR, read_class_map, write_class_map
-from clip2scene.precompute.simulated import SimulatedConfig, SimulatedTeacher, pseudo_text_embeddings
-from clip2scene.precompute.synthetic import SampleConfig, make_sample
+from clip2scene.precompute.teacher.classmaps import CLASSMAP_DIR, read_class_map, write_class_map
+from clip2scene.precompute.teacher.simulated import SimulatedConfig, SimulatedTeacher, pseudo_text_embeddings
+from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
 CAR, TRUCK, ROAD, SIDEWALK = (NUSCENES_CLASSES.index(n) + 1 for n in ("car", "truck", "driveable surface", "sidewalk"))
 QUIET = SimulatedConfig(embed_dim=64, confusions=(), miss_small=0.0, miss_far=0.0, noise=0.0)

@@ -1,4 +1,4 @@
-"""Tests of the synthetic nuScenes generator (clip2scene.precompute.synthetic).
+"""Tests of the synthetic nuScenes generator (clip2scene.samples.nuscenes).
 
 The dataroot is read back the way a nuScenes user would: JSON tables, files named by sample_data,
 and the devkit projection chain written out here independently of the generator.
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip2scene.precompute import splits
+from clip2scene.precompute.datasets import splits
 from tests.nuscenes_reference import CATEGORY_NAMES
-from clip2scene.precompute.synthetic import CLASS_COLOURS, SampleConfig, make_sample, scene_names
+from clip2scene.classes import NUSCENES_CATEGORY_COLOURS as CLASS_COLOURS
+from clip2scene.samples.nuscenes import SampleConfig, make_sample, scene_names
 
 TABLES = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "lidarseg", "log",
           "map", "sample", "sample_annotation", "sample_data", "scene", "sensor", "visibility")

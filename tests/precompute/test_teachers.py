@@ -15,22 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip2scene.precompute.maskclip import (
-    DENOISED_SCORE,
-    TEACHERS,
-    TINY_MODEL_NAME,
-    MaskCLIP,
-    TeacherConfig,
-    _check_dense_capable,
-    _model_config,
-    denoised_classes,
-    load_teacher,
-    neighbourhood_bias,
-    pamr,
-    refine_scores,
-    window_starts,
-)
-from clip2scene.precompute.prompts import TEMPLATES
+from clip2scene.precompute.teacher.refine import DENOISED_SCORE, denoised_classes, neighbourhood_bias, pamr, refine_scores
+from clip2scene.precompute.teacher.config import TEACHERS, TeacherConfig
+from clip2scene.precompute.teacher.weights import TINY_MODEL_NAME, _check_dense_capable, _model_config
+from clip2scene.precompute.teacher.maskclip import MaskCLIP, load_teacher, window_starts
+from clip2scene.precompute.teacher.prompts import TEMPLATES
 from tests.precompute.test_maskclip import _images, _reference_last_block_input
 
 CLASSES = ("car", "road", "tree", "person")

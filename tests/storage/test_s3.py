@@ -30,7 +30,7 @@ def s3(tmp_path_factory):
 
 @pytest.mark.slow
 def test_precompute_train_evaluate_on_s3(s3, tmp_path):
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     root = make_sample(tmp_path / "root", SampleConfig(scenes=2, keyframes=2, sweeps=1, image_width=160, image_height=90))
     url = "s3://team/caches/sample.zarr"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from clip2scene.errors import CacheError
-from clip2scene.precompute.maskclip import TeacherConfig
+from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 from clip2scene.storage import open_cache
 from clip2scene.storage.tools import merge, verify
@@ -30,7 +30,7 @@ TINY = TeacherConfig(model="clip2scene-tiny", weights="none", image_size=(64, 11
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     return make_sample(tmp_path_factory.mktemp("s") / "root",
                        SampleConfig(scenes=2, keyframes=4, sweeps=1, image_width=160, image_height=90))

@@ -41,8 +41,8 @@ def build_noisy_cache(root, out, seed=0):
     random class present in the sample (flips to absent classes would only measure whether a
     class is ever predicted); the 'pixel feature' is the text embedding of the noisy label plus
     noise. Only keyframe points carry ground truth for evaluation."""
-    from clip2scene.precompute.nuscenes import NuScenes
-    from clip2scene.precompute.pipeline import merged_points
+    from clip2scene.precompute.datasets.nuscenes import NuScenes
+    from clip2scene.precompute.datasets.nuscenes import merged_points
 
     rng = np.random.default_rng(seed)
     text = np.linalg.qr(rng.normal(size=(D, D)))[0][:C].astype(np.float32)
@@ -86,7 +86,7 @@ def build_noisy_cache(root, out, seed=0):
 
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory):
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     tmp = tmp_path_factory.mktemp("noisy")
     root = make_sample(tmp / "root", SampleConfig(scenes=2, keyframes=3, sweeps=2, lidar_azimuth_steps=AZIMUTH,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from clip2scene.precompute import pipeline as pipeline_mod
-from clip2scene.precompute.maskclip import TeacherConfig
+from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
-from clip2scene.precompute.simulated import SimulatedConfig
+from clip2scene.precompute.teacher.simulated import SimulatedConfig
 from clip2scene.train.evaluate import EvalConfig, evaluate
 from clip2scene.train.nets import ModelConfig
 from clip2scene.train.trainer import TrainConfig, train
@@ -29,7 +29,7 @@ SPLIT = "val"  # scans the student never trained on
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    from clip2scene.precompute.synthetic import SampleConfig, make_sample
+    from clip2scene.samples.nuscenes import SampleConfig, make_sample
 
     root = tmp_path_factory.mktemp("simteacher") / "root"
     return make_sample(root, SampleConfig(scenes=4, keyframes=3, sweeps=2, lidar_azimuth_steps=64,

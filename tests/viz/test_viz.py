@@ -17,9 +17,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clip2scene.errors import CacheError, ConfigError, DataError
-from clip2scene.precompute.maskclip import TeacherConfig
+from clip2scene.precompute.teacher.config import TeacherConfig
 from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
-from clip2scene.precompute.synthetic import CATEGORY_INDEX, CLASS_COLOURS, SampleConfig, make_sample
+from clip2scene.classes import NUSCENES_CATEGORY_COLOURS as CLASS_COLOURS, NUSCENES_CATEGORY_INDEX as CATEGORY_INDEX
+from clip2scene.samples.nuscenes import SampleConfig, make_sample
 from clip2scene.storage import open_cache
 from clip2scene.train.evaluate import EvalConfig, evaluate
 from clip2scene.train.finetune import FinetuneConfig, finetune

@@ -1,6 +1,6 @@
 """Vectorised ray casting for the synthetic nuScenes generator (numpy only).
 
-The synthetic world (see `clip2scene.precompute.synthetic`) is made of three kinds of surface, all
+The synthetic world (see `clip2scene.samples.nuscenes`) is made of three kinds of surface, all
 in the nuScenes *global* frame (metres, z up):
 
 - the ground plane z = 0, whose class at a point is given by a callback (road / sidewalk / terrain);

@@ -37,7 +37,7 @@ Conventions:
   intrinsics, holds at the nearest pixel a value d > 0 with |d - z| < 0.05 m. The depth camera is
   taken to share the colour camera's pose, as ScanNet's registered frames do.
 
-Run (prints the scenes, point counts and views): ``python -m clip2scene.precompute.scannet DATAROOT``.
+Run (prints the scenes, point counts and views): ``python -m clip2scene.precompute.datasets.scannet DATAROOT``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from PIL import Image
 
 from clip2scene.classes import SCANNET_CLASSES
 from clip2scene.errors import ConfigError, DataError
-from clip2scene.precompute.dataset import ScanRef, View
+from clip2scene.precompute.datasets.base import ScanRef, View
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ class ScanNet:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: python -m clip2scene.precompute.scannet DATAROOT [--split val --frames-per-scene N]."""
+    """CLI: python -m clip2scene.precompute.datasets.scannet DATAROOT [--split val --frames-per-scene N]."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataroot", type=Path)
     parser.add_argument("--split", default=None)

@@ -48,7 +48,7 @@ from PIL import Image
 
 from clip2scene.classes import SEMANTICKITTI_CLASSES
 from clip2scene.errors import ConfigError, DataError
-from clip2scene.precompute.dataset import ScanRef, View
+from clip2scene.precompute.datasets.base import ScanRef, View
 
 log = logging.getLogger(__name__)
 

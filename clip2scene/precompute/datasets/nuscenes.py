@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from clip2scene.classes import NUSCENES_CLASSES
+from clip2scene.classes import FINE_TO_COARSE, NUSCENES_CLASSES
 from clip2scene.errors import DataError
-from clip2scene.precompute.dataset import ScanRef, View
-from clip2scene.precompute.geometry import Pose, camera_matrix, project_points, sensor_to_sensor
-from clip2scene.precompute.splits import scene_split
+from clip2scene.precompute.datasets.base import ScanRef, View
+from clip2scene.precompute.datasets.geometry import Pose, camera_matrix, project_points, sensor_to_sensor
+from clip2scene.precompute.datasets.splits import scene_split
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +47,6 @@ CAMERAS: tuple[str, ...] = (
 )
 LIDAR = "LIDAR_TOP"
 TABLES = ("category", "sensor", "calibrated_sensor", "ego_pose", "sample", "sample_data", "scene", "log")
-
-# Fine category name -> evaluation class name (nuScenes-lidarseg challenge); absent = ignore (0).
-FINE_TO_COARSE: dict[str, str] = {
-    "human.pedestrian.adult": "pedestrian",
-    "human.pedestrian.child": "pedestrian",
-    "human.pedestrian.police_officer": "pedestrian",
-    "human.pedestrian.construction_worker": "pedestrian",
-    "movable_object.barrier": "barrier",
-    "movable_object.trafficcone": "traffic_cone",
-    "vehicle.bicycle": "bicycle",
-    "vehicle.bus.bendy": "bus",
-    "vehicle.bus.rigid": "bus",
-    "vehicle.car": "car",
-    "vehicle.construction": "construction vehicle",
-    "vehicle.motorcycle": "motorcycle",
-    "vehicle.trailer": "trailer",
-    "vehicle.truck": "truck",
-    "flat.driveable_surface": "driveable surface",
-    "flat.other": "other_flat",
-    "flat.sidewalk": "sidewalk",
-    "flat.terrain": "terrain",
-    "static.manmade": "manmade",
-    "static.vegetation": "vegetation",
-}
-
 
 @dataclass(frozen=True)
 class LidarFrame:
@@ -564,7 +539,7 @@ class NuScenes:
             raise DataError(f"{keyframe.lidarseg}: {fine.shape[0]} labels for {num_points} points in {keyframe.lidar.path}")
         return self.label_map[fine]
 
-    # -- the precompute.dataset.Dataset protocol ------------------------------------------------
+    # -- the precompute.datasets.base.Dataset protocol ------------------------------------------------
     def scans(self, split: str | None = None, sweeps: int = 1) -> list[ScanRef]:
         """Keyframes as ScanRefs (native = the Keyframe); bad samples are listed and fail when used."""
         return [ScanRef(token=kf.sample_token, scene=kf.scene, split=kf.split, timestamp=kf.timestamp,

@@ -7,7 +7,7 @@ holds one ``{}`` that ``str.format`` fills with the class name.
 
 Usage::
 
-    from clip2scene.precompute.prompts import TEMPLATES, prompt_name, templates_sha256
+    from clip2scene.precompute.teacher.prompts import TEMPLATES, prompt_name, templates_sha256
     texts = [t.format(prompt_name("traffic_cone")) for t in TEMPLATES]   # 85 strings
     templates_sha256(TEMPLATES)   # goes into the teacher fingerprint / cache metadata
 

@@ -22,7 +22,7 @@ on real-format sweeps at trainval density (tests/precompute/test_scale_sweeps.py
 - `make_scannet_tree(out, ScanNetScale())`: 1,513 scene folders (official split-list sizes)
   symlinked to one real scene's files, plus the split lists.
 
-Deterministic given the seed. Run: ``python -m clip2scene.precompute.synthetic_scale OUT [--scenes N]``.
+Deterministic given the seed. Run: ``python -m clip2scene.samples.scale OUT [--scenes N]``.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clip2scene.precompute.nuscenes import CAMERAS, LIDAR
-from clip2scene.precompute.splits import TRAIN, VAL
-from clip2scene.precompute.synthetic import CATEGORIES
+from clip2scene.classes import NUSCENES_CATEGORIES
+from clip2scene.precompute.datasets.nuscenes import CAMERAS, LIDAR
+from clip2scene.precompute.datasets.splits import TRAIN, VAL
 
 RADARS = ("RADAR_FRONT", "RADAR_FRONT_LEFT", "RADAR_FRONT_RIGHT", "RADAR_BACK_LEFT", "RADAR_BACK_RIGHT")
 TRAINVAL_SAMPLES = 34_149
@@ -279,7 +279,7 @@ def make_nuscenes_tables(out: str | Path, config: NuScenesScale = NuScenesScale(
         scene=scenes, sample=samples, calibrated_sensor=calibs, lidarseg=lidarseg, log=logs,
         sensor=[dict(token=t, channel=ch, modality=modality[ch]) for ch, t in sensors.items()],
         category=[dict(token=_token("category", n), name=n, description=d, index=i)
-                  for i, (n, d) in enumerate(CATEGORIES)],
+                  for i, (n, d) in enumerate(NUSCENES_CATEGORIES)],
     )
     for name, recs in small.items():
         with (tables / f"{name}.json").open("w") as f:
@@ -359,7 +359,7 @@ class ScanNetScale:
 def make_scannet_tree(out: str | Path, source: str | Path, config: ScanNetScale = ScanNetScale()) -> dict:
     """1,513 scene folders (official split sizes) whose files are symlinks to the files of the
     one real scene under `source` (a dataroot from synthetic_scannet, say), plus split lists."""
-    from clip2scene.precompute.scannet import SPLIT_FILES
+    from clip2scene.precompute.datasets.scannet import SPLIT_FILES
 
     root, src = Path(out), Path(source)
     real = sorted((src / "scans").iterdir())[0]

@@ -4,7 +4,7 @@
 (`room_layout`): floor, ceiling, four walls with a door, a window and a picture as labelled regions
 of the wall planes, and furniture made of boxes (table with legs, two chairs, a bed or a sofa, a
 cabinet, a bookshelf, a small object on the table). It writes, in the layout
-`clip2scene.precompute.scannet.ScanNet` reads:
+`clip2scene.precompute.datasets.scannet.ScanNet` reads:
 
 - `scans/<scene>/<scene>_vh_clean_2.ply`: mesh vertices on a regular grid (`spacing`) over every
   surface (cell centres; vertices inside another box, e.g. floor under the bed, are dropped),
@@ -23,7 +23,7 @@ Pixel (col, row) of an image is the ray through K^-1 (col, row, 1) with K the fi
 rescaled by `scannet.scale_intrinsic`, so a vertex projected by the reader lands on the pixel
 showing its surface. Deterministic given the seed (files are byte-identical).
 
-Run: ``python -m clip2scene.precompute.synthetic_scannet OUT_DIR [--train-scenes 2 --seed 0]``.
+Run: ``python -m clip2scene.samples.scannet OUT_DIR [--train-scenes 2 --seed 0]``.
 Numpy + Pillow + plyfile only.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clip2scene.precompute.scannet import (
+from clip2scene.precompute.datasets.scannet import (
     COLOR_INTRINSICS_SIZE, DEPTH_INTRINSICS_SIZE, DEPTH_SCALE, FRAMES_DIR, SPLIT_FILES, scale_intrinsic)
 
 log = logging.getLogger(__name__)
@@ -405,7 +405,7 @@ def make_scannet_sample(out: str | Path, config: ScanNetSampleConfig = ScanNetSa
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: python -m clip2scene.precompute.synthetic_scannet OUT [--train-scenes 2 ... --seed 0]."""
+    """CLI: python -m clip2scene.samples.scannet OUT [--train-scenes 2 ... --seed 0]."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     for field in fields(ScanNetSampleConfig):

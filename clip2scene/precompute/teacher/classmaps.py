@@ -16,7 +16,7 @@ that ground truth next to each image, under one extra top-level folder of the da
 - instance: the world object's id + 1; 0 = ground or sky (stuff).
 
 PNG (not npz) because the sample must be byte-identical for a given seed. Only the simulated
-teacher (`clip2scene.precompute.simulated`) reads these maps; real datasets have none.
+teacher (`clip2scene.precompute.teacher.simulated`) reads these maps; real datasets have none.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ the image size), poses.txt (camera-0 poses relative to frame 0, consistent with 
 gentle yaw, small pitch/roll), times.txt (0.1 s steps). Deterministic given the seed (files are
 byte-identical); the default (2 sequences x 4 frames) takes well under 2 s.
 
-Run: ``python -m clip2scene.precompute.synthetic_kitti OUT_DIR [--sequences 00 08 --frames 4 --seed 0]``.
+Run: ``python -m clip2scene.samples.semantickitti OUT_DIR [--sequences 00 08 --frames 4 --seed 0]``.
 Numpy + Pillow only; self-contained (imports no other clip2scene module).
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clip2scene.precompute.synthetic_render import rotation_matrix
+from clip2scene.samples.render import rotation_matrix
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ def make_semantickitti_sample(out: str | Path, config: KittiSampleConfig = Kitti
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: python -m clip2scene.precompute.synthetic_kitti OUT [--sequences 00 08 --frames 4 ... --seed 0]."""
+    """CLI: python -m clip2scene.samples.semantickitti OUT [--sequences 00 08 --frames 4 ... --seed 0]."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     for f in fields(KittiSampleConfig):

@@ -2,7 +2,7 @@
 
 No CLIP weights can be had offline, and a randomly initialised ViT gives meaningless
 pseudo-labels, so nothing downstream of it can be judged. The synthetic samples, though, know
-what every camera pixel shows (`clip2scene.precompute.classmaps`, written by `make-sample`). The
+what every camera pixel shows (`clip2scene.precompute.teacher.classmaps`, written by `make-sample`). The
 simulated teacher turns those per-pixel class maps into exactly what MaskCLIP hands the
 pipeline, with errors shaped like CLIP's, so that everything after the teacher (projection,
 sampling, cache, loader, student, losses, evaluation) runs the real code path on pseudo-labels
@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from clip2scene.classes import get_eval_classes
-from clip2scene.precompute.classmaps import find_class_map_root, read_class_map
+from clip2scene.precompute.teacher.classmaps import find_class_map_root, read_class_map
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ class SimulatedTeacher:
     @torch.no_grad()
     def dense_outputs_for_views(self, views: Sequence, eval_set: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense features (V, D, gh, gw) and logits (V, C, gh, gw) float32 for `views` (objects with
-        .path, .width, .height: `precompute.dataset.View`), from their class maps; `eval_set` is
+        .path, .width, .height: `precompute.datasets.base.View`), from their class maps; `eval_set` is
         the dataset's evaluation label space (the maps' labels). DataError if a map is missing."""
         cfg = self.config
         h, w = self.image_size

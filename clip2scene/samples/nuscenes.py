@@ -10,7 +10,7 @@ pedestrians, barriers, traffic cones) and renders it two ways from the same ego 
   `lidarseg/<version>/<sample_data_token>_lidarseg.bin`.
 - Six cameras (real nuScenes extrinsics and intrinsics scaled to the image size) ray-cast per
   pixel at their own timestamps (tens of ms from the lidar's) and ego poses; each surface shows its
-  class colour (`CLASS_COLOURS`, the devkit's colour map) with sun shading, shadows, texture, noise.
+  class colour (`NUSCENES_CATEGORY_COLOURS`, the devkit's colour map) with sun shading, shadows, texture, noise.
 
 The on-disk layout and every JSON table follow the nuScenes format (v1.0-mini for <= 10 scenes with
 the official mini scene names, else v1.0-trainval with official train/val names, about 4:1), so
@@ -32,11 +32,11 @@ Conventions a reader should know:
   fraction of the object (binned like nuScenes). Logs are vehicle n015 in singapore-onenorth
   (traffic keeps left); the map record points at a placeholder PNG.
 - Class maps: beside the official layout, `clip2scene-classmaps/samples/CAM_*/<image>.npz` holds
-  each image's per-pixel evaluation class, depth and object id (`clip2scene.precompute.classmaps`),
+  each image's per-pixel evaluation class, depth and object id (`clip2scene.precompute.teacher.classmaps`),
   for the simulated teacher (`precompute --teacher simulated`). The nuScenes folders are untouched.
 
-Run: ``python -m clip2scene.precompute.synthetic OUT_DIR [--scenes 2 --keyframes 4 --seed 0]``.
-Numpy + Pillow only; ray casting lives in `clip2scene.precompute.synthetic_render`.
+Run: ``python -m clip2scene.samples.nuscenes OUT_DIR [--scenes 2 --keyframes 4 --seed 0]``.
+Numpy + Pillow only; ray casting lives in `clip2scene.samples.render`.
 """
 
 from __future__ import annotations
@@ -52,11 +52,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clip2scene.classes import NUSCENES_CLASSES
-from clip2scene.precompute import splits
-from clip2scene.precompute.classmaps import write_class_map
-from clip2scene.precompute.nuscenes import FINE_TO_COARSE
-from clip2scene.precompute.synthetic_render import (
+from clip2scene.classes import FINE_TO_COARSE, NUSCENES_CATEGORIES, NUSCENES_CATEGORY_COLOURS, NUSCENES_CLASSES
+from clip2scene.precompute.datasets import splits
+from clip2scene.precompute.teacher.classmaps import write_class_map
+from clip2scene.samples.render import (
     Prims, matrix_to_quat, quat_to_matrix, raycast_lidar, render_camera, rotation_matrix)
 
 log = logging.getLogger(__name__)
@@ -76,54 +75,8 @@ class SampleConfig:
     seed: int = 0               # everything is deterministic given the seed
 
 
-# (name, description) of the 32 nuScenes-lidarseg classes, in official `index` order 0..31.
-CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("noise", "Any lidar return that does not correspond to a physical object, such as dust, vapor, noise, fog, raindrops, smoke and reflections."),
-    ("animal", "All animals, e.g. cats, rats, dogs, deer, birds."),
-    ("human.pedestrian.adult", "Adult subcategory."),
-    ("human.pedestrian.child", "Child subcategory."),
-    ("human.pedestrian.construction_worker", "Construction worker"),
-    ("human.pedestrian.personal_mobility", "A small electric or self-propelled vehicle, e.g. skateboard, segway, or scooters, on which the person typically travels in a upright position."),
-    ("human.pedestrian.police_officer", "Police officer."),
-    ("human.pedestrian.stroller", "Strollers."),
-    ("human.pedestrian.wheelchair", "Wheelchairs."),
-    ("movable_object.barrier", "Temporary road barrier placed in the scene in order to redirect traffic."),
-    ("movable_object.debris", "Movable object that is left on the driveable surface that is too large to be driven over safely."),
-    ("movable_object.pushable_pullable", "Objects that a pedestrian may push or pull."),
-    ("movable_object.trafficcone", "All types of traffic cone."),
-    ("static_object.bicycle_rack", "Area or device intended to park or secure the bicycles in a row."),
-    ("vehicle.bicycle", "Human or electric powered 2-wheeled vehicle designed to travel at lower speeds."),
-    ("vehicle.bus.bendy", "Bendy bus subcategory. Annotate each section of the bendy bus individually."),
-    ("vehicle.bus.rigid", "Rigid bus subcategory."),
-    ("vehicle.car", "Vehicle designed primarily for personal use, e.g. sedans, hatch-backs, wagons, vans, mini-vans, SUVs and jeeps."),
-    ("vehicle.construction", "Vehicles primarily designed for construction."),
-    ("vehicle.emergency.ambulance", "All types of ambulances."),
-    ("vehicle.emergency.police", "All types of police vehicles including police bicycles and motorcycles."),
-    ("vehicle.motorcycle", "Gasoline or electric powered 2-wheeled vehicle designed to move rapidly."),
-    ("vehicle.trailer", "Any vehicle trailer, both for trucks, cars and bikes."),
-    ("vehicle.truck", "Vehicles primarily designed to haul cargo including pick-ups, lorrys, trucks and semi-tractors."),
-    ("flat.driveable_surface", "All paved or unpaved surfaces that a car can drive on with no concern of traffic rules."),
-    ("flat.other", "All other forms of horizontal ground-level structures that do not belong to any of driveable_surface, curb, sidewalk and terrain."),
-    ("flat.sidewalk", "Sidewalk, pedestrian walkways, bike paths, etc."),
-    ("flat.terrain", "Natural horizontal surfaces such as ground level horizontal vegetation (< 20 cm tall), grass, rolling hills, soil, sand and gravel."),
-    ("static.manmade", "Includes man-made structures but not limited to: buildings, walls, guard rails, fences, poles, drainages, hydrants, flags, banners, street signs, electric circuit boxes, traffic lights, parking meters and stairs with more than 3 steps."),
-    ("static.other", "Points in the background that are not distinguishable, or objects that do not match any of the above labels."),
-    ("static.vegetation", "Any vegetation in the frame that is higher than the ground, including bushes, plants, potted plants, trees, etc."),
-    ("vehicle.ego", "The vehicle on which the cameras, radar and lidar are mounted, that is sometimes visible at the bottom of the image."),
-)
-CATEGORY_INDEX: dict[str, int] = {name: i for i, (name, _) in enumerate(CATEGORIES)}
 PED, BARRIER, CONE, CAR, TRUCK = 2, 9, 12, 17, 23
 ROAD, SIDEWALK, TERRAIN, MANMADE, VEGETATION = 24, 26, 27, 28, 30
-
-# Fine category index -> RGB used to render (the nuScenes devkit's lidarseg colour map).
-CLASS_COLOURS: dict[int, tuple[int, int, int]] = dict(enumerate([
-    (0, 0, 0), (70, 130, 180), (0, 0, 230), (135, 206, 235), (100, 149, 237), (219, 112, 147),
-    (0, 0, 128), (240, 128, 128), (138, 43, 226), (112, 128, 144), (210, 105, 30), (105, 105, 105),
-    (47, 79, 79), (188, 143, 143), (220, 20, 60), (255, 127, 80), (255, 69, 0), (255, 158, 0),
-    (233, 150, 70), (255, 83, 0), (255, 215, 0), (255, 61, 99), (255, 140, 0), (255, 99, 71),
-    (0, 207, 191), (175, 0, 75), (75, 0, 75), (112, 180, 60), (222, 184, 135), (255, 228, 196),
-    (0, 175, 0), (255, 240, 245),
-]))
 
 # Lidar intensity (mean, std) per fine class; others get (20, 8).
 _INTENSITY = {ROAD: (9, 3), SIDEWALK: (22, 6), TERRAIN: (14, 5), MANMADE: (38, 18),
@@ -434,7 +387,7 @@ class _SceneWriter:
 
     def __init__(self, root: Path, version: str, config: SampleConfig, tables: dict[str, list]):
         self.root, self.version, self.cfg, self.tables = root, version, config, tables
-        self.colours = np.array([CLASS_COLOURS[i] for i in range(32)], float)
+        self.colours = np.array([NUSCENES_CATEGORY_COLOURS[i] for i in range(32)], float)
         self.int_mean = np.full(32, 20.0)
         self.int_std = np.full(32, 8.0)
         for lab, (m, sd) in _INTENSITY.items():
@@ -581,7 +534,7 @@ class _SceneWriter:
             self.instances.setdefault(obj["obj"], []).append(rec)
 
     def _instances(self) -> None:
-        cat_tok = {i: _category_token(name) for i, (name, _) in enumerate(CATEGORIES)}
+        cat_tok = {i: _category_token(name) for i, (name, _) in enumerate(NUSCENES_CATEGORIES)}
         for obj, anns in sorted(self.instances.items()):
             for a, b in zip(anns[:-1], anns[1:]):
                 a["next"], b["prev"] = b["token"], a["token"]
@@ -609,7 +562,7 @@ class _SceneWriter:
 
 # Fine category index -> nuScenes-lidarseg evaluation label 1..16 (0 = ignore or sky).
 EVAL_LABEL = np.zeros(256, np.uint8)
-for _i, (_name, _) in enumerate(CATEGORIES):
+for _i, (_name, _) in enumerate(NUSCENES_CATEGORIES):
     if _name in FINE_TO_COARSE:
         EVAL_LABEL[_i] = NUSCENES_CLASSES.index(FINE_TO_COARSE[_name]) + 1
 
@@ -630,7 +583,7 @@ def make_sample(out: str | Path, config: SampleConfig = SampleConfig()) -> Path:
     (uint8 RGB, image_height x image_width), `lidarseg/<version>/<sd_token>_lidarseg.bin` (uint8
     per keyframe point), `maps/<token>.png` (placeholder); outside the nuScenes layout, one
     per-pixel class map per camera image under `clip2scene-classmaps/` (see
-    `clip2scene.precompute.classmaps`; the simulated teacher reads them). Raises FileExistsError if `out` exists
+    `clip2scene.precompute.teacher.classmaps`; the simulated teacher reads them). Raises FileExistsError if `out` exists
     and is non-empty, ValueError for an invalid config.
     """
     root = Path(out)
@@ -641,7 +594,7 @@ def make_sample(out: str | Path, config: SampleConfig = SampleConfig()) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tables: dict[str, list] = {name: [] for name in TABLES}
     tables["category"] = [{"token": _category_token(n), "name": n, "description": d, "index": i}
-                          for i, (n, d) in enumerate(CATEGORIES)]
+                          for i, (n, d) in enumerate(NUSCENES_CATEGORIES)]
     tables["attribute"] = [{"token": t, "name": n, "description": d} for t, n, d in ATTRIBUTES]
     tables["visibility"] = [{"description": f"visibility of whole object is between {a} and {b}%",
                              "token": str(i + 1), "level": f"v{a}-{b}"}
@@ -667,7 +620,7 @@ def make_sample(out: str | Path, config: SampleConfig = SampleConfig()) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: python -m clip2scene.precompute.synthetic OUT [--scenes N --keyframes K ... --seed S]."""
+    """CLI: python -m clip2scene.samples.nuscenes OUT [--scenes N --keyframes K ... --seed S]."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     for field, default in SampleConfig.__dataclass_fields__.items():
