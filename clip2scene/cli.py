@@ -334,7 +334,8 @@ def _model_config(arch: str, channels: Optional[str]):
 def _train_config(cache, out, *, arch="spvcnn", channels=None, given: Optional[set[str]] = None, **fields):
     """TrainConfig from CLI values (TrainConfig validates them); `fields` are TrainConfig fields
     by name. With --resume, the options not `given` (typed) come from the checkpoint's run."""
-    from clip2scene.train.trainer import TrainConfig, resume_from
+    from clip2scene.train.checkpoint import load_checkpoint
+    from clip2scene.train.trainer import TrainConfig, resumed_config
 
     model = _model_config(arch, channels)
     if fields.get("resume") is not None:
@@ -342,7 +343,11 @@ def _train_config(cache, out, *, arch="spvcnn", channels=None, given: Optional[s
     fields["storage_options"] = _storage(fields.pop("storage_option", None))
     config = _run(TrainConfig, cache=str(cache), out=str(out), model=model, **fields)
     if config.resume is not None:
-        config = _run(resume_from, config, given or set())
+        ckpt = _run(load_checkpoint, config.resume)
+        config = _run(resumed_config, config, ckpt, given or set(), config.resume)
+        if int(os.environ.get("RANK", "0")) == 0 and int(ckpt["epoch"]) < config.epochs:
+            typer.echo(f"resumed from epoch {int(ckpt['epoch'])} ({config.resume}): training epochs "
+                       f"{int(ckpt['epoch']) + 1}-{config.epochs}")
     return config
 
 
@@ -385,10 +390,24 @@ def _print_train(s: dict) -> None:
     typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in s["epoch_losses"]))
     if s.get("divergences"):
         typer.echo(f"  WARNING: {s['divergences']} step(s) with a loss above the divergence threshold (see metrics.jsonl)")
+    if s.get("stopped_at_max_steps"):
+        typer.echo(f"  stopped at --max-steps (step {s['steps']} of {s['schedule']['total_steps']})")
+    _print_val(s)
     typer.echo(f"  checkpoint: {s['checkpoint']}")
     if s.get("teacher_weights_sha256") == "random":
         typer.echo("  WARNING: distilled from a randomly initialised teacher (no CLIP weights): the student "
                    "learned meaningless pseudo-labels.")
+
+
+def _print_val(s: dict) -> None:
+    """The last validation and the best one (train / finetune / linear-probe summaries)."""
+    v, best = s.get("val"), s.get("best")
+    if not v:
+        return
+    typer.echo(f"  validation on {v['split']} ({v['scans']} scan{'s' if v['scans'] != 1 else ''}): {v['metric']} {_fmt(v['score']).strip()} after the last "
+               f"epoch; best {_fmt(best['score']).strip()} at epoch {best['epoch']} -> {best['path']}"
+               if best and best.get("score") is not None else
+               f"  validation on {v['split']} ({v['scans']} scan{'s' if v['scans'] != 1 else ''}): {v['metric']} {_fmt(v['score']).strip()} (no best.pt: undefined)")
 
 
 _WARMUP_HELP = "Linear warm-up steps before the cosine (default: half the first epoch, at most 300; 0 = off)."
@@ -397,6 +416,11 @@ _SCALING_HELP = "How learning rates follow --batch-size / --reference-batch: lin
 _DIV_FACTOR_HELP = "A step's loss above this x the running median is reported as a divergence."
 _DIV_WINDOW_HELP = "Steps in the running median of the divergence check."
 _STOP_HELP = "Stop (exit 2) at the first divergence, keeping the last good epoch's checkpoint."
+_VAL_EVERY_HELP = "Validate every N epochs and after the last one; best.pt keeps the best score (0 = off)."
+_VAL_SPLIT_HELP = ("Cached split to validate on: ground-truth mIoU where the cache has labels, else (train) the "
+                   "agreement with the teacher.")
+_MAX_STEPS_HELP = "Stop after N optimiser steps (a smoke run; the learning-rate schedule stays the full run's)."
+_WANDB_HELP = "Also log to Weights & Biases (needs the wandb package; project from WANDB_PROJECT, default clip2scene)."
 
 
 def _training_options(
@@ -432,6 +456,10 @@ def _training_options(
     divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
     divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
     stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
+    val_every: int = typer.Option(0, help=_VAL_EVERY_HELP),
+    val_split: str = typer.Option("val", help=_VAL_SPLIT_HELP),
+    max_steps: Optional[int] = typer.Option(None, help=_MAX_STEPS_HELP),
+    wandb: bool = typer.Option(False, help=_WANDB_HELP),
 ):
     """Typer options shared by train and ablate (collected by _with_training_options)."""
 
@@ -531,6 +559,13 @@ def _confusion_png(eval_json) -> None:
     typer.echo(f"confusion matrix: {_run(confusion_from_eval, eval_json)}")
 
 
+def _scans(r: dict) -> str:
+    """'N scans', or 'N of M scans (--limit)' for a limited evaluation."""
+    if r.get("split_scans", r["scans"]) > r["scans"]:
+        return f"the first {r['scans']} of {r['split_scans']} scans (--limit)"
+    return f"{r['scans']} scans"
+
+
 def _print_eval(r: dict) -> None:
     if r.get("teacher_model") == "simulated":
         typer.echo(f"teacher: {SIMULATED_NOTE}")
@@ -540,7 +575,7 @@ def _print_eval(r: dict) -> None:
     random = r.get("teacher_weights") == "random"
     typer.echo(f"{'mIoU':<22}{_fmt(r['miou']):>12}{_fmt(r['teacher_miou_visible']):>14}"
                + ("  (RANDOM teacher, no CLIP weights)" if random else ""))
-    typer.echo(f"({r['split']}: {r['scans']} scans, {r['points']} points; *teacher pseudo-labels on camera-visible "
+    typer.echo(f"({r['split']}: {_scans(r)}, {r['points']} points; *teacher pseudo-labels on camera-visible "
                f"points only; n/a = class absent from truth and prediction)")
     typer.echo(f"results: {r['json']}")
     _confusion_png(r["json"])
@@ -556,6 +591,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="JSON result path (default next to the checkpoint)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N scans of the split (a smoke run)."),
 ) -> None:
     """mIoU (the dataset's protocol) of a checkpoint on a cached split: annotation-free for a
     distillation checkpoint (text embeddings), classifier argmax for a fine-tuned one."""
@@ -567,19 +603,19 @@ def evaluate(
     from clip2scene.storage import open_cache
 
     opts = _storage(storage_option)
+    cfg = _run(EvalConfig, checkpoint=str(checkpoint), cache=str(cache), split=split,
+               out=str(out) if out else None, device=device, storage_options=opts, limit=limit)
     if _run(load_checkpoint, checkpoint).get("kind") == SEGMENTER_KIND:
-        r = _run(evaluate_segmenter, checkpoint, _run(open_cache, cache, opts), split, device)
+        r = _run(evaluate_segmenter, checkpoint, _run(open_cache, cache, opts), split, device, limit=limit)
         path = out or checkpoint.parent / f"eval_{split}.json"
         r["split"] = split
         path.write_text(json.dumps(r, indent=2))
-        typer.echo(f"{split}: {r['scans']} scans, {r['points']} points; mIoU {_fmt(r['miou'])}")
+        typer.echo(f"{split}: {_scans(r)}, {r['points']} points; mIoU {_fmt(r['miou'])}")
         for name, v in r["per_class_iou"].items():
             typer.echo(f"  {name:22s} {_fmt(v)}")
         typer.echo(f"  result: {path}")
         _confusion_png(path)
         return
-    cfg = _run(EvalConfig, checkpoint=str(checkpoint), cache=str(cache), split=split,
-               out=str(out) if out else None, device=device, storage_options=opts)
     _print_eval(_run(run_eval, cfg))
 
 
@@ -591,6 +627,9 @@ def _print_finetune(r: dict) -> None:
     typer.echo("  mean loss per epoch: " + " ".join(f"{v:.4f}" for v in r["epoch_losses"]))
     if r.get("divergences"):
         typer.echo(f"  WARNING: {r['divergences']} step(s) with a loss above the divergence threshold (see metrics.jsonl)")
+    if r.get("stopped_at_max_steps"):
+        typer.echo(f"  stopped at --max-steps (step {r['steps']} of {r['schedule']['total_steps']})")
+    _print_val(r)
     if "miou" in r:
         typer.echo(f"  {r['eval_split']}: mIoU {_fmt(r['miou'])} over {r['eval_scans']} scans")
     typer.echo(f"  result: {r['json']}")
@@ -642,6 +681,10 @@ def finetune(
     divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
     divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
     stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
+    val_every: int = typer.Option(0, help=_VAL_EVERY_HELP),
+    val_split: str = typer.Option("val", help="Cached split to validate on during training (ground-truth mIoU)."),
+    max_steps: Optional[int] = typer.Option(None, help=_MAX_STEPS_HELP),
+    wandb: bool = typer.Option(False, help=_WANDB_HELP),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
     """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone.
@@ -650,7 +693,8 @@ def finetune(
                   lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment, storage_option,
                   overwrite=overwrite, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
                   lr_scaling=lr_scaling, reference_batch=reference_batch, divergence_factor=divergence_factor,
-                  divergence_window=divergence_window, stop_on_divergence=stop_on_divergence)
+                  divergence_window=divergence_window, stop_on_divergence=stop_on_divergence, val_every=val_every,
+                  val_split=val_split, max_steps=max_steps, wandb=wandb)
 
 
 @app.command("linear-probe")
@@ -677,6 +721,10 @@ def linear_probe(
     divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
     divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
     stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
+    val_every: int = typer.Option(0, help=_VAL_EVERY_HELP),
+    val_split: str = typer.Option("val", help="Cached split to validate on during training (ground-truth mIoU)."),
+    max_steps: Optional[int] = typer.Option(None, help=_MAX_STEPS_HELP),
+    wandb: bool = typer.Option(False, help=_WANDB_HELP),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
 ) -> None:
     """Linear probe: frozen pre-trained backbone, a linear classifier trained on labels."""
@@ -684,7 +732,8 @@ def linear_probe(
                   lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True, storage_option,
                   overwrite=overwrite, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
                   lr_scaling=lr_scaling, reference_batch=reference_batch, divergence_factor=divergence_factor,
-                  divergence_window=divergence_window, stop_on_divergence=stop_on_divergence)
+                  divergence_window=divergence_window, stop_on_divergence=stop_on_divergence, val_every=val_every,
+                  val_split=val_split, max_steps=max_steps, wandb=wandb)
 
 
 @app.command()

@@ -81,3 +81,14 @@ def check_text(name: str, value, allow_none: bool = False) -> None:
         return
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{option(name)} {value!r}: expected a non-empty string")
+
+
+def check_installed(name: str, value, module: str) -> None:
+    """A true `value` (e.g. ``wandb=True``) needs the package `module` to be importable."""
+    check_bool(name, value)
+    if value:
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{option(name)}: the {module} package is not installed (pip install {module}), "
+                              f"or leave {option(name)} out")

@@ -72,7 +72,8 @@ def check_finite_model(model: torch.nn.Module, step: int, epoch: int, kept: str)
 # ------------------------------------------------------------------------------ run folders
 RUN_MARKERS = ("checkpoint.pt", "metrics.jsonl")  # a folder holding one of these holds a run
 RUN_FILES = ("checkpoint.pt", "checkpoint_epoch*.pt", "*.pt.tmp", "metrics.jsonl", "config.json", "result.json",
-             "eval_*.json", "confusion_*.png", "training_curves.png")  # what --overwrite removes
+             "eval_*.json", "confusion_*.png", "training_curves.png", "best.pt", "val.jsonl",
+             "events.out.tfevents.*")  # what --overwrite removes
 
 
 def existing_run(out: str | os.PathLike) -> list[str]:

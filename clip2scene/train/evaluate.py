@@ -44,6 +44,8 @@ class EvalConfig:
     device: str = "cpu"  # torch device
     batch_size: int = 1  # scans per forward pass
     storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N scans of the split, in cache "
+                                                              "order (a smoke run; None = all)."})
 
     def __post_init__(self) -> None:
         """ConfigError naming the option and value, before any work."""
@@ -54,8 +56,17 @@ class EvalConfig:
         check_text("out", self.out, allow_none=True)
         check_text("device", self.device)
         check_int("batch_size", self.batch_size, 1)
+        check_int("limit", self.limit, 1, allow_none=True)
         if not isinstance(self.storage_options, dict):
             raise ConfigError(f"storage_options {self.storage_options!r}: expected a dict")
+
+
+def limit_scans(indices: np.ndarray, limit: int | None) -> np.ndarray:
+    """The first `limit` of a split's scan indices (cache order: scene, then time); all when None."""
+    if limit is not None and limit < len(indices):
+        log.info("--limit %d: evaluating %d of the split's %d scans", limit, limit, len(indices))
+        return indices[:limit]
+    return indices
 
 
 def _num(v: float) -> float | None:
@@ -67,7 +78,7 @@ def _iou_dict(names: list[str], iou: np.ndarray) -> dict:
     return {name: _num(v) for name, v in zip(names, iou[1:])}
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score_split(model: torch.nn.Module, voxel_size: float, text: torch.Tensor | None, table: torch.Tensor,
                 cache, indices: np.ndarray, device: torch.device, batch_size: int = 1, teacher: bool = False,
                 desc: str = "evaluate", progress: bool = True):
@@ -105,6 +116,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     indices = cache.indices(config.split)
     if len(indices) == 0:
         raise ConfigError(f"cache {cache.path} has no scans in split {config.split!r}")
+    split_scans = len(indices)
+    indices = limit_scans(indices, config.limit)
     model = ckpt.load_model(device)
     text = ckpt.text_on(device)
     names = cache.eval_class_names
@@ -120,6 +133,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         cache=str(cache.path),
         split=config.split,
         scans=int(len(indices)),
+        split_scans=int(split_scans),
+        limit=config.limit,
         points=int(points),
         class_names=names,
         miou=_num(student.miou()),

@@ -8,7 +8,10 @@ learning rate, 24 epochs, cosine). `mode="linear"` is the linear probe: the back
 (weights and BatchNorm statistics) and only the classifier trains. At the end the model is
 evaluated on the evaluation split with the devkit mIoU and `result.json` is written for
 `clip2scene report` (train/report.py). Training runs the shared loop (`clip2scene.train.loop`)
-with the `Segmentation` task; the model is `clip2scene.train.nets.segmenter.Segmenter`.
+with the `Segmentation` task; the model is `clip2scene.train.nets.segmenter.Segmenter`. Per-step
+scalars go to `metrics.jsonl` and TensorBoard event files in the run folder; `val_every`
+validates on `val_split` during training and keeps `best.pt` (train/tracking.py); `max_steps`
+stops a smoke run early.
 
 The label fraction follows SLidR: the 1% split is every 100th training scan (in cache order:
 scene, then time), so it is the same on every run and machine.
@@ -37,14 +40,16 @@ from clip2scene.devices import resolve_device
 from clip2scene.errors import CacheError, ConfigError, Interrupted
 from clip2scene.storage import Cache, open_cache
 from clip2scene.train.checks import refuse_existing_run, remove_run
-from clip2scene.validation import check_bool, check_choice, check_float, check_int, check_text, paths_to_text
+from clip2scene.validation import (check_bool, check_choice, check_float, check_installed, check_int, check_text,
+                                   paths_to_text)
 from clip2scene.train.checkpoint import load_checkpoint, write_checkpoint
 from clip2scene.train.data import ScanDataset
-from clip2scene.train.evaluate import _iou_dict, _num, score_split
+from clip2scene.train.evaluate import _iou_dict, _num, limit_scans, score_split
 from clip2scene.train.loop import LoopConfig, StepForward, build_optimizer, run_loop, schedule_info
 from clip2scene.train.lovasz import lovasz_softmax
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.nets.segmenter import HEAD_INPUTS, SEGMENTER_KIND, Segmenter
+from clip2scene.train.tracking import BestKeeper, RunLogger, Validator
 from clip2scene.train.trainer import _validate_guard_rails
 
 log = logging.getLogger(__name__)
@@ -86,7 +91,14 @@ class FinetuneConfig:
     divergence_factor: float = 10.0  # a step's loss above this x the running median is a divergence
     divergence_window: int = 50  # steps in the running median
     stop_on_divergence: bool = False  # stop at the first divergence, keeping the last epoch's checkpoint
-
+    # watching a run (train/tracking.py); TensorBoard event files are always written to `out`
+    val_every: int = field(default=0, metadata={"help": "Validate (ground-truth mIoU) every N epochs and after the "
+                                                        "last one, keeping best.pt by it (0 = off)."})
+    val_split: str = field(default="val", metadata={"help": "Cached split to validate on during training."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimiser steps (a smoke "
+                                                                  "run; the schedule stays the full run's)."})
+    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (the wandb package must be "
+                                                         "installed; project from WANDB_PROJECT, default clip2scene)."})
 
     def __post_init__(self) -> None:
         """Every option's valid range, checked before any work: ConfigError naming the option."""
@@ -121,6 +133,10 @@ class FinetuneConfig:
         if self.head_input not in HEAD_INPUTS:
             raise ConfigError(f"--head-input {self.head_input!r}: expected one of {', '.join(HEAD_INPUTS)}")
         _validate_guard_rails(self)
+        check_int("val_every", self.val_every, 0, note=" (0 = off)")
+        check_text("val_split", self.val_split)
+        check_int("max_steps", self.max_steps, 1, allow_none=True)
+        check_installed("wandb", self.wandb, "wandb")
 
 
 def label_subset(indices: np.ndarray, fraction: float) -> np.ndarray:
@@ -192,6 +208,8 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
     model, init = _segmenter_from(config, cache, device)
     voxel_size = config.voxel_size or init.get("voxel_size") or cache.voxel_size
     config = replace(config, voxel_size=voxel_size)
+    validator = (Validator(cache, config.val_split, config.val_every, "segmenter", voxel_size, device)
+                 if config.val_every else None)  # refuses an empty split before any work
 
     steps_per_epoch = math.ceil(len(indices) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -225,13 +243,16 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
     task = Segmentation(config, model, init, cache, cfg_dict)
     loop = LoopConfig.of(config, save_every_epoch=False, resumable=False,
                          precise_bn_batches=config.precise_bn_batches if config.mode == "finetune" else 0)
-    run = run_loop(task, loop, dataset, optimizer, scheduler, device=device, progress=progress)
+    keeper = BestKeeper(out, validator.metric, config.val_split) if validator else None
+    run = run_loop(task, loop, dataset, optimizer, scheduler, device=device, progress=progress,
+                   tracker=RunLogger(out, cfg_dict, wandb=config.wandb), validator=validator, keeper=keeper)
     ckpt_path = out / "checkpoint.pt"
     result = dict(run=str(out), checkpoint=str(ckpt_path), mode=config.mode, init=init["init"],
                   pretrained=init["checkpoint"], label_fraction=config.label_fraction,
                   labelled_scans=int(len(indices)), train_scans=int(len(all_train)), epochs=config.epochs,
                   epoch_losses=run.epoch_losses, seconds=run.seconds, schedule=schedule, divergences=run.divergences,
-                  trainable_parameters=count_parameters(model, trainable_only=True),
+                  trainable_parameters=count_parameters(model, trainable_only=True), steps=run.steps,
+                  stopped_at_max_steps=run.stopped, val=run.val, best=keeper.state() if keeper else None,
                   dataset=(cache.meta.get("dataset") or {}).get("name"))
     if config.eval_split is not None:
         ev = evaluate_segmenter(ckpt_path, cache, config.eval_split, device=config.device, progress=progress)
@@ -266,14 +287,14 @@ class Segmentation:
     def loss(self, out: torch.Tensor, vox, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
         return segmentation_loss(out, batch["label"].to(out.device), self.config.lovasz_weight)
 
-    def save(self, path: Path, epoch: int, optimizer, scheduler) -> None:
+    def save(self, path: Path, epoch: int, optimizer, scheduler, extra: dict) -> None:
         cache, init = self.cache, self.init
         write_checkpoint(path, dict(
             kind=SEGMENTER_KIND, model_config=init["model_config"], num_classes=len(cache.eval_class_names),
             eval_class_names=cache.eval_class_names, point_features=cache.point_features,
             voxel_size=self.config.voxel_size, train_config=self.cfg_dict, init=init["init"],
             pretrained=init["checkpoint"], dataset=cache.meta.get("dataset"), head_input=self.config.head_input,
-            epoch=epoch, state_dict=self.model.state_dict()))
+            epoch=epoch, step=extra["step"], state_dict=self.model.state_dict()))
 
     def row(self, optimizer) -> dict:
         return dict(head_lr=optimizer.param_groups[-1]["lr"])
@@ -281,8 +302,9 @@ class Segmentation:
 
 @torch.inference_mode()
 def evaluate_segmenter(checkpoint: str | Path, cache: Cache | str, split: str, device: str = "cpu",
-                       progress: bool = True) -> dict:
-    """Devkit mIoU of a fine-tuned model (argmax over the K classifier outputs) on a cache split."""
+                       progress: bool = True, limit: int | None = None) -> dict:
+    """Devkit mIoU of a fine-tuned model (argmax over the K classifier outputs) on a cache split
+    (its first `limit` scans when given)."""
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     if ckpt.kind != SEGMENTER_KIND:
@@ -296,12 +318,14 @@ def evaluate_segmenter(checkpoint: str | Path, cache: Cache | str, split: str, d
     indices = cache.indices(split)
     if len(indices) == 0:
         raise ConfigError(f"cache {cache.path} has no scans in split {split!r}")
+    split_scans = len(indices)
+    indices = limit_scans(indices, limit)
     cm, _, points = score_split(ckpt.load_model(dev), ckpt.voxel_size, None, ckpt.label_table(), cache, indices, dev,
                                 desc=f"evaluate {split}", progress=progress)
     names = cache.eval_class_names
     iou = cm.per_class_iou()
     miou = cm.miou()
     return dict(checkpoint=str(checkpoint), cache=str(cache.path), split=split, scans=int(len(indices)),
-                points=int(points), class_names=names,
+                split_scans=int(split_scans), limit=limit, points=int(points), class_names=names,
                 miou=_num(miou), per_class_iou=_iou_dict(names, iou),
                 confusion_matrix=cm.matrix.tolist())

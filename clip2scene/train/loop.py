@@ -14,8 +14,12 @@ What a step computes is a small *task* object (`Task`): distillation losses for 
   SGD step, schedule step;
 * per step: the loss terms all-reduced over the ranks, the non-finite stop (train/checks.py),
   the divergence monitor (`--stop-on-divergence`), one `metrics.jsonl` row, the progress bar;
-* per epoch: precise BatchNorm after the last one, the non-finite weight check, the checkpoint
-  (every epoch, or only at the end), and on Ctrl-C the hint of what `--resume` continues from.
+* per epoch: precise BatchNorm after the last one, the non-finite weight check, validation
+  with `best.pt` when due, the checkpoint (every epoch, or only at the end), and on Ctrl-C the
+  hint of what `--resume` continues from;
+* what a practitioner watches (train/tracking.py, hooked in here once): TensorBoard / wandb
+  scalars per step and epoch, the whole run's ETA in the progress bar and the epoch log line,
+  `max_steps` for smoke runs (the schedule stays the full run's).
 
     task = Distillation(config, model, text, ...)
     optimizer, scheduler = build_optimizer(model, config, total_steps, steps_per_epoch)
@@ -47,6 +51,7 @@ from clip2scene.train.distributed import DistEnv, all_reduce_sum, broadcast_buff
 from clip2scene.train.predict import forward_points
 from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, clip_gradients, lr_scale,
                                         resolve_warmup, warmup_cosine)
+from clip2scene.train.tracking import VAL_FILE, Eta, append_val, duration, val_scalars
 from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
@@ -73,8 +78,9 @@ class Task(Protocol):
     def loss(self, out: torch.Tensor, vox, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         """(scalar loss, per-term floats) of one batch from the net's float32 output."""
 
-    def save(self, path: Path, epoch: int, optimizer, scheduler) -> None:
-        """Write the checkpoint after `epoch` epochs (1-based) to `path` (atomically)."""
+    def save(self, path: Path, epoch: int, optimizer, scheduler, extra: dict) -> None:
+        """Write the checkpoint after `epoch` epochs (1-based) to `path` (atomically); `extra`:
+        step, the BestKeeper state and `partial_epoch` (the step of a mid-epoch --max-steps stop)."""
 
     def row(self, optimizer) -> dict:
         """Extra metrics.jsonl columns of a step (e.g. the classifier's learning rate)."""
@@ -112,6 +118,7 @@ class LoopConfig:
     keep_checkpoints: bool = False  # also checkpoint_epoch{K}.pt
     save_every_epoch: bool = True  # False: only at the end (and per epoch with stop_on_divergence)
     resumable: bool = True  # Ctrl-C names the checkpoint `--resume` continues from
+    max_steps: int | None = None  # stop after this many steps of the run (the schedule stays the full run's)
 
     @classmethod
     def of(cls, config, **overrides) -> "LoopConfig":
@@ -130,6 +137,8 @@ class LoopResult:
     seconds: float = 0.0
     divergences: int = 0  # steps flagged by the divergence monitor
     last_good: tuple[str, int] | None = None  # (checkpoint, epoch) written last
+    stopped: bool = False  # stopped early at max_steps
+    val: dict | None = None  # the last validation's scores
 
 
 # ------------------------------------------------------------------------------ schedule and loader
@@ -257,17 +266,23 @@ class Stepper:
 # ------------------------------------------------------------------------------ the loop
 def run_loop(task: Task, lc: LoopConfig, dataset: ScanDataset, optimizer, scheduler, *, device: torch.device,
              env: DistEnv = DistEnv(), progress: bool = True, start_epoch: int = 0,
-             last_good: tuple[str, int] | None = None) -> LoopResult:
+             last_good: tuple[str, int] | None = None, tracker=None, validator=None, keeper=None) -> LoopResult:
     """Train `task.model` from `start_epoch` to `lc.epochs` (see the module docstring).
 
     Rank 0 appends to `lc.out`/metrics.jsonl and writes the checkpoints; every rank returns the
     same result. Raises TrainingError at the first non-finite loss or weights, TrainingDiverged
     at a divergence with `stop_on_divergence` (nothing written for that epoch), and on Ctrl-C
     `Interrupted` naming the checkpoint to resume from (`lc.resumable`; else the
-    KeyboardInterrupt itself)."""
+    KeyboardInterrupt itself).
+
+    tracker: a `tracking.RunLogger` (rank 0; closed here); validator / keeper: a
+    `tracking.Validator` and its `BestKeeper` (rank 0), run when `validator.due` after an epoch,
+    on the model as it is saved (after precise BatchNorm at the end), keeping `best.pt`."""
     main = env.is_main
     out = lc.out
     steps_per_epoch = math.ceil(len(dataset) / lc.batch_size)
+    total = steps_per_epoch * lc.epochs
+    run_steps = min(total, lc.max_steps or total)  # what this run does in all
     sampler = EpochSampler(len(dataset), seed=lc.seed, rank=env.rank, world_size=env.world_size,
                            tag_epoch=lc.workers > 0)
     loader = make_loader(dataset, sampler, lc.batch_size // env.world_size, lc.workers, device)
@@ -281,10 +296,22 @@ def run_loop(task: Task, lc: LoopConfig, dataset: ScanDataset, optimizer, schedu
     stepper = Stepper(task, optimizer, scheduler, device, lc.voxel_size, lc.amp, lc.clip_grad_norm, net=net)
     monitor = DivergenceMonitor(lc.divergence_window, lc.divergence_factor)
     result = LoopResult(steps=start_epoch * steps_per_epoch, last_good=last_good)
+    eta = Eta(run_steps, done=result.steps)
 
     def kept() -> str:
         good = result.last_good
         return f"the last good checkpoint {good[0]} (epoch {good[1]}) is kept" if good else task.nothing_kept
+
+    def validate(epochs_done: int) -> bool:
+        """Score the model, log it, keep the best; True when it is the new best."""
+        val = result.val = validator(task.model)
+        improved = keeper.update(val["score"], epochs_done)
+        if tracker is not None:
+            tracker.scalars(result.steps, val_scalars(val))
+        append_val(out / VAL_FILE, dict(step=result.steps, epoch=epochs_done, **val, best=improved))
+        log.info("validation after epoch %d on %r: %s %s (best %s at epoch %s)", epochs_done, validator.split,
+                 val["metric"], val["score"], keeper.score, keeper.epoch)
+        return improved
 
     t0 = time.perf_counter()
     epoch = start_epoch
@@ -323,28 +350,53 @@ def run_loop(task: Task, lc: LoopConfig, dataset: ScanDataset, optimizer, schedu
                                     step, value, lc.divergence_factor, level, len(monitor.window))
                 if mf is not None:
                     mf.write(json.dumps(row, allow_nan=False) + "\n")
+                if tracker is not None:
+                    tracker.train_step(step, row)
+                eta.update(step)
                 if diverged and lc.stop_on_divergence:
                     if mf is not None:
                         mf.flush()
                     raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {lc.divergence_factor:g} x "
                                            f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept()}")
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4f}")
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4f}", eta=eta.text())
+                if run_steps <= step < total:  # --max-steps
+                    result.stopped = True
+                    break
             if mf is not None:
                 mf.flush()
             result.epoch_losses.append(float(np.mean(epoch_losses)))
-            last = epoch + 1 == lc.epochs
+            done = epoch + 1
+            last = done == lc.epochs or result.stopped
             if last:
                 final_batchnorm(task.model, dataset, lc, env, device, epoch)
-            if last or lc.save_every_epoch or lc.stop_on_divergence:
-                check_finite_model(task.model, result.steps, epoch + 1, kept())  # identical weights on every rank
-                if main:
-                    paths = [out / "checkpoint.pt"]
-                    paths += [out / f"checkpoint_epoch{epoch + 1}.pt"] if lc.keep_checkpoints else []
-                    for path in paths:
-                        task.save(path, epoch + 1, optimizer, scheduler)
-                result.last_good = (str(out / "checkpoint.pt"), epoch + 1)
+            save = last or lc.save_every_epoch or lc.stop_on_divergence
+            if save:
+                check_finite_model(task.model, result.steps, done, kept())  # identical weights on every rank
             if main:
-                log.info("epoch %d: mean loss %.4f", epoch + 1, result.epoch_losses[-1])
+                if tracker is not None:
+                    tracker.scalars(result.steps, {"train/epoch_loss": result.epoch_losses[-1]})
+                improved = validator is not None and validator.due(done, last) and validate(done)
+                partial = result.steps if result.stopped and result.steps % steps_per_epoch else None
+                extra = dict(step=result.steps, best=keeper.state() if keeper else None, partial_epoch=partial)
+                if save:
+                    paths = [out / "checkpoint.pt"] + ([out / f"checkpoint_epoch{done}.pt"] if lc.keep_checkpoints else [])
+                    for path in paths:
+                        task.save(path, done, optimizer, scheduler, extra)
+                if improved:
+                    if save:
+                        keeper.copy_from(out / "checkpoint.pt")
+                    else:
+                        task.save(keeper.path, done, optimizer, scheduler, extra)
+                if tracker is not None:
+                    tracker.flush()
+                log.info("epoch %d/%d: mean loss %.4f; %s elapsed, run ETA %s", done, lc.epochs,
+                         result.epoch_losses[-1], duration(eta.elapsed()), eta.text())
+            if save:
+                result.last_good = (str(out / "checkpoint.pt"), done)
+            if result.stopped:
+                if main:
+                    log.info("stopped at --max-steps %d (step %d of %d)", lc.max_steps, result.steps, total)
+                break
     except KeyboardInterrupt:
         if not lc.resumable:
             raise
@@ -356,6 +408,8 @@ def run_loop(task: Task, lc: LoopConfig, dataset: ScanDataset, optimizer, schedu
     finally:
         if mf is not None:
             mf.close()
+        if tracker is not None:
+            tracker.close()
     result.seconds = time.perf_counter() - t0
     result.divergences = monitor.events
     return result

@@ -9,7 +9,9 @@ schedule over all steps. The loop itself (schedule, loader, step, metrics, check
 `clip2scene.train.loop.run_loop`; this module supplies the `Distillation` task and the resume rules.
 Each epoch writes `checkpoint.pt` (model + optimiser + scheduler + config + teacher fingerprint;
 also `checkpoint_epoch{K}.pt` with `keep_checkpoints`) and appends per-step metrics to
-`metrics.jsonl` in the run folder.
+`metrics.jsonl` in the run folder, and the same scalars to TensorBoard event files there (and wandb
+with `wandb`); `val_every` validates on `val_split` and keeps `best.pt` (train/tracking.py).
+`max_steps` stops a smoke run early (the schedule stays the full run's).
 
 Reproducibility: the data order (`EpochSampler`), the augmentation (ScanDataset) and the S3 draws
 depend only on (seed, epoch, scan), so `resume` from the checkpoint of epoch k continues exactly
@@ -47,7 +49,8 @@ from clip2scene.errors import ConfigError
 from clip2scene.storage import Cache, open_cache
 from clip2scene.storage.sampling import VIEW_RULES
 from clip2scene.train.checks import refuse_existing_run, remove_run
-from clip2scene.validation import check_bool, check_choice, check_float, check_int, check_text, option, paths_to_text
+from clip2scene.validation import (check_bool, check_choice, check_float, check_installed, check_int, check_text, option,
+                                   paths_to_text)
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of, save_checkpoint
 from clip2scene.train.data import ScanDataset
 from clip2scene.train.distributed import DistEnv, broadcast_object, detect_env, process_group
@@ -55,6 +58,7 @@ from clip2scene.train.loop import LoopConfig, StepForward, build_optimizer, run_
 from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, text_logits
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.stability import validate as validate_guard_rails
+from clip2scene.train.tracking import VAL_FILE, BestKeeper, RunLogger, Validator
 from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
@@ -103,7 +107,15 @@ class TrainConfig:
     divergence_factor: float = 10.0  # a step's loss above this x the running median is a divergence
     divergence_window: int = 50  # steps in the running median
     stop_on_divergence: bool = False  # stop at the first divergence, keeping the last epoch's checkpoint
-
+    # watching a run (train/tracking.py); TensorBoard event files are always written to `out`
+    val_every: int = field(default=0, metadata={"help": "Validate every N epochs and after the last one, keeping "
+                                                        "best.pt by the score (0 = off)."})
+    val_split: str = field(default="val", metadata={"help": "Cached split to validate on: ground-truth mIoU where "
+                                                            "the cache has labels, else agreement with the teacher."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimiser steps of the run "
+                                                                  "(a smoke run; the schedule stays the full run's)."})
+    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (the wandb package must be "
+                                                         "installed; project from WANDB_PROJECT, default clip2scene)."})
 
     def __post_init__(self) -> None:
         """Every option's valid range, checked before any work: ConfigError naming the option
@@ -148,6 +160,10 @@ class TrainConfig:
             raise ConfigError(f"--overwrite would delete {self.resume}, the checkpoint --resume continues from: "
                               "leave --overwrite out to continue the run in place")
         _validate_guard_rails(self)
+        check_int("val_every", self.val_every, 0, note=" (0 = off)")
+        check_text("val_split", self.val_split)
+        check_int("max_steps", self.max_steps, 1, allow_none=True)
+        check_installed("wandb", self.wandb, "wandb")
 
 
 def _validate_guard_rails(config) -> None:
@@ -225,10 +241,14 @@ def _train_config_dict(config: TrainConfig) -> dict:
 
 
 # Options that may differ between a run and its resume: where and how it runs, not what it
-# computes. `epochs` may grow (the run is extended; see `_continue_schedule`).
+# computes. `epochs` may grow (the run is extended; see `_continue_schedule`). wandb and --max-steps
+# (which only cuts the run short: the schedule is the full run's) change no step.
 RESUME_FREE = ("cache", "out", "resume", "epochs", "device", "workers", "keep_checkpoints", "amp",
                "storage_options", "precise_bn_batches", "overwrite", "divergence_factor", "divergence_window",
-               "stop_on_divergence")
+               "stop_on_divergence", "max_steps", "wandb")
+# Options that may differ too but, when not given, continue as the run had them (validation:
+# best.pt stays comparable across the resume).
+RESUME_INHERITED = ("val_every", "val_split")
 _MODEL_FIELDS = ("arch", "channels", "blocks_per_stage")  # what defines the student (in/out come from the cache)
 
 
@@ -238,11 +258,16 @@ def resumed_config(config: TrainConfig, ckpt: dict, given: Collection[str] | Non
 
     Every run-defining option (all but RESUME_FREE) and the model (arch, channels,
     blocks_per_stage) that is not `given` takes the saved run's value; a given one that differs
-    is a ConfigError naming the option. `given` holds TrainConfig field names and "arch" /
+    is a ConfigError naming the option; RESUME_INHERITED options not given take the saved run's
+    value, given ones are used as they are. `given` holds TrainConfig field names and "arch" /
     "channels" / "blocks_per_stage" (what the user typed); None (library use) counts every
     option whose value is not None as given. `epochs` not given: the saved run's."""
     if ckpt.get("kind") == "segmenter":
         raise ConfigError(f"{path} is a fine-tuned model: --resume takes a checkpoint of `clip2scene train`")
+    partial = (ckpt.get("extra") or {}).get("partial_epoch")
+    if partial:
+        raise ConfigError(f"{path} was written by a --max-steps run in the middle of epoch {ckpt.get('epoch')} "
+                          f"(step {partial}): it cannot be resumed; start the run again")
     saved = dict(ckpt.get("train_config") or {})
     changes: dict = {}
 
@@ -256,6 +281,8 @@ def resumed_config(config: TrainConfig, ckpt: dict, given: Collection[str] | Non
         value = getattr(config, name)
         if not is_given(name, value):
             changes[name] = saved[name]
+        elif name in RESUME_INHERITED:
+            continue
         elif name != "epochs" and value != saved[name]:
             raise ConfigError(f"{option(name)} {value!r} differs from the run being resumed ({path} has "
                               f"{saved[name]!r}): leave {option(name)} out to continue that run")
@@ -341,10 +368,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     out = Path(config.out)
     ckpt = None
     start_epoch = 0
+    best_state = None  # the resumed run's BestKeeper state
     if config.resume:
         ckpt = load_checkpoint(config.resume)  # refuses a non-finite checkpoint
         config = resumed_config(config, ckpt, None, config.resume)
         start_epoch = int(ckpt["epoch"])
+        best_state = (ckpt.get("extra") or {}).get("best")
         if start_epoch > config.epochs:
             raise ConfigError(f"--epochs {config.epochs}: {config.resume} is already at epoch {start_epoch}")
         if start_epoch == config.epochs:
@@ -371,6 +400,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     model = build_model(model_config, device)
     steps_per_epoch = math.ceil(len(indices) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None and config.max_steps <= start_epoch * steps_per_epoch:
+        raise ConfigError(f"--max-steps {config.max_steps}: {config.resume} is already at step "
+                          f"{start_epoch * steps_per_epoch}")
     optimizer, scheduler = build_optimizer(model, config, total_steps, steps_per_epoch)
     schedule = schedule_info(config, steps_per_epoch, total_steps)
     schedule_note = None
@@ -386,15 +418,19 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         last_good = (config.resume, start_epoch)
         del ckpt
         if main:
-            log.info("resumed from %s at epoch %d", config.resume, start_epoch)
+            log.info("resumed from epoch %d (%s)", start_epoch, config.resume)
             if schedule_note:
                 log.info("%s", schedule_note)
 
     text = torch.from_numpy(cache.text_embeddings).to(device)
+    validator = (Validator(cache, config.val_split, config.val_every, "distill", config.voxel_size, device, text=text,
+                           views=config.views) if config.val_every else None)  # refuses an empty split here
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed,
                           features=bool(config.ssr_weight), sweeps=config.sweeps, views=config.views)
     metrics_path = out / "metrics.jsonl"
     params = count_parameters(model)
+    step = start_epoch * steps_per_epoch
+    tracker = keeper = None
     if main:
         if config.overwrite:
             removed = remove_run(out)
@@ -403,8 +439,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         elif config.resume and Path(config.resume).resolve().parent == out.resolve():
             dropped = _truncate_metrics(metrics_path, start_epoch * steps_per_epoch)
             if dropped:
-                log.info("dropped %d metrics lines after step %d (the interrupted part of the run)", dropped,
-                         start_epoch * steps_per_epoch)
+                log.info("dropped %d metrics lines after step %d (the interrupted part of the run)", dropped, step)
+            _truncate_metrics(out / VAL_FILE, step)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dict(_train_config_dict(config), schedule=schedule), indent=2))
         log.info("training %s (%.2fM params) on %d scans, %d steps, %d process(es)", model_config.arch,
@@ -412,10 +448,14 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         log.info("lr %g at reference batch %d x %.4g (%s scaling to batch %d) = %g; warm-up %d steps; clip %s",
                  config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size,
                  schedule["effective_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
+        tracker = RunLogger(out, _train_config_dict(config), wandb=config.wandb, resumed_at=step)
+        if validator is not None:
+            keeper = BestKeeper(out, validator.metric, config.val_split, best_state)
 
     task = Distillation(config, model, model_config, text, cache)
     run = run_loop(task, LoopConfig.of(config), dataset, optimizer, scheduler, device=device, env=env,
-                   progress=progress, start_epoch=start_epoch, last_good=last_good)
+                   progress=progress, start_epoch=start_epoch, last_good=last_good, tracker=tracker,
+                   validator=validator, keeper=keeper)
     summary = dict(
         run=str(out),
         checkpoint=str(out / "checkpoint.pt"),
@@ -434,6 +474,9 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         divergences=run.divergences,
         teacher_weights_sha256=cache.fingerprint.get("weights_sha256"),
         schedule_note=schedule_note,
+        stopped_at_max_steps=run.stopped,
+        val=run.val,
+        best=keeper.state() if keeper else None,
     )
     return broadcast_object(summary, env)
 
@@ -463,10 +506,10 @@ class Distillation:
     def loss(self, out: torch.Tensor, vox, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
         return compute_loss(self.config, out, vox, batch, self.text, epoch, self.generator, per_voxel=True)
 
-    def save(self, path: Path, epoch: int, optimizer, scheduler) -> None:
+    def save(self, path: Path, epoch: int, optimizer, scheduler, extra: dict) -> None:
         save_checkpoint(path, model=self.model, model_config=self.model_config,
                         train_config=_train_config_dict(self.config), cache=self.cache, epoch=epoch,
-                        optimizer=optimizer, scheduler=scheduler)
+                        optimizer=optimizer, scheduler=scheduler, extra=extra)
 
     def row(self, optimizer) -> dict:
         return {}

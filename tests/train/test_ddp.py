@@ -208,7 +208,10 @@ def test_two_process_ddp_matches_emulated_ranks(cache4, tmp_path):
 
     s0, s1 = (json.loads((tmp_path / f"summary{r}.json").read_text()) for r in (0, 1))
     assert s0 == s1 and s0["processes"] == 2 and s0["steps"] == 4 and s0["group_left"]
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    names = sorted(p.name for p in (tmp_path / "ddp").iterdir())
+    events = [n for n in names if n.startswith("events.out.tfevents.")]
+    assert len(events) == 1  # TensorBoard: rank 0 only
+    assert [n for n in names if n not in events] == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 4  # rank 0 only
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["state_dict"]
     diff = max_diff(ddp, emulate_ddp(TrainConfig(out="-", **base), 2))

@@ -13,6 +13,7 @@ loss function for that one invocation.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -167,6 +168,32 @@ def no_checkpoint(ctx, r):
     assert not (ctx.out / "checkpoint.pt").exists()
 
 
+def partial_run(ctx):
+    """A --max-steps run that stops in the middle of its first epoch (3 scans, batch 1)."""
+    r = invoke([a.format(cache=ctx.world.cache, out=ctx.out) for a in TRAIN + ["--batch-size", "1", "--max-steps", "2"]])
+    assert r.exit_code == 0, r.output
+
+
+def validated_run(ctx):
+    r = invoke([a.format(cache=ctx.world.cache, out=ctx.out) for a in TRAIN + ["--val-every", "1"]])
+    assert r.exit_code == 0, r.output
+
+
+def validated_epochs_1_2(ctx, r):
+    assert [v["epoch"] for v in strict_json_lines(ctx.out / "val.jsonl")] == [1, 2]
+
+
+def two_steps_logged(ctx, r):
+    assert [m["step"] for m in strict_json_lines(ctx.out / "metrics.jsonl")] == [1, 2]
+    assert load_checkpoint(ctx.out / "checkpoint.pt")["epoch"] == 2  # stopped at an epoch's end: resumable
+
+
+def best_kept(ctx, r):
+    vals = strict_json_lines(ctx.out / "val.jsonl")
+    assert [v["epoch"] for v in vals] == [1] and vals[0]["best"] and vals[0]["metric"] == "miou"
+    assert load_checkpoint(ctx.out / "best.pt")["extra"]["best"]["score"] == vals[0]["score"]
+
+
 def interrupted_after_epoch_1(ctx, r):
     assert load_checkpoint(ctx.out / "checkpoint.pt")["epoch"] == 1
 
@@ -225,6 +252,39 @@ ROWS = [
     Row("probe-random", ["linear-probe", "--checkpoint", "none", "--cache", "{cache}", "--out", "{out}"], 2,
         "linear probe of a random backbone", after=nothing_written),
     Row("probe-lr-nan", PROBE + ["--lr", "nan"], 2, "--lr nan", after=nothing_written),
+    # watching a run: validation, smoke-run limits, wandb (train/tracking.py)
+    Row("val-every-negative", TRAIN + ["--val-every", "-1"], 2, "--val-every -1: must be an integer >= 0 (0 = off)",
+        after=nothing_written),
+    Row("val-split-empty", TRAIN + ["--val-every", "1", "--val-split", "test"], 2,
+        "--val-split 'test': cache {cache} has no scans in it (it has train=3, val=1)", after=nothing_written),
+    Row("max-steps-zero", TRAIN + ["--max-steps", "0"], 2, "--max-steps 0: must be an integer >= 1",
+        after=nothing_written),
+    Row("ft-val-every", FT + ["--val-every", "-2"], 2, "--val-every -2", after=nothing_written),
+    Row("ft-val-split-empty", FT + ["--val-every", "1", "--val-split", "test"], 2, "--val-split 'test'",
+        after=nothing_written),
+    Row("ft-max-steps", FT + ["--max-steps", "0"], 2, "--max-steps 0", after=nothing_written),
+    Row("probe-max-steps", PROBE + ["--max-steps", "-1"], 2, "--max-steps -1", after=nothing_written),
+    Row("evaluate-limit-zero", ["evaluate", "--checkpoint", "{ckpt}", "--cache", "{cache}", "--limit", "0"], 2,
+        "--limit 0: must be an integer >= 1"),
+    *([Row("wandb-not-installed", TRAIN + ["--wandb"], 2, "--wandb: the wandb package is not installed",
+           after=nothing_written),
+       Row("ft-wandb-not-installed", FT + ["--wandb"], 2, "--wandb: the wandb package is not installed",
+           after=nothing_written)] if importlib.util.find_spec("wandb") is None else []),
+    Row("resume-partial-epoch", RESUME[:-1] + ["{out}/checkpoint.pt", "--epochs", "2"], 2,
+        "{out}/checkpoint.pt was written by a --max-steps run in the middle of epoch 1 (step 2)", setup=partial_run),
+    Row("resume-max-steps-behind", RESUME + ["--epochs", "3", "--max-steps", "1"], 2,
+        "--max-steps 1: {ckpt} is already at step 1", after=nothing_written),
+    Row("max-steps", TRAIN + ["--epochs", "3", "--max-steps", "2"], 0, "stopped at --max-steps (step 2 of 3)",
+        after=two_steps_logged),
+    Row("ft-max-steps-stops", FT + ["--epochs", "3", "--max-steps", "1"], 0, "stopped at --max-steps (step 1 of 3)"),
+    Row("val-every", TRAIN + ["--val-every", "1"], 0, "validation on val (1 scan): miou", after=best_kept),
+    Row("resume-keeps-validating", RESUME[:-1] + ["{out}/checkpoint.pt", "--epochs", "2"], 0,
+        "validation on val (1 scan)", setup=validated_run, after=validated_epochs_1_2),
+    Row("resume-other-val-split", RESUME + ["--epochs", "2", "--val-every", "1", "--val-split", "train"], 0,
+        "validation on train (3 scans)"),
+    Row("resume-says-epoch", RESUME + ["--epochs", "2"], 0, "resumed from epoch 1 ({ckpt}): training epochs 2-2"),
+    Row("evaluate-limit", ["evaluate", "--checkpoint", "{ckpt}", "--cache", "{cache}", "--split", "train", "--limit",
+                           "1", "--out", "{out}/eval.json"], 0, "train: the first 1 of 3 scans (--limit)"),
     # an existing run in --out
     Row("existing-run", TRAIN, 2, "already holds a run (checkpoint.pt, metrics.jsonl)", setup=copy_base,
         after=metrics_unchanged),
@@ -380,6 +440,8 @@ GOOD = dict(cache="c.zarr", out="run")
     (dict(augment="yes"), "--augment 'yes'"), (dict(split=""), "--split ''"), (dict(out=""), "--out ''"),
     (dict(storage_options=None), "storage_options"), (dict(model="spvcnn"), "model 'spvcnn'"),
     (dict(overwrite=True, resume="run/checkpoint.pt"), "--overwrite would delete run/checkpoint.pt"),
+    (dict(val_every=-1), "--val-every -1"), (dict(val_every=1.5), "--val-every 1.5"), (dict(val_split=""), "--val-split ''"),
+    (dict(max_steps=0), "--max-steps 0"), (dict(wandb="yes"), "--wandb 'yes'"),
 ])
 def test_train_config_refuses(changes, message):
     with pytest.raises(ConfigError) as e:
@@ -395,6 +457,8 @@ def test_train_config_refuses(changes, message):
     (dict(lovasz_weight=-1.0), "--lovasz-weight -1.0"), (dict(voxel_size=-0.1), "--voxel-size -0.1"),
     (dict(workers=-1), "--workers -1"), (dict(seed=-3), "--seed -3"), (dict(precise_bn_batches=-1), "--precise-bn-batches"),
     (dict(eval_split=""), "--eval-split ''"),
+    (dict(val_every=-1), "--val-every -1"), (dict(val_split=None), "--val-split None"),
+    (dict(max_steps=0), "--max-steps 0"), (dict(wandb=1), "--wandb 1"),
 ])
 def test_finetune_config_refuses(changes, message):
     with pytest.raises(ConfigError) as e:
@@ -407,6 +471,8 @@ def test_eval_config_refuses():
         EvalConfig(checkpoint="c.pt", cache="c.zarr", batch_size=0)
     with pytest.raises(ConfigError, match="--split ''"):
         EvalConfig(checkpoint="c.pt", cache="c.zarr", split="")
+    with pytest.raises(ConfigError, match="--limit 0: must be an integer >= 1"):
+        EvalConfig(checkpoint="c.pt", cache="c.zarr", limit=0)
 
 
 def test_model_config_refuses_unknown_arch():
