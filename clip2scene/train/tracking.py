@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import Cache
 from clip2scene.train.data import ScanDataset, collate
-from clip2scene.train.evaluate import score_split
+from clip2scene.train.evaluate import _num, score_split
 from clip2scene.train.loss import text_logits
 from clip2scene.train.metrics import ConfusionMatrix
 from clip2scene.train.predict import eval_labels, forward_points
@@ -111,10 +111,6 @@ class RunLogger:
 
 
 # ------------------------------------------------------------------------------ validation
-def _num(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
-
 @torch.no_grad()
 def distill_scores(model: torch.nn.Module, loader, text: torch.Tensor, prompt_to_eval: np.ndarray | None,
                    voxel_size: float, device: torch.device) -> dict:
