@@ -433,3 +433,30 @@ def test_bad_point_inputs_raise():
         model.forward_points(vox, torch.ones(300, 2))
     with pytest.raises(ValueError, match="xyz"):
         model.forward_points(vox, feat, xyz[:, :2])
+
+
+# ---------------------------------------------------------------- grids beyond int32 cells
+
+
+@pytest.mark.parametrize("arch", ["minkunet", "spvcnn"])
+def test_grid_beyond_int32_cells_gives_the_same_outputs(arch, caplog):
+    """Real scans at batch 8 span more than 2**31 grid cells (e.g. 2,000 x 2,000 x 200 x 8);
+    spconv then hashes with 64-bit keys. Two clusters 800 voxels apart (grid < 2**31) and the
+    same clusters 4,096 x 4,096 x 512 voxels apart (grid ~8.6e9 cells) must give the same
+    per-point outputs: the clusters are far beyond each other's receptive field and both shifts
+    are multiples of the total stride 16, so only the hashing differs. Points sit at voxel
+    centres so the shift moves no point across a voxel border."""
+    model = _model(arch, 11).eval()
+    _randomise_bn_stats(model, 11)
+    a, b = _scan(700, 11), _scan(600, 12)
+    snap = lambda x: (torch.floor(x.double() / 0.1) + 0.5) * 0.1  # noqa: E731
+    outs = []
+    for shift_vox in ((800, 800, 0), (4096, 4096, 512)):
+        shift = torch.tensor(shift_vox, dtype=torch.float64) * 0.1
+        xyz = torch.cat([snap(a[0]), snap(b[0]) + shift]).float()
+        feat = torch.cat([a[1], b[1]])
+        vox = voxelize(xyz, torch.zeros(len(xyz), dtype=torch.int64), 0.1)
+        cells = math.prod(vox.spatial_shape)
+        outs.append((cells, _run(model, vox, feat, xyz, False).detach()))
+    assert outs[0][0] < 2**31 - 1 < outs[1][0]
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-5, rtol=1e-5)

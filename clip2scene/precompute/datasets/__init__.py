@@ -6,9 +6,9 @@
     ds = open_dataset("nuscenes", "/data/nuscenes", "v1.0-mini")
     DATASETS["nuscenes"].image_size          # (224, 416): the teacher input when none is given
 
-Files: ``base.py`` (protocol, ScanRef, View), ``geometry.py`` (poses, camera matrices, projection
-shared by the readers), ``splits.py`` (official nuScenes scene splits), one reader per format
-(``nuscenes.py``, ``semantickitti.py``, ``scannet.py``).
+Files: ``base.py`` (protocol, ScanRef, View), ``points.py`` (point and label files), ``geometry.py``
+(poses, camera matrices, projection shared by the readers), ``splits.py`` (official nuScenes
+scene splits), one reader per format (``nuscenes.py``, ``semantickitti.py``, ``scannet.py``).
 """
 
 from __future__ import annotations

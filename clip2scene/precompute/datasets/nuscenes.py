@@ -38,6 +38,7 @@ from clip2scene.classes import FINE_TO_COARSE, NUSCENES_CLASSES
 from clip2scene.errors import DataError
 from clip2scene.precompute.datasets.base import ScanRef, View
 from clip2scene.precompute.datasets.geometry import Pose, camera_matrix, project_points, sensor_to_sensor
+from clip2scene.precompute.datasets.points import read_labels, read_points
 from clip2scene.precompute.datasets.splits import scene_split
 
 log = logging.getLogger(__name__)
@@ -117,26 +118,8 @@ class Keyframe:
 
 
 def load_points(path: Path) -> np.ndarray:
-    """Read a nuScenes .pcd.bin: (N, 5) float32 [x, y, z, intensity, ring].
-
-    DataError naming the file when it is missing, not a whole number of points, empty, or holds
-    NaN/inf values.
-    """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"lidar file not found: {path}") from None
-    if len(raw) % 20 != 0:
-        raise DataError(f"{path}: size {len(raw)} bytes is not a multiple of 20 (float32 x 5 per point)")
-    if not raw:
-        raise DataError(f"{path}: scan has no points (empty file)")
-    pts = np.frombuffer(raw, dtype=np.float32).reshape(-1, 5).copy()
-    finite = np.isfinite(pts).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise DataError(f"{path}: {len(bad)} of {len(pts)} points have NaN/inf values "
-                        f"(first: point {bad[0]} = {pts[bad[0]].tolist()})")
-    return pts
+    """Read a nuScenes .pcd.bin: (N, 5) float32 [x, y, z, intensity, ring] (checks: `read_points`)."""
+    return read_points(path, 5)
 
 
 def _load_table(root: Path, name: str, required: bool = True) -> list[dict]:
@@ -531,13 +514,7 @@ class NuScenes:
         """(num_points,) uint8 evaluation labels (0 = ignore) of the keyframe's lidar points."""
         if keyframe.lidarseg is None:
             raise DataError(f"sample {keyframe.sample_token}: no lidarseg record for lidar sample_data {keyframe.lidar.token}")
-        try:
-            fine = np.fromfile(keyframe.lidarseg, dtype=np.uint8)
-        except FileNotFoundError:
-            raise DataError(f"lidarseg file not found: {keyframe.lidarseg}") from None
-        if fine.shape[0] != num_points:
-            raise DataError(f"{keyframe.lidarseg}: {fine.shape[0]} labels for {num_points} points in {keyframe.lidar.path}")
-        return self.label_map[fine]
+        return self.label_map[read_labels(keyframe.lidarseg, "u1", num_points, keyframe.lidar.path)]
 
     # -- the precompute.datasets.base.Dataset protocol ------------------------------------------------
     def scans(self, split: str | None = None, sweeps: int = 1) -> list[ScanRef]:

@@ -49,6 +49,7 @@ from PIL import Image
 from clip2scene.classes import SEMANTICKITTI_CLASSES
 from clip2scene.errors import ConfigError, DataError
 from clip2scene.precompute.datasets.base import ScanRef, View
+from clip2scene.precompute.datasets.points import read_labels, read_points
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,8 @@ def sequence_split(sequence: str) -> str:
 
 
 def load_scan(path: Path) -> np.ndarray:
-    """Read a velodyne .bin: (N, 4) float32 [x, y, z, remission]."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"lidar file not found: {path}") from None
-    if len(raw) % 16 != 0:
-        raise DataError(f"{path}: size {len(raw)} bytes is not a multiple of 16 (float32 x 4 per point)")
-    return np.frombuffer(raw, dtype=np.float32).reshape(-1, 4).copy()
+    """Read a velodyne .bin: (N, 4) float32 [x, y, z, remission] (checks: `read_points`)."""
+    return read_points(path, 4)
 
 
 def load_calib(path: Path) -> Calibration:
@@ -354,14 +349,7 @@ class SemanticKITTI:
         are dropped: semantic id = lower 16 bits)."""
         kf: KittiFrame = scan.native
         path = self.label_file(kf.sequence, kf.frame)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"label file not found: {path}") from None
-        if len(raw) != 4 * n_key:
-            raise DataError(f"{path}: {len(raw)} bytes = {len(raw) / 4:g} labels for {n_key} points "
-                            f"in {self.lidar_file(kf.sequence, kf.frame)}")
-        return LEARNING_MAP[np.frombuffer(raw, dtype="<u4") & 0xFFFF]
+        return LEARNING_MAP[read_labels(path, "<u4", n_key, self.lidar_file(kf.sequence, kf.frame)) & 0xFFFF]
 
     def views(self, scan: ScanRef) -> list[View]:
         """[image_2 of the frame]; width/height from the PNG header (not decoded)."""
