@@ -49,7 +49,7 @@ from clip2scene.train.loop import LoopConfig, StepForward, build_optimizer, run_
 from clip2scene.train.lovasz import lovasz_softmax
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.nets.segmenter import HEAD_INPUTS, SEGMENTER_KIND, Segmenter
-from clip2scene.train.tracking import BestKeeper, RunLogger, Validator
+from clip2scene.train.tracking import RunWatch, Validator
 from clip2scene.train.trainer import _validate_guard_rails
 
 log = logging.getLogger(__name__)
@@ -243,16 +243,16 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
     task = Segmentation(config, model, init, cache, cfg_dict)
     loop = LoopConfig.of(config, save_every_epoch=False, resumable=False,
                          precise_bn_batches=config.precise_bn_batches if config.mode == "finetune" else 0)
-    keeper = BestKeeper(out, validator.metric, config.val_split) if validator else None
-    run = run_loop(task, loop, dataset, optimizer, scheduler, device=device, progress=progress,
-                   tracker=RunLogger(out, cfg_dict, wandb=config.wandb), validator=validator, keeper=keeper)
+    watch = RunWatch(out, cfg_dict, wandb=config.wandb, validator=validator,
+                     total_steps=min(total, config.max_steps or total))  # tracking.py
+    run = run_loop(task, loop, dataset, optimizer, scheduler, device=device, progress=progress, watch=watch)
     ckpt_path = out / "checkpoint.pt"
     result = dict(run=str(out), checkpoint=str(ckpt_path), mode=config.mode, init=init["init"],
                   pretrained=init["checkpoint"], label_fraction=config.label_fraction,
                   labelled_scans=int(len(indices)), train_scans=int(len(all_train)), epochs=config.epochs,
                   epoch_losses=run.epoch_losses, seconds=run.seconds, schedule=schedule, divergences=run.divergences,
                   trainable_parameters=count_parameters(model, trainable_only=True), steps=run.steps,
-                  stopped_at_max_steps=run.stopped, val=run.val, best=keeper.state() if keeper else None,
+                  stopped_at_max_steps=run.stopped, val=watch.last_val, best=watch.best_state(),
                   dataset=(cache.meta.get("dataset") or {}).get("name"))
     if config.eval_split is not None:
         ev = evaluate_segmenter(ckpt_path, cache, config.eval_split, device=config.device, progress=progress)

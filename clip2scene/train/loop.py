@@ -51,7 +51,7 @@ from clip2scene.train.distributed import DistEnv, all_reduce_sum, broadcast_buff
 from clip2scene.train.predict import forward_points
 from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, clip_gradients, lr_scale,
                                         resolve_warmup, warmup_cosine)
-from clip2scene.train.tracking import VAL_FILE, Eta, append_val, duration, val_scalars
+from clip2scene.train.tracking import copy_checkpoint
 from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,6 @@ class LoopResult:
     divergences: int = 0  # steps flagged by the divergence monitor
     last_good: tuple[str, int] | None = None  # (checkpoint, epoch) written last
     stopped: bool = False  # stopped early at max_steps
-    val: dict | None = None  # the last validation's scores
 
 
 # ------------------------------------------------------------------------------ schedule and loader
@@ -266,7 +265,7 @@ class Stepper:
 # ------------------------------------------------------------------------------ the loop
 def run_loop(task: Task, lc: LoopConfig, dataset: ScanDataset, optimizer, scheduler, *, device: torch.device,
              env: DistEnv = DistEnv(), progress: bool = True, start_epoch: int = 0,
-             last_good: tuple[str, int] | None = None, tracker=None, validator=None, keeper=None) -> LoopResult:
+             last_good: tuple[str, int] | None = None, watch=None) -> LoopResult:
     """Train `task.model` from `start_epoch` to `lc.epochs` (see the module docstring).
 
     Rank 0 appends to `lc.out`/metrics.jsonl and writes the checkpoints; every rank returns the
@@ -275,9 +274,8 @@ def run_loop(task: Task, lc: LoopConfig, dataset: ScanDataset, optimizer, schedu
     `Interrupted` naming the checkpoint to resume from (`lc.resumable`; else the
     KeyboardInterrupt itself).
 
-    tracker: a `tracking.RunLogger` (rank 0; closed here); validator / keeper: a
-    `tracking.Validator` and its `BestKeeper` (rank 0), run when `validator.due` after an epoch,
-    on the model as it is saved (after precise BatchNorm at the end), keeping `best.pt`."""
+    watch: rank 0's `tracking.RunWatch` (TensorBoard / wandb scalars, ETA, validation when due
+    on the model as it is saved, after precise BatchNorm at the end, and `best.pt`); closed here."""
     main = env.is_main
     out = lc.out
     steps_per_epoch = math.ceil(len(dataset) / lc.batch_size)
@@ -296,22 +294,11 @@ def run_loop(task: Task, lc: LoopConfig, dataset: ScanDataset, optimizer, schedu
     stepper = Stepper(task, optimizer, scheduler, device, lc.voxel_size, lc.amp, lc.clip_grad_norm, net=net)
     monitor = DivergenceMonitor(lc.divergence_window, lc.divergence_factor)
     result = LoopResult(steps=start_epoch * steps_per_epoch, last_good=last_good)
-    eta = Eta(run_steps, done=result.steps)
+    eta = "?"  # the whole run's, from `watch`
 
     def kept() -> str:
         good = result.last_good
         return f"the last good checkpoint {good[0]} (epoch {good[1]}) is kept" if good else task.nothing_kept
-
-    def validate(epochs_done: int) -> bool:
-        """Score the model, log it, keep the best; True when it is the new best."""
-        val = result.val = validator(task.model)
-        improved = keeper.update(val["score"], epochs_done)
-        if tracker is not None:
-            tracker.scalars(result.steps, val_scalars(val))
-        append_val(out / VAL_FILE, dict(step=result.steps, epoch=epochs_done, **val, best=improved))
-        log.info("validation after epoch %d on %r: %s %s (best %s at epoch %s)", epochs_done, validator.split,
-                 val["metric"], val["score"], keeper.score, keeper.epoch)
-        return improved
 
     t0 = time.perf_counter()
     epoch = start_epoch
@@ -350,15 +337,14 @@ def run_loop(task: Task, lc: LoopConfig, dataset: ScanDataset, optimizer, schedu
                                     step, value, lc.divergence_factor, level, len(monitor.window))
                 if mf is not None:
                     mf.write(json.dumps(row, allow_nan=False) + "\n")
-                if tracker is not None:
-                    tracker.train_step(step, row)
-                eta.update(step)
+                if watch is not None:
+                    eta = watch.step(step, row)
                 if diverged and lc.stop_on_divergence:
                     if mf is not None:
                         mf.flush()
                     raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {lc.divergence_factor:g} x "
                                            f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept()}")
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4f}", eta=eta.text())
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4f}", eta=eta)
                 if run_steps <= step < total:  # --max-steps
                     result.stopped = True
                     break
@@ -373,24 +359,22 @@ def run_loop(task: Task, lc: LoopConfig, dataset: ScanDataset, optimizer, schedu
             if save:
                 check_finite_model(task.model, result.steps, done, kept())  # identical weights on every rank
             if main:
-                if tracker is not None:
-                    tracker.scalars(result.steps, {"train/epoch_loss": result.epoch_losses[-1]})
-                improved = validator is not None and validator.due(done, last) and validate(done)
+                if watch is not None:  # logs the epoch; validates when due
+                    improved = watch.epoch_end(task.model, result.steps, done, last, result.epoch_losses[-1])
+                else:
+                    improved = False
+                    log.info("epoch %d: mean loss %.4f", done, result.epoch_losses[-1])
                 partial = result.steps if result.stopped and result.steps % steps_per_epoch else None
-                extra = dict(step=result.steps, best=keeper.state() if keeper else None, partial_epoch=partial)
+                extra = dict(step=result.steps, best=watch.best_state() if watch else None, partial_epoch=partial)
                 if save:
                     paths = [out / "checkpoint.pt"] + ([out / f"checkpoint_epoch{done}.pt"] if lc.keep_checkpoints else [])
                     for path in paths:
                         task.save(path, done, optimizer, scheduler, extra)
                 if improved:
                     if save:
-                        keeper.copy_from(out / "checkpoint.pt")
+                        copy_checkpoint(out / "checkpoint.pt", watch.best_path)
                     else:
-                        task.save(keeper.path, done, optimizer, scheduler, extra)
-                if tracker is not None:
-                    tracker.flush()
-                log.info("epoch %d/%d: mean loss %.4f; %s elapsed, run ETA %s", done, lc.epochs,
-                         result.epoch_losses[-1], duration(eta.elapsed()), eta.text())
+                        task.save(watch.best_path, done, optimizer, scheduler, extra)
             if save:
                 result.last_good = (str(out / "checkpoint.pt"), done)
             if result.stopped:
@@ -408,8 +392,8 @@ def run_loop(task: Task, lc: LoopConfig, dataset: ScanDataset, optimizer, schedu
     finally:
         if mf is not None:
             mf.close()
-        if tracker is not None:
-            tracker.close()
+        if watch is not None:
+            watch.close()
     result.seconds = time.perf_counter() - t0
     result.divergences = monitor.events
     return result

@@ -152,7 +152,8 @@ class Validator:
     """Validation of a run on `split` of `cache` every `every` epochs (and after the last one).
 
     kind "distill": `distill_scores` (needs `text`, (C, D) float32); "segmenter": the
-    ground-truth mIoU of the classifier's argmax (`evaluate.score_split`, as `evaluate_segmenter`). `metric` is the score `best.pt` is kept by. ConfigError (before any
+    ground-truth mIoU of the classifier's argmax (`evaluate.score_split`, as
+    `evaluate_segmenter`). `metric` is the score `best.pt` is kept by. ConfigError (before any
     work) when the split has no scans."""
 
     def __init__(self, cache: Cache, split: str, every: int, kind: str, voxel_size: float, device: torch.device,
@@ -239,11 +240,6 @@ class BestKeeper:
     def state(self) -> dict:
         return dict(metric=self.metric, split=self.split, score=self.score, epoch=self.epoch, path=str(self.path))
 
-    def copy_from(self, checkpoint: str | os.PathLike) -> None:
-        """best.pt := a copy of `checkpoint` (atomically: temp file, then rename)."""
-        tmp = self.path.with_suffix(".pt.tmp")
-        shutil.copyfile(checkpoint, tmp)
-        tmp.replace(self.path)
 
 
 def _epoch_of(checkpoint: Path) -> int | None:
@@ -254,10 +250,87 @@ def _epoch_of(checkpoint: Path) -> int | None:
         return None
 
 
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """dst := a copy of the checkpoint file src (atomically: temp file, then rename); best.pt."""
+    tmp = Path(dst).with_suffix(".pt.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
 def append_val(path: Path, row: dict) -> None:
     """One validation as a strict-JSON line of `path` (val.jsonl)."""
     with path.open("a") as f:
         f.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+# ------------------------------------------------------------------------------ the loop's hooks
+class RunWatch:
+    """Everything above for one training loop, behind four calls (on the process that writes
+    the run folder):
+
+        watch = RunWatch(out, config_dict, wandb=..., validator=..., total_steps=N, start_step=s)
+        eta = watch.step(step, row)               # after every optimiser step (row = metrics.jsonl's)
+        improved = watch.epoch_end(model, step, epochs_done, last, epoch_loss)
+        ...save the checkpoint (with `best_state()` in it); if improved, write best_path...
+        watch.close()                             # in `finally`
+
+    `validator` None = no validation. `best_state` is a resumed checkpoint's `best_state()`."""
+
+    def __init__(self, out: str | os.PathLike, config: dict, *, wandb: bool, validator: Validator | None,
+                 total_steps: int, start_step: int = 0, best_state: dict | None = None):
+        self.out = Path(out)
+        self.validator = validator
+        self.logger = RunLogger(out, config, wandb=wandb, resumed_at=start_step)
+        self.keeper = BestKeeper(out, validator.metric, validator.split, best_state) if validator else None
+        self.eta = Eta(total_steps, done=start_step)
+        self.last_val: dict | None = None  # the latest validation's scores
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / BEST_FILE
+
+    def step(self, step: int, row: dict) -> str:
+        """Log one step's row; returns the run's ETA for the progress bar."""
+        self.logger.train_step(step, row)
+        self.eta.update(step)
+        return self.eta.text()
+
+    def epoch_end(self, model: torch.nn.Module, step: int, epochs_done: int, last: bool, epoch_loss: float,
+                  validate: bool = True) -> bool:
+        """Log the epoch's mean loss, validate when due (`validate=False` defers it, e.g. until
+        after precise BatchNorm: call `validate_now`); True when this epoch is the new best."""
+        self.logger.scalars(step, {"train/epoch_loss": epoch_loss})
+        improved = False
+        if validate and self.validator is not None and self.validator.due(epochs_done, last):
+            improved = self.validate_now(model, step, epochs_done)
+        self.logger.flush()
+        log.info("epoch %d: mean loss %.4f; %s elapsed, run ETA %s", epochs_done, epoch_loss,
+                 duration(self.eta.elapsed()), self.eta.text())
+        return improved
+
+    def validate_now(self, model: torch.nn.Module, step: int, epochs_done: int) -> bool:
+        """Validate `model` now (after epoch `epochs_done`, at `step`); True when it is the new best."""
+        val = self.validator(model)
+        improved = self.keeper.update(val["score"], epochs_done)
+        self.logger.scalars(step, val_scalars(val))
+        append_val(self.out / VAL_FILE, dict(step=step, epoch=epochs_done, **val, best=improved))
+        log.info("validation after epoch %d on %r: %s %s (best %s at epoch %s)", epochs_done, val["split"],
+                 val["metric"], val["score"], self.keeper.score, self.keeper.epoch)
+        self.last_val = val
+        return improved
+
+    def best_state(self) -> dict | None:
+        return self.keeper.state() if self.keeper else None
+
+    def close(self) -> None:
+        self.logger.flush()
+        self.logger.close()
+
+    def __enter__(self) -> "RunWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ------------------------------------------------------------------------------ ETA

@@ -58,7 +58,7 @@ from clip2scene.train.loop import LoopConfig, StepForward, build_optimizer, run_
 from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, text_logits
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
 from clip2scene.train.stability import validate as validate_guard_rails
-from clip2scene.train.tracking import VAL_FILE, BestKeeper, RunLogger, Validator
+from clip2scene.train.tracking import VAL_FILE, RunWatch, Validator
 from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
@@ -430,7 +430,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     metrics_path = out / "metrics.jsonl"
     params = count_parameters(model)
     step = start_epoch * steps_per_epoch
-    tracker = keeper = None
+    run_steps = min(total_steps, config.max_steps or total_steps)  # what this run will do in all
+    watch = None  # rank 0's tracking hooks (train/tracking.py)
     if main:
         if config.overwrite:
             removed = remove_run(out)
@@ -448,14 +449,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         log.info("lr %g at reference batch %d x %.4g (%s scaling to batch %d) = %g; warm-up %d steps; clip %s",
                  config.lr, config.reference_batch, schedule["lr_scale"], config.lr_scaling, config.batch_size,
                  schedule["effective_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
-        tracker = RunLogger(out, _train_config_dict(config), wandb=config.wandb, resumed_at=step)
-        if validator is not None:
-            keeper = BestKeeper(out, validator.metric, config.val_split, best_state)
+        watch = RunWatch(out, _train_config_dict(config), wandb=config.wandb, validator=validator,
+                         total_steps=run_steps, start_step=step, best_state=best_state)
 
     task = Distillation(config, model, model_config, text, cache)
     run = run_loop(task, LoopConfig.of(config), dataset, optimizer, scheduler, device=device, env=env,
-                   progress=progress, start_epoch=start_epoch, last_good=last_good, tracker=tracker,
-                   validator=validator, keeper=keeper)
+                   progress=progress, start_epoch=start_epoch, last_good=last_good, watch=watch)
     summary = dict(
         run=str(out),
         checkpoint=str(out / "checkpoint.pt"),
@@ -475,8 +474,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         teacher_weights_sha256=cache.fingerprint.get("weights_sha256"),
         schedule_note=schedule_note,
         stopped_at_max_steps=run.stopped,
-        val=run.val,
-        best=keeper.state() if keeper else None,
+        val=watch.last_val if watch else None,
+        best=watch.best_state() if watch else None,
     )
     return broadcast_object(summary, env)
 

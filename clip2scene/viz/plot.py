@@ -8,6 +8,8 @@ bias-corrected exponential moving average). When the folder also holds mIoU resu
 second panel, mIoU (%) against the epoch:
 
 * ``eval_history.jsonl``: lines ``{"epoch": E, "miou": M, ...}`` (M in [0, 1]; null = n/a);
+* ``val.jsonl`` (`--val-every`, train/tracking.py): one series per split and metric (``miou``, or
+  ``teacher_miou`` = agreement with the teacher on a cache without labels);
 * ``eval_<split>.json`` (`clip2scene evaluate`) and ``result.json`` (`clip2scene finetune`): one
   point each at the run's last epoch (``epochs`` of result.json, else the last epoch of
   metrics.jsonl), labelled with the file's split.
@@ -88,8 +90,18 @@ def _smoothing_for(n: int) -> float:
 
 
 def _miou_points(run: Path, last_epoch: int | None) -> list[tuple[str, list[float], list[float]]]:
-    """(label, epochs, mIoU %) series from eval_history.jsonl, eval_*.json and result.json."""
+    """(label, epochs, mIoU %) series from eval_history.jsonl, val.jsonl, eval_*.json and result.json."""
     series: list[tuple[str, list[float], list[float]]] = []
+    val = run / "val.jsonl"
+    if val.is_file():
+        curves: dict[str, tuple[list[float], list[float]]] = {}
+        for row in load_metrics(val):
+            metric = row.get("metric") or "miou"
+            if row.get("epoch") is not None and row.get(metric) is not None:
+                xs, ys = curves.setdefault(f"validation ({row.get('split', 'val')}, {metric})", ([], []))
+                xs.append(float(row["epoch"]))
+                ys.append(100.0 * float(row[metric]))
+        series.extend((label, xs, ys) for label, (xs, ys) in curves.items())
     hist = run / "eval_history.jsonl"
     if hist.is_file():
         xs, ys = [], []

@@ -142,6 +142,7 @@ def overwritten(ctx, r):
     assert len(strict_json_lines(ctx.out / "metrics.jsonl")) == 1  # only the new run's step
     assert (ctx.out / "notes.txt").read_text() == "mine"  # not a run file: kept
     assert not (ctx.out / "eval_val.json").exists()  # the old run's evaluation: removed
+    assert len(list(ctx.out.glob("events.out.tfevents.*"))) == 1  # the old run's TensorBoard file: removed
     assert load_checkpoint(ctx.out / "checkpoint.pt")["epoch"] == 1
 
 

@@ -4,6 +4,7 @@ import importlib.machinery
 import importlib.util
 import json
 import math
+import re
 import sys
 import types
 from dataclasses import replace
@@ -173,13 +174,24 @@ def test_finetune_validates_and_keeps_best(cache, tmp_path):
     assert load_checkpoint(out / "best.pt")["epoch"] == best["epoch"]
 
 
-def test_finetune_max_steps(cache, tmp_path):
+def test_linear_probe_max_steps_and_validation(cache, tmp_path):
     pre = tmp_path / "pre"
     train(run_config(cache, pre, epochs=1), progress=False)
     r = finetune(FinetuneConfig(cache=str(cache), out=str(tmp_path / "lp"), checkpoint=str(pre / "checkpoint.pt"),
-                                mode="linear", epochs=3, batch_size=1, eval_split="val", max_steps=2), progress=False)
+                                mode="linear", epochs=3, batch_size=1, eval_split="val", max_steps=2, val_every=1),
+                 progress=False)
     assert r["steps"] == 2 and r["stopped_at_max_steps"] and r["eval_scans"] == 1
     assert len(lines(tmp_path / "lp" / "metrics.jsonl")) == 2
+    # stopped in epoch 1: validated once, after it; the final evaluation (last model) agrees with it
+    (val,) = lines(tmp_path / "lp" / "val.jsonl")
+    assert val["epoch"] == 1 and val["step"] == 2 and r["miou"] == pytest.approx(val["miou"], rel=1e-9)
+    assert load_checkpoint(tmp_path / "lp" / "best.pt")["kind"] == "segmenter"
+
+
+def test_progress_bar_shows_the_run_eta(cache, tmp_path, capsys):
+    train(run_config(cache, tmp_path / "run", epochs=2), progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 2/2" in err and re.search(r"eta=\d+:\d\d:\d\d", err), err
 
 
 def test_best_keeper(tmp_path):

@@ -188,6 +188,17 @@ def test_plot_run_and_confusion(world, tmp_path):
         plot_confusion(np.eye(5), ["a", "b"], tmp_path / "bad.png")
 
 
+def test_plot_draws_the_validation_history(tmp_path):
+    from clip2scene.viz.plot import _miou_points
+
+    rows = [dict(step=3, epoch=1, metric="miou", split="val", miou=0.25, teacher_miou=0.5),
+            dict(step=6, epoch=2, metric="miou", split="val", miou=0.5, teacher_miou=0.75),
+            dict(step=9, epoch=3, metric="teacher_miou", split="val", teacher_miou=0.75)]  # a resume on a cache without labels
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _miou_points(tmp_path, None) == [("validation (val, miou)", [1.0, 2.0], [25.0, 50.0]),
+                                            ("validation (val, teacher_miou)", [3.0], [75.0])]
+
+
 # ------------------------------------------------------------------------------------ query
 def test_query_on_a_cached_scan(world, tmp_path):
     r = query_scan(world["ckpt"], ["a car", "a tree", "the road"], cache=world["cache"], index=1, labels=True,
