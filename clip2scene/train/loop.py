@@ -21,10 +21,10 @@ What a step computes is a small *task* object (`Task`): distillation losses for 
   scalars per step and epoch, the whole run's ETA in the progress bar and the epoch log line,
   `max_steps` for smoke runs (the schedule stays the full run's).
 
-    task = Distillation(config, model, text, ...)
+    task = Distillation(config, model, model_config, text, cache)      # trainer.py
     optimizer, scheduler = build_optimizer(model, config, total_steps, steps_per_epoch)
-    result = run_loop(task, LoopConfig.of(config, out=Path(config.out)), dataset, optimizer, scheduler,
-                      device=device)
+    result = run_loop(task, LoopConfig.of(config), dataset, optimizer, scheduler, device=device,
+                      watch=RunWatch(...))                              # result.epoch_losses, .steps, ...
 """
 
 from __future__ import annotations
