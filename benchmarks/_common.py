@@ -8,8 +8,6 @@ Not part of the package; imported by the scripts in this folder through
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import os
 import resource
@@ -126,51 +124,35 @@ def parse_channels(text: str | None) -> tuple[int, ...] | None:
 
 
 class StudentStep:
-    """One training step of the SPVCNN student exactly as `train` runs it (voxelize, per-voxel forward,
-    compute_loss with SCR + SSR, backward, SGD step; autocast only on CUDA with amp)."""
+    """One training step of the SPVCNN student exactly as `train` runs it: the loop's `Stepper`
+    with the trainer's `Distillation` task (voxelize, per-voxel forward, SCR + SSR, backward, SGD
+    step; autocast only on CUDA with amp)."""
 
     def __init__(self, text: np.ndarray, in_channels: int, voxel_size: float, device: str = "cpu",
                  channels: tuple[int, ...] | None = None, workdir: str = "/tmp", sweeps: int | None = None):
         import torch
 
+        from clip2scene.train.loop import Stepper, build_optimizer
         from clip2scene.train.nets import ModelConfig, build_model, count_parameters
-        from clip2scene.train.trainer import TrainConfig, build_optimizer
+        from clip2scene.train.trainer import Distillation, TrainConfig
 
-        self.torch = torch
         self.device = torch.device(device)
         mc = dict(arch="spvcnn", in_channels=in_channels, out_channels=int(text.shape[1]))
         if channels:
             mc["channels"] = channels
         torch.manual_seed(0)
-        self.model = build_model(ModelConfig(**mc), self.device)
-        self.model.train()
+        model_config = ModelConfig(**mc)
+        self.model = build_model(model_config, self.device)
         self.parameters = count_parameters(self.model)
         self.config = TrainConfig(cache="unused", out=workdir, voxel_size=voxel_size, sweeps=sweeps, device=device)
-        self.optimizer, self.scheduler = build_optimizer(self.model, self.config, total_steps=10_000, steps_per_epoch=1_000)
-        self.text = torch.from_numpy(np.asarray(text, np.float32)).to(self.device)
-        self.generator = torch.Generator().manual_seed(7919)
-        self.amp = bool(getattr(self.config, "amp", False)) and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp) if self.amp else None
+        optimizer, scheduler = build_optimizer(self.model, self.config, total_steps=10_000, steps_per_epoch=1_000)
+        text = torch.from_numpy(np.asarray(text, np.float32)).to(self.device)
+        task = Distillation(self.config, self.model, model_config, text)
+        task.begin_epoch(0)
+        self.step = Stepper(task, optimizer, scheduler, self.device, voxel_size, amp=self.config.amp)
 
     def __call__(self, batch: dict) -> float:
-        torch = self.torch
-        from clip2scene.train.trainer import compute_loss
-        from clip2scene.train.voxelize import voxelize
-
-        dev = self.device
-        vox = voxelize(batch["xyz"].to(dev), batch["batch"].to(dev), self.config.voxel_size)
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.amp):
-            feats = self.model.forward_voxels(vox, batch["feat"].to(dev))
-        loss, _ = compute_loss(self.config, feats.float(), vox, batch, self.text, 0, self.generator, per_voxel=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.scheduler.step()
+        loss, _, _ = self.step(batch, 0)
         return float(loss.detach())
 
     def num_voxels(self, batch: dict) -> int:
@@ -186,33 +168,16 @@ def scan_dataset(cache, indices, augment: bool = True, features: bool = True, sw
     return ScanDataset(cache, np.asarray(indices, np.int64), augment=augment, seed=0, features=features, sweeps=sweeps)
 
 
-def epoch_sampler(n: int, workers: int):
-    """The trainer's sampler (epoch-tagged items when it supports them and workers are used)."""
-    from clip2scene.train.data import EpochSampler
-
-    kw = {}
-    if workers > 0 and "tag_epoch" in inspect.signature(EpochSampler).parameters:
-        kw["tag_epoch"] = True
-    return EpochSampler(n, seed=0, **kw)
-
-
-def train_loader(dataset, batch_size: int, workers: int, device: str = "cpu", cache: str = "unused"):
-    """A DataLoader built the way `train` builds it (trainer._loader when present)."""
+def train_loader(dataset, batch_size: int, workers: int, device: str = "cpu"):
+    """The DataLoader `train` builds (`clip2scene.train.loop.make_loader`: EpochSampler, spawned
+    persistent workers with epoch-tagged items)."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from clip2scene.train import trainer
-    from clip2scene.train.data import collate
+    from clip2scene.train.data import EpochSampler
+    from clip2scene.train.loop import make_loader
 
-    sampler = epoch_sampler(len(dataset), workers)
-    if hasattr(trainer, "_loader"):
-        try:
-            cfg = trainer.TrainConfig(cache=cache, out="unused", workers=workers, device=device)
-            return trainer._loader(dataset, sampler, batch_size, cfg, torch.device(device)), "trainer._loader"
-        except TypeError:
-            pass
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
-                      multiprocessing_context="spawn" if workers else None), "DataLoader (fallback)"
+    sampler = EpochSampler(len(dataset), seed=0, tag_epoch=workers > 0)
+    return make_loader(dataset, sampler, batch_size, workers, torch.device(device))
 
 
 # ----------------------------------------------------------------------------- measuring

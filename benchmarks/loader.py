@@ -1,6 +1,6 @@
 """Scans/s the training DataLoader delivers from a cache vs scans/s the training step consumes.
 
-The loader is the one `train` builds (trainer._loader: spawned workers, as configured there;
+The loader is the one `train` builds (clip2scene.train.loop.make_loader: spawned workers, as configured there;
 EpochSampler; ScanDataset with features=True, as SSR reads them; augmentation on; collate),
 reading a cache of the first --scans keyframes
 - from a local folder, and
@@ -48,7 +48,7 @@ def run_loader(args) -> None:
     cache = open_cache(args.url, _storage_options(args.endpoint))
     reps = max(1, -(-args.reads // len(cache.indices())))
     ds = C.scan_dataset(cache, np.tile(cache.indices(), reps)[: args.reads], augment=True, features=True)
-    loader, how = C.train_loader(ds, args.batch, args.workers, args.device, cache=args.url)
+    loader = C.train_loader(ds, args.batch, args.workers, args.device)
     persistent = bool(getattr(loader, "persistent_workers", False))
 
     def epoch(e: int):
@@ -68,7 +68,7 @@ def run_loader(args) -> None:
     n0, s0, first0, _ = epoch(0)  # warm-up epoch: worker start-up, imports, first opens
     n1, s1, first1, nbytes = epoch(1)  # timed epoch
     C.emit(dict(scans=n1, first_s=first0, warm_s=s0, timed_s=s1, steady=n1 / s1, overall=(n0 + n1) / (s0 + s1),
-                mb_per_scan=nbytes / n1 / 1e6, loader=how, persistent=persistent, peak_rss_mb=C.peak_rss_mb()))
+                mb_per_scan=nbytes / n1 / 1e6, loader="loop.make_loader", persistent=persistent, peak_rss_mb=C.peak_rss_mb()))
 
 
 def run_step(args) -> None:

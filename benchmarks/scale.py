@@ -232,7 +232,7 @@ def _read_rate(url: str, storage_options: dict, reads: int, workers: int) -> dic
     with Timer() as t:
         cache = open_cache(url, storage_options)
         ds = _common.scan_dataset(cache, cache.indices(), augment=True, features=False)
-        loader, how = _common.train_loader(ds, batch_size=8, workers=workers)
+        loader = _common.train_loader(ds, batch_size=8, workers=workers)
         it = iter(loader)
         next(it)
     start = t.row(scans=cache.num_scans)
@@ -242,7 +242,7 @@ def _read_rate(url: str, storage_options: dict, reads: int, workers: int) -> dic
             done += 8
             if done >= reads:
                 break
-    return dict(startup=start, read=t.row(scans=done, scans_per_s=round(done / t.wall, 1)), loader=how)
+    return dict(startup=start, read=t.row(scans=done, scans_per_s=round(done / t.wall, 1)), loader="loop.make_loader")
 
 
 def child_loader(args) -> dict:

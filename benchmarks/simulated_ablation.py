@@ -3,7 +3,7 @@ views) on the simulated teacher, at the demo's setting (issue 15): does SSR / S3
 structured, image-space teacher errors?
 
 Builds the demo's sample and simulated-teacher cache (or takes `--cache`), then runs
-`clip2scene.train.ablate.run_ablation` with the demo's student and schedule (clip2scene.cli DEMO_*)
+`clip2scene.train.ablate.run_ablation` with the demo's student and schedule (the demo preset, clip2scene/configs/demo.toml)
 and appends the table to docs/benchmarks.md. About 80 s per row on 2 CPU cores.
 
     .venv/bin/python benchmarks/simulated_ablation.py
@@ -43,18 +43,14 @@ def main() -> None:
     args = ap.parse_args()
     setup_process()
 
-    from clip2scene.cli import DEMO_BATCH, DEMO_CHANNELS, DEMO_EPOCHS, DEMO_LR, DEMO_TAU
+    from clip2scene.cli import DEMO_BATCH, DEMO_EPOCHS, DEMO_LR, DEMO_TAU, demo_train_config
     from clip2scene.train.ablate import run_ablation
-    from clip2scene.train.nets import ModelConfig
-    from clip2scene.train.trainer import TrainConfig
 
     with tempfile.TemporaryDirectory(prefix="c2s-simablate-") as tmp:
         work = Path(tmp)
         cache = args.cache or str(build_demo_cache(work))
         epochs = args.epochs or DEMO_EPOCHS
-        base = TrainConfig(cache=str(cache), out=str(work / "base"), epochs=epochs, batch_size=DEMO_BATCH, lr=DEMO_LR,
-                           tau=DEMO_TAU, precise_bn_batches=4,
-                           model=ModelConfig(arch="spvcnn", channels=DEMO_CHANNELS, blocks_per_stage=1))
+        base = demo_train_config(str(cache), str(work / "base"), epochs)  # the demo preset (configs/demo.toml)
         t0 = time.perf_counter()
         results = run_ablation(base, work / "ablate", split="val", progress=False)
         seconds = time.perf_counter() - t0

@@ -14,7 +14,6 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -22,8 +21,10 @@ import typer
 
 from clip2scene import __version__
 from clip2scene.errors import Clip2SceneError
+from clip2scene.options import PRESETS, LazyGroup, lazy_options, options_for
+from clip2scene.validation import STORAGE_HELP as _STORAGE_HELP
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+app = typer.Typer(cls=LazyGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="CLIP2Scene: distil a cached CLIP teacher into a 3D sparse network.")
 cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect caches.")
 app.add_typer(cache_app, name="cache")
@@ -67,12 +68,6 @@ def _interruptible(fn, *args, **kwargs):
         raise typer.Exit(130)
 
 
-def _given(ctx: typer.Context) -> set[str]:
-    """Names of the command's options that the user gave (command line or environment), not defaults."""
-    return {name for name in ctx.params
-            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
-
-
 RANDOM_TEACHER = "the teacher was randomly initialised (no CLIP weights): its pseudo-labels are meaningless."
 
 
@@ -94,31 +89,38 @@ def _run(fn, *args, _raise: type | tuple = (), **kwargs):
             raise
         _fail(str(err))
 
-
-_STORAGE_HELP = "fsspec option for a cache URL, key=value (repeatable), e.g. client_kwargs.endpoint_url=http://host:9000."
-
-
 def _storage(options: Optional[list[str]]) -> dict:
     from clip2scene.storage import parse_storage_options
 
     return _run(parse_storage_options, options)
 
+CONFIG_HELP = ("Options from a TOML file (keys = option names with _ for -; [model] / [teacher] tables), a run's "
+               "config.json, or a preset (clip2scene/configs/: annotation-free, demo, finetune-1pct, linear-probe); "
+               "options on the command line override its values.")
 
-def _parse_size(value: str) -> tuple[int, int]:
+
+def _config_from(ctx: typer.Context, command, cls, values: dict, config_file: Optional[str],
+                 fixed: Optional[dict] = None, make=None, match: tuple[str, ...] = ()):
+    """The config of a command with generated options (clip2scene.options): the --config file's
+    values, then the options typed, then `fixed` (set by the command; a file value of a `match`
+    key must equal it); `make(tree)` builds it (default: nested configs start from the field's
+    default). Every bad value: one line naming the option (and the file when it came from
+    there), exit 2. Returns (config, tree of the values set, file path)."""
+    from clip2scene.options import blame_file, build, given_params, make_config, read_config
+
+    path, file_values = _run(read_config, config_file, cls)
+    for key in match:  # e.g. a finetune config.json given to linear-probe
+        value = (fixed or {})[key]
+        if key in file_values and file_values[key] != value:
+            _fail(f"{path}: {key} = {file_values[key]!r} does not fit `clip2scene {ctx.info_name}` ({key} {value!r})")
+    given = given_params(ctx)
+    tree = _run(build, command.__options__, values, given, file_values, command.__required__, path)
+    tree.update(fixed or {})
     try:
-        h, w = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        _fail(f"--image-size {value!r}: expected HxW, e.g. 224x416")
-    return h, w  # positive multiples of the patch: TeacherConfig / load_teacher
-
-
-def _parse_channels(value: Optional[str]):
-    if value is None:
-        return None
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        _fail(f"--channels {value!r}: expected 9 comma-separated integers")
+        return (make or (lambda t: make_config(cls, t)))(tree), tree, path
+    except ValueError as e:  # ConfigError, or a knob of SimulatedConfig
+        _fail(str(blame_file(e if isinstance(e, Clip2SceneError) else Clip2SceneError(str(e)), path, file_values,
+                             command.__options__, given)))
 
 
 def _print_version(value: bool) -> None:
@@ -191,32 +193,6 @@ def _make_sample(out: Path, format: str, scenes: int, keyframes: int, sweeps: in
 
 
 # ---------------------------------------------------------------------------------- precompute
-def _parse_window(option: str, value: Optional[str]) -> Optional[tuple[int, int]]:
-    """--window / --stride: N (square) or HxW pixels; None stays None."""
-    if value is None:
-        return None
-    try:
-        parts = [int(v) for v in value.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0:
-        _fail(f"{option} {value!r}: expected a positive size in pixels, N or HxW (e.g. 448 or 448x896)")
-    return parts[0], parts[1]
-
-
-def _teacher_config(clip_model: str, clip_weights: str, image_size: str, key_smoothing: bool = False,
-                    prompt_denoising: bool = False, denoise_threshold: float = 0.5, teacher: str = "maskclip",
-                    window: Optional[str] = None, stride: Optional[str] = None, pamr: bool = False):
-    from clip2scene.precompute.teacher.config import TeacherConfig
-
-    win, step = _parse_window("--window", window), _parse_window("--stride", stride)
-    return _run(TeacherConfig, model=clip_model, weights=clip_weights, image_size=_parse_size(image_size),
-                key_smoothing=key_smoothing, prompt_denoising=prompt_denoising, denoise_threshold=denoise_threshold,
-                teacher=teacher, window=win, stride=step, pamr=pamr)
-
-
 def _window_text(fp: dict) -> str:
     """' window HxW stride HxW' of a teacher fingerprint ('' without windows), plus ' +PAMR'."""
     out = ""
@@ -229,10 +205,13 @@ SIMULATED_NOTE = ("SIMULATED teacher: pseudo-labels made from the synthetic samp
                   "errors (not CLIP; see docs/simulated-teacher.md)")
 
 
-def _simulated_teacher_config(image_size: str):
+def _simulated_teacher_config(image_size: tuple[int, int] | str):
+    """The simulated teacher at `image_size` ((H, W) or text HxW)."""
+    from clip2scene.options import parse_hw
     from clip2scene.precompute.teacher.config import TeacherConfig
 
-    return TeacherConfig(model="simulated", weights="none", image_size=_parse_size(image_size), teacher="simulated")
+    size = _run(parse_hw, "--image-size", image_size) if isinstance(image_size, str) else image_size
+    return _run(TeacherConfig, model="simulated", weights="none", image_size=size, teacher="simulated")
 
 
 def _print_precompute(meta: dict) -> None:
@@ -266,85 +245,74 @@ def _print_precompute(meta: dict) -> None:
     if t["weights_sha256"] == "random":
         typer.echo(f"  WARNING: {RANDOM_TEACHER}")
 
+def _precompute_config(tree: dict):
+    """PrecomputeConfig from nested field values; the [teacher] values are read as the CLI means
+    them: model none = labels only (no teacher), teacher simulated = the simulated teacher, no
+    image_size = the dataset's default for that model (full camera size with a window)."""
+    from clip2scene.options import make_config
+    from clip2scene.precompute.pipeline import DATASETS, PrecomputeConfig, default_image_size
+    from clip2scene.precompute.teacher.config import TeacherConfig
+
+    tree = dict(tree)
+    t = tree.pop("teacher", None) or {}
+    dataset = tree.get("dataset", "nuscenes")
+    known = dataset if dataset in DATASETS else "nuscenes"  # an unknown one: PrecomputeConfig names it
+    if t.get("teacher") == "simulated":
+        teacher = _simulated_teacher_config(t.get("image_size") or default_image_size(known, "ViT-B-16"))
+    elif t.get("model") == "none":
+        teacher = None
+    else:
+        size = t.get("image_size") or default_image_size(known, t.get("model", "ViT-B-16"),
+                                                         windowed=t.get("window") is not None)
+        teacher = TeacherConfig(**{**t, "image_size": size})
+    return make_config(PrecomputeConfig, dict(tree, teacher=teacher))
+
+
+def _precompute_options():
+    from clip2scene.precompute.pipeline import PrecomputeConfig
+
+    return options_for(PrecomputeConfig, defaults={"image_size": None})
+
 
 @app.command()
-def precompute(
-    dataroot: Path = typer.Option(..., help="Dataset root folder."),
-    out: str = typer.Option(..., help="Cache to create: folder or fsspec URL (s3://bucket/c.zarr)."),
-    dataset: str = typer.Option("nuscenes", help="Dataset format: nuscenes, semantickitti, scannet."),
-    version: Optional[str] = typer.Option(None, help="Dataset version: nuScenes v1.0-mini or v1.0-trainval (default), SemanticKITTI semantickitti, ScanNet scannet-25k."),
-    split: Optional[str] = typer.Option(None, help="Only this split (train/val); default all."),
-    sweeps: int = typer.Option(3, help="Lidar frames per scan: keyframe + K-1 previous sweeps (1..10)."),
-    class_set: Optional[str] = typer.Option(None, help="Prompt class set: nuscenes, semantickitti, cityscapes, scannet, all (default: the dataset's)."),
-    teacher: str = typer.Option("maskclip", help="Dense-CLIP method: maskclip (the paper's), sclip, clearclip, naclip (docs: Choosing a teacher); or simulated: make-sample data only, MaskCLIP-shaped outputs with CLIP-like errors from the sample's class maps, no weights (--clip-model/--clip-weights ignored; docs/simulated-teacher.md)."),
-    clip_model: str = typer.Option("ViT-B-16", help="open_clip ViT backbone (ViT-B-16, ViT-L-14, ViT-B-16-quickgelu, ...), or none: cache points and labels only (no teacher)."),
-    clip_weights: str = typer.Option("openai", help="open_clip tag, checkpoint file, local-dir:DIR, or none (random)."),
-    image_size: Optional[str] = typer.Option(None, help="Teacher input size HxW (default per dataset: nuscenes 224x416, semantickitti 128x416, scannet 240x320; with --window the full camera resolution, nuscenes 896x1600, semantickitti 384x1248, scannet 480x640; rounded to the patch size)."),
-    window: Optional[str] = typer.Option(None, help="Sliding-window inference: window N or HxW pixels of the teacher input (e.g. 448), logits averaged on overlaps; default: the whole image at once."),
-    stride: Optional[str] = typer.Option(None, help="Sliding-window stride N or HxW pixels (default half the window, in whole patches)."),
-    pamr: bool = typer.Option(False, help="PAMR refinement of the class scores on the teacher-input pixels (NACLIP's post-processing)."),
-    key_smoothing: bool = typer.Option(False, help="MaskCLIP key smoothing of the class scores."),
-    prompt_denoising: bool = typer.Option(False, help="MaskCLIP prompt denoising (drop classes absent from an image)."),
-    denoise_threshold: float = typer.Option(0.5, help="Prompt-denoising threshold on a class's max probability."),
-    device: str = typer.Option("cpu", help="Teacher device (cpu, cuda)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing cache."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N scans."),
-    workers: int = typer.Option(0, help="Run blocks on a local Dask cluster of N worker processes (0 = in this process)."),
-    scheduler: Optional[str] = typer.Option(None, help="Run blocks on an existing Dask scheduler, tcp://HOST:PORT."),
-    block_size: int = typer.Option(16, help="Scans per block (unit of work, writing and resuming)."),
-    on_error: str = typer.Option("stop", help="A bad sample: stop (error naming the file) or skip (recorded in the manifest)."),
-    feature_dtype: str = typer.Option("int8", help="Teacher feature maps on disk: int8 with a per-patch scale, or float16 (twice the size)."),
-    teacher_precision: str = typer.Option("auto", help="Teacher compute: auto (float16 on CUDA, bfloat16 on CPUs with AMX, else float32), float32, bfloat16, float16 (CUDA only)."),
-    storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
-) -> None:
+@lazy_options(_precompute_options, required=("dataroot", "out"))
+def precompute(ctx: typer.Context, config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+               **options) -> None:
     """Stage one: run MaskCLIP once per scan and write the per-point cache (resumes an interrupted run)."""
-    from clip2scene.precompute.pipeline import DATASETS, PrecomputeConfig, default_image_size, run_precompute
+    from clip2scene.precompute.pipeline import PrecomputeConfig, run_precompute
 
     # every option is validated by PrecomputeConfig / TeacherConfig (one line, exit 2)
-    known = dataset if dataset in DATASETS else "nuscenes"
-    size = image_size or "x".join(map(str, default_image_size(known, clip_model, windowed=window is not None)))
-    if teacher == "simulated":
-        teacher_cfg = _simulated_teacher_config(image_size or "x".join(map(str, default_image_size(known, "ViT-B-16"))))
-    else:
-        teacher_cfg = None if clip_model == "none" else _teacher_config(clip_model, clip_weights, size, key_smoothing,
-                                                                        prompt_denoising, denoise_threshold, teacher,
-                                                                        window, stride, pamr)
-    cfg = _run(PrecomputeConfig, dataroot=dataroot, out=out, dataset=dataset, version=version, split=split,
-               sweeps=sweeps, class_set=class_set or known, teacher=teacher_cfg,
-               device=device, overwrite=overwrite, limit=limit, workers=workers, scheduler=scheduler,
-               block_size=block_size, on_error=on_error, storage_options=_storage(storage_option),
-               feature_dtype=feature_dtype, teacher_precision=teacher_precision)
+    cfg, _, _ = _config_from(ctx, precompute, PrecomputeConfig, options, config, make=_precompute_config)
     try:
         meta = _run(run_precompute, cfg)
     except KeyboardInterrupt:
         _interrupted("precompute stopped: the blocks finished so far are kept; rerun the same command to resume")
-    meta["path"] = str(out)
+    meta["path"] = str(cfg.out)
     _print_precompute(meta)
 
 
 # ---------------------------------------------------------------------------------- train
-def _model_config(arch: str, channels: Optional[str]):
-    """ModelConfig from --arch / --channels (ModelConfig validates: one-line error on bad values)."""
-    from clip2scene.train.nets import ModelConfig
+def _train_options(exclude: tuple[str, ...] = ()):
+    def make():
+        from clip2scene.train.trainer import TrainConfig
 
-    chans = _parse_channels(channels)
-    return _run(ModelConfig, arch=arch, **({} if chans is None else dict(channels=chans)))
+        return options_for(TrainConfig, exclude=exclude)
+
+    return make
 
 
-def _train_config(cache, out, *, arch="spvcnn", channels=None, given: Optional[set[str]] = None, **fields):
-    """TrainConfig from CLI values (TrainConfig validates them); `fields` are TrainConfig fields
-    by name. With --resume, the options not `given` (typed) come from the checkpoint's run."""
+def _train_config(ctx: typer.Context, command, options: dict, config_file: Optional[str] = None,
+                  fixed: Optional[dict] = None):
+    """TrainConfig from --config and the typed options (TrainConfig validates them). With --resume,
+    the options set nowhere (neither typed nor in the file) come from the checkpoint's run."""
+    from clip2scene.options import given_fields
     from clip2scene.train.checkpoint import load_checkpoint
     from clip2scene.train.trainer import TrainConfig, resumed_config
 
-    model = _model_config(arch, channels)
-    if fields.get("resume") is not None:
-        fields["resume"] = str(fields["resume"])
-    fields["storage_options"] = _storage(fields.pop("storage_option", None))
-    config = _run(TrainConfig, cache=str(cache), out=str(out), model=model, **fields)
+    config, tree, _ = _config_from(ctx, command, TrainConfig, options, config_file, fixed)
     if config.resume is not None:
         ckpt = _run(load_checkpoint, config.resume)
-        config = _run(resumed_config, config, ckpt, given or set(), config.resume)
+        config = _run(resumed_config, config, ckpt, given_fields(tree), config.resume)
         if int(os.environ.get("RANK", "0")) == 0 and int(ckpt["epoch"]) < config.epochs:
             typer.echo(f"resumed from epoch {int(ckpt['epoch'])} ({config.resume}): training epochs "
                        f"{int(ckpt['epoch']) + 1}-{config.epochs}")
@@ -410,95 +378,25 @@ def _print_val(s: dict) -> None:
                f"  validation on {v['split']} ({v['scans']} scan{'s' if v['scans'] != 1 else ''}): {v['metric']} {_fmt(v['score']).strip()} (no best.pt: undefined)")
 
 
-_WARMUP_HELP = "Linear warm-up steps before the cosine (default: half the first epoch, at most 300; 0 = off)."
-_CLIP_HELP = "Clip the total gradient L2 norm to this (default off; the norm is logged in metrics.jsonl every step)."
-_SCALING_HELP = "How learning rates follow --batch-size / --reference-batch: linear, sqrt or none."
-_DIV_FACTOR_HELP = "A step's loss above this x the running median is reported as a divergence."
-_DIV_WINDOW_HELP = "Steps in the running median of the divergence check."
-_STOP_HELP = "Stop (exit 2) at the first divergence, keeping the last good epoch's checkpoint."
-_VAL_EVERY_HELP = "Validate every N epochs and after the last one; best.pt keeps the best score (0 = off)."
-_VAL_SPLIT_HELP = ("Cached split to validate on: ground-truth mIoU where the cache has labels, else (train) the "
-                   "agreement with the teacher.")
-_MAX_STEPS_HELP = "Stop after N optimiser steps (a smoke run; the learning-rate schedule stays the full run's)."
-_WANDB_HELP = "Also log to Weights & Biases (needs the wandb package; project from WANDB_PROJECT, default clip2scene)."
-
-
-def _training_options(
-    split: str = typer.Option("train", help="Cached split to train on."),
-    epochs: int = typer.Option(20, help="Epochs."),
-    batch_size: int = typer.Option(4, help="Scans per step."),
-    lr: float = typer.Option(0.1, help="SGD learning rate (momentum 0.9, weight decay 1e-4, cosine schedule)."),
-    tau: float = typer.Option(0.5, help="SCR temperature."),
-    voxel_size: Optional[float] = typer.Option(None, help="Voxel size in metres (default: the dataset's, 0.1 outdoor, 0.05 ScanNet)."),
-    arch: str = typer.Option("spvcnn", help="Student: spvcnn (paper) or minkunet."),
-    channels: Optional[str] = typer.Option(None, help="9 comma-separated widths (default 32,32,64,128,256,256,128,96,96)."),
-    sweeps: Optional[int] = typer.Option(None, help="Use the first K cached lidar frames per scan (default all)."),
-    views: str = typer.Option("border", help="Teacher view of a point seen by several cameras: border (farthest from the image border) or mean (average over all, OpenScene-style)."),
-    scr_weight: float = typer.Option(1.0, help="SCR loss weight (0 = off)."),
-    ssr_weight: float = typer.Option(1.0, help="SSR loss weight (0 = off)."),
-    kl_weight: float = typer.Option(0.0, help="KL loss weight (the paper's failing ablation)."),
-    ssr_lambda: float = typer.Option(1.0, help="SSR attention temperature lambda."),
-    ssr_grid: float = typer.Option(0.1, help="SSR grid cell in metres."),
-    self_training: str = typer.Option("point", help="S3 switch: point (paper), batch (released code) or off."),
-    switch_epoch: Optional[int] = typer.Option(None, help="First epoch (0-based) of S3 switching (default epochs // 2)."),
-    switch_prob: float = typer.Option(0.5, help="S3 probability of the network's own prediction."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    workers: int = typer.Option(0, help="DataLoader workers (spawned processes)."),
-    seed: int = typer.Option(0, help="Random seed."),
-    augment: bool = typer.Option(True, help="Random z-rotation and flips."),
-    precise_bn_batches: int = typer.Option(16, help="Re-estimate BatchNorm statistics on N batches at the end (0 = off)."),
-    keep_checkpoints: bool = typer.Option(False, help="Also keep checkpoint_epochK.pt of every epoch (resume points)."),
-    storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
-    warmup_steps: Optional[int] = typer.Option(None, help=_WARMUP_HELP),
-    clip_grad_norm: Optional[float] = typer.Option(None, help=_CLIP_HELP),
-    lr_scaling: str = typer.Option("linear", help=_SCALING_HELP),
-    reference_batch: int = typer.Option(4, help="The recipe's global batch that --lr is given for (method.md section 5: pre-training batch 4)."),
-    divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
-    divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
-    stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
-    val_every: int = typer.Option(0, help=_VAL_EVERY_HELP),
-    val_split: str = typer.Option("val", help=_VAL_SPLIT_HELP),
-    max_steps: Optional[int] = typer.Option(None, help=_MAX_STEPS_HELP),
-    wandb: bool = typer.Option(False, help=_WANDB_HELP),
-):
-    """Typer options shared by train and ablate (collected by _with_training_options)."""
-
-
-def _with_training_options(fn):
-    """Give `fn` the options of _training_options (typer reads the signature)."""
-    import inspect
-
-    extra = list(inspect.signature(_training_options, eval_str=True).parameters.values())
-    sig = inspect.signature(fn, eval_str=True)
-    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    fn.__signature__ = sig.replace(parameters=params + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in extra])
-    return fn
-
-
 @app.command()
-@_with_training_options
-def train(
-    ctx: typer.Context,
-    cache: str = typer.Option(..., help="Cache written by precompute (folder or URL)."),
-    out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, config.json)."),
-    resume: Optional[Path] = typer.Option(None, help="Checkpoint to continue from: options not given are the run's own "
-                                                     "(model, lr, ...); a larger --epochs extends the run."),
-    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
-    **options,
-) -> None:
+@lazy_options(_train_options(), required=("cache", "out"))
+def train(ctx: typer.Context, config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+          **options) -> None:
     """Stage two: train the sparse 3D student from the cache alone (SCR + SSR + S3 by default).
     Several processes: `torchrun --nproc-per-node N -m clip2scene.cli train ...` (DDP).
     Ctrl-C exits with code 130 and names the checkpoint that `--resume` continues from."""
     from clip2scene.train.trainer import train as run_train
 
-    config = _train_config(cache, out, resume=resume, overwrite=overwrite, given=_given(ctx), **options)
-    _print_schedule(config, "train")
-    _print_train(_interruptible(run_train, config))
+    cfg = _train_config(ctx, train, options, config)
+    _print_schedule(cfg, "train")
+    _print_train(_interruptible(run_train, cfg))
 
 
 @app.command()
-@_with_training_options
+@lazy_options(_train_options(exclude=("resume",)))
 def ablate(
+    ctx: typer.Context,
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP + " Its cache / out are not used."),
     cache: Path = typer.Option(..., help="Cache to ablate on (its sweeps bound the sweep rows)."),
     out: Path = typer.Option(Path("runs/ablate"), help="Folder for one run per row plus ablation.md/json."),
     prompt_cache: list[str] = typer.Option([], help="NAME=PATH: a cache of the same data precomputed with "
@@ -511,8 +409,9 @@ def ablate(
     from clip2scene.train.ablate import format_table, run_ablation
 
     caches = _name_paths(prompt_cache, "--prompt-cache")
-    results = _interruptible(run_ablation, _train_config(cache, out / "base", overwrite=overwrite, **options), out,
-                             caches, eval_split)
+    base = _train_config(ctx, ablate, options, config,
+                         fixed=dict(cache=str(cache), out=str(out / "base"), overwrite=overwrite, resume=None))
+    results = _interruptible(run_ablation, base, out, caches, eval_split)
     typer.echo(format_table(results))
     typer.echo(f"table: {out / 'ablation.md'}")
 
@@ -531,8 +430,10 @@ def _name_paths(items: list[str], flag: str) -> dict[str, str]:
 
 
 @app.command("compare-teachers")
-@_with_training_options
+@lazy_options(_train_options(exclude=("resume", "overwrite")))
 def compare_teachers(
+    ctx: typer.Context,
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP + " Its cache / out are not used."),
     cache: list[str] = typer.Option(..., help="NAME=PATH: a cache of the same scans precomputed with one teacher (repeatable)."),
     out: Path = typer.Option(Path("runs/teachers"), help="Folder for one run per teacher plus teachers.md/json."),
     eval_split: str = typer.Option("val", help="Split to evaluate each student on."),
@@ -543,7 +444,8 @@ def compare_teachers(
 
     caches = _name_paths(cache, "--cache")
     first = next(iter(caches.values()))
-    results = _run(run_teacher_comparison, _train_config(first, out / "base", **options), caches, out, eval_split)
+    base = _train_config(ctx, compare_teachers, options, config, fixed=dict(cache=first, out=str(out / "base"), overwrite=False, resume=None))
+    results = _run(run_teacher_comparison, base, caches, out, eval_split)
     typer.echo(format_teacher_table(results))
     typer.echo(f"table: {out / 'teachers.md'}")
 
@@ -582,32 +484,29 @@ def _print_eval(r: dict) -> None:
     if random:
         typer.echo("WARNING: the teacher was randomly initialised (no CLIP weights): these numbers are not meaningful.")
 
+def _eval_options():
+    from clip2scene.train.evaluate import EvalConfig
+
+    return options_for(EvalConfig)
+
 
 @app.command()
-def evaluate(
-    checkpoint: Path = typer.Option(..., help="checkpoint.pt from train, finetune or linear-probe."),
-    cache: str = typer.Option(..., help="Cache with ground-truth labels (folder or URL)."),
-    split: str = typer.Option("val", help="Cached split to evaluate."),
-    out: Optional[Path] = typer.Option(None, help="JSON result path (default next to the checkpoint)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
-    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N scans of the split (a smoke run)."),
-) -> None:
+@lazy_options(_eval_options, required=("checkpoint", "cache"))
+def evaluate(ctx: typer.Context, **options) -> None:
     """mIoU (the dataset's protocol) of a checkpoint on a cached split: annotation-free for a
     distillation checkpoint (text embeddings), classifier argmax for a fine-tuned one."""
 
+    from clip2scene.storage import open_cache
     from clip2scene.train.checkpoint import load_checkpoint
     from clip2scene.train.evaluate import EvalConfig, evaluate as run_eval
     from clip2scene.train.finetune import SEGMENTER_KIND, evaluate_segmenter
 
-    from clip2scene.storage import open_cache
-
-    opts = _storage(storage_option)
-    cfg = _run(EvalConfig, checkpoint=str(checkpoint), cache=str(cache), split=split,
-               out=str(out) if out else None, device=device, storage_options=opts, limit=limit)
+    cfg, _, _ = _config_from(ctx, evaluate, EvalConfig, options, None)
+    checkpoint, split = Path(cfg.checkpoint), cfg.split
     if _run(load_checkpoint, checkpoint).get("kind") == SEGMENTER_KIND:
-        r = _run(evaluate_segmenter, checkpoint, _run(open_cache, cache, opts), split, device, limit=limit)
-        path = out or checkpoint.parent / f"eval_{split}.json"
+        r = _run(evaluate_segmenter, checkpoint, _run(open_cache, cfg.cache, cfg.storage_options), split, cfg.device,
+                 limit=cfg.limit)
+        path = Path(cfg.out) if cfg.out else checkpoint.parent / f"eval_{split}.json"
         r["split"] = split
         path.write_text(json.dumps(r, indent=2))
         typer.echo(f"{split}: {_scans(r)}, {r['points']} points; mIoU {_fmt(r['miou'])}")
@@ -634,106 +533,39 @@ def _print_finetune(r: dict) -> None:
         typer.echo(f"  {r['eval_split']}: mIoU {_fmt(r['miou'])} over {r['eval_scans']} scans")
     typer.echo(f"  result: {r['json']}")
 
+def _finetune_options(exclude: tuple[str, ...] = ()):
+    def make():
+        from clip2scene.train.finetune import FinetuneConfig
 
-def _finetune_cmd(mode: str, checkpoint: str, cache: Path, out: Path, label_fraction: float, epochs: int,
-                  batch_size: int, lr: float, head_lr_mult: float, lovasz_weight: float, eval_split: str,
-                  voxel_size: Optional[float], arch: str, channels: Optional[str], device: str, workers: int, seed: int,
-                  augment: bool, storage_option: Optional[list[str]] = None, overwrite: bool = False,
-                  **guard) -> None:
+        return options_for(FinetuneConfig, exclude=exclude)
+
+    return make
+
+
+def _finetune_cmd(ctx: typer.Context, command, mode: str, options: dict, config_file: Optional[str]) -> None:
     from clip2scene.train.finetune import FinetuneConfig, finetune
 
-    model = _model_config(arch, channels)
-    cfg = _run(FinetuneConfig, cache=str(cache), out=str(out), checkpoint=None if checkpoint == "none" else checkpoint,
-                         mode=mode, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
-                         head_lr_mult=head_lr_mult, lovasz_weight=lovasz_weight,
-                         eval_split=None if eval_split == "none" else eval_split, voxel_size=voxel_size,
-                         device=device, workers=workers, seed=seed, augment=augment, model=model,
-                         storage_options=_storage(storage_option), overwrite=overwrite, **guard)
+    cfg, _, _ = _config_from(ctx, command, FinetuneConfig, options, config_file, fixed=dict(mode=mode),
+                             match=("mode",))
     _print_schedule(cfg, "finetune")
     _print_finetune(_interruptible(finetune, cfg))
 
 
 @app.command()
-def finetune(
-    checkpoint: str = typer.Option(..., help="Pre-trained checkpoint.pt from train, or none (random init baseline)."),
-    cache: str = typer.Option(..., help="Cache with labels, folder or URL (a labels-only cache from --clip-model none works)."),
-    out: Path = typer.Option(..., help="Run folder (checkpoint.pt, metrics.jsonl, result.json)."),
-    label_fraction: float = typer.Option(1.0, help="Labelled fraction of the training scans: 0.01 = every 100th scan."),
-    epochs: int = typer.Option(24, help="Epochs."),
-    batch_size: int = typer.Option(8, help="Scans per step."),
-    lr: float = typer.Option(0.02, help="Backbone SGD learning rate (cosine)."),
-    head_lr_mult: float = typer.Option(100.0, help="Classifier learning rate = lr x this."),
-    lovasz_weight: float = typer.Option(1.0, help="Weight of Lovasz-softmax next to cross-entropy."),
-    eval_split: str = typer.Option("val", help="Split to evaluate at the end (none = skip)."),
-    voxel_size: Optional[float] = typer.Option(None, help="Voxel size (default: the checkpoint's, else the dataset's)."),
-    arch: str = typer.Option("spvcnn", help="Architecture for random init: spvcnn or minkunet."),
-    channels: Optional[str] = typer.Option(None, help="9 widths for random init (default the paper's)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    workers: int = typer.Option(0, help="DataLoader workers."),
-    seed: int = typer.Option(0, help="Random seed."),
-    augment: bool = typer.Option(True, help="Random z-rotation and flips."),
-    storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
-    head_input: str = typer.Option("l2", help="Classifier input: l2 (unit-norm point features; the recipe's head lr is stable on them) or raw."),
-    warmup_steps: Optional[int] = typer.Option(None, help=_WARMUP_HELP),
-    clip_grad_norm: Optional[float] = typer.Option(None, help=_CLIP_HELP),
-    lr_scaling: str = typer.Option("linear", help=_SCALING_HELP),
-    reference_batch: int = typer.Option(8, help="The recipe's batch that --lr is given for (method.md section 5: released fine-tuning config, batch 8)."),
-    divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
-    divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
-    stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
-    val_every: int = typer.Option(0, help=_VAL_EVERY_HELP),
-    val_split: str = typer.Option("val", help="Cached split to validate on during training (ground-truth mIoU)."),
-    max_steps: Optional[int] = typer.Option(None, help=_MAX_STEPS_HELP),
-    wandb: bool = typer.Option(False, help=_WANDB_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
-) -> None:
+@lazy_options(_finetune_options(), required=("checkpoint", "cache", "out"))
+def finetune(ctx: typer.Context, config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+             **options) -> None:
     """Supervised fine-tuning (cross-entropy + Lovasz) from a pre-trained or random backbone.
     Ctrl-C exits with code 130 (no resume: start again with --overwrite)."""
-    _finetune_cmd("finetune", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
-                  lovasz_weight, eval_split, voxel_size, arch, channels, device, workers, seed, augment, storage_option,
-                  overwrite=overwrite, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
-                  lr_scaling=lr_scaling, reference_batch=reference_batch, divergence_factor=divergence_factor,
-                  divergence_window=divergence_window, stop_on_divergence=stop_on_divergence, val_every=val_every,
-                  val_split=val_split, max_steps=max_steps, wandb=wandb)
+    _finetune_cmd(ctx, finetune, "finetune", options, config)
 
 
 @app.command("linear-probe")
-def linear_probe(
-    checkpoint: str = typer.Option(..., help="Pre-trained checkpoint.pt from train."),
-    cache: str = typer.Option(..., help="Cache with labels (folder or URL)."),
-    out: Path = typer.Option(..., help="Run folder."),
-    label_fraction: float = typer.Option(1.0, help="Labelled fraction of the training scans."),
-    epochs: int = typer.Option(24, help="Epochs."),
-    batch_size: int = typer.Option(8, help="Scans per step."),
-    lr: float = typer.Option(0.02, help="Base learning rate; the linear head trains at lr x head-lr-mult."),
-    head_lr_mult: float = typer.Option(100.0, help="Classifier learning rate = lr x this."),
-    lovasz_weight: float = typer.Option(1.0, help="Weight of Lovasz-softmax next to cross-entropy."),
-    eval_split: str = typer.Option("val", help="Split to evaluate at the end (none = skip)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    workers: int = typer.Option(0, help="DataLoader workers."),
-    seed: int = typer.Option(0, help="Random seed."),
-    storage_option: Optional[list[str]] = typer.Option(None, help=_STORAGE_HELP),
-    head_input: str = typer.Option("l2", help="Classifier input: l2 (unit-norm point features; the recipe's head lr is stable on them) or raw."),
-    warmup_steps: Optional[int] = typer.Option(None, help=_WARMUP_HELP),
-    clip_grad_norm: Optional[float] = typer.Option(None, help=_CLIP_HELP),
-    lr_scaling: str = typer.Option("linear", help=_SCALING_HELP),
-    reference_batch: int = typer.Option(8, help="The recipe's batch that --lr is given for (method.md section 5: released fine-tuning config, batch 8)."),
-    divergence_factor: float = typer.Option(10.0, help=_DIV_FACTOR_HELP),
-    divergence_window: int = typer.Option(50, help=_DIV_WINDOW_HELP),
-    stop_on_divergence: bool = typer.Option(False, help=_STOP_HELP),
-    val_every: int = typer.Option(0, help=_VAL_EVERY_HELP),
-    val_split: str = typer.Option("val", help="Cached split to validate on during training (ground-truth mIoU)."),
-    max_steps: Optional[int] = typer.Option(None, help=_MAX_STEPS_HELP),
-    wandb: bool = typer.Option(False, help=_WANDB_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a previous run in --out (its run files are removed)."),
-) -> None:
+@lazy_options(_finetune_options(exclude=("voxel_size", "model", "augment")), required=("checkpoint", "cache", "out"))
+def linear_probe(ctx: typer.Context, config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+                 **options) -> None:
     """Linear probe: frozen pre-trained backbone, a linear classifier trained on labels."""
-    _finetune_cmd("linear", checkpoint, cache, out, label_fraction, epochs, batch_size, lr, head_lr_mult,
-                  lovasz_weight, eval_split, None, "spvcnn", None, device, workers, seed, True, storage_option,
-                  overwrite=overwrite, head_input=head_input, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
-                  lr_scaling=lr_scaling, reference_batch=reference_batch, divergence_factor=divergence_factor,
-                  divergence_window=divergence_window, stop_on_divergence=stop_on_divergence, val_every=val_every,
-                  val_split=val_split, max_steps=max_steps, wandb=wandb)
+    _finetune_cmd(ctx, linear_probe, "linear", options, config)
 
 
 @app.command()
@@ -890,9 +722,31 @@ def cache_merge(caches: list[str] = typer.Argument(..., help="Two or more caches
 DEMO_SAMPLE = dict(scenes=4, keyframes=3, sweeps=2, lidar_azimuth_steps=64, image_width=200, image_height=113)
 DEMO_IMAGE_SIZE = "224x416"  # teacher input (MaskCLIP's nuScenes size): a 14 x 26 patch grid
 DEMO_SWEEPS = 3
-DEMO_CHANNELS = (16, 16, 32, 32, 64, 64, 32, 16, 16)
-DEMO_BATCH, DEMO_LR, DEMO_EPOCHS = 2, 0.1, 80
-DEMO_TAU = 0.1  # SCR temperature: sharper than the paper's 0.5, which left the small student predicting few classes
+# The demo's student and schedule: the preset clip2scene/configs/demo.toml (also `train --config demo`):
+# a narrow SPVCNN (one residual block per stage), 80 epochs, batch 2, lr 0.1, SCR temperature 0.1
+# (sharper than the paper's 0.5, which left the small student predicting few classes).
+DEMO_PRESET = PRESETS / "demo.toml"
+
+
+def _demo_preset() -> dict:
+    import tomllib
+
+    return tomllib.loads(DEMO_PRESET.read_text())
+
+
+_DEMO = _demo_preset()
+DEMO_CHANNELS = tuple(_DEMO["model"]["channels"])
+DEMO_BATCH, DEMO_LR, DEMO_EPOCHS, DEMO_TAU = _DEMO["batch_size"], _DEMO["lr"], _DEMO["epochs"], _DEMO["tau"]
+
+
+def demo_train_config(cache: str, out: str, epochs: Optional[int] = None):
+    """The TrainConfig `clip2scene demo` trains with: the demo preset, on `cache` into `out`."""
+    from clip2scene.options import make_config, read_config
+    from clip2scene.train.trainer import TrainConfig
+
+    _, tree = read_config(str(DEMO_PRESET), TrainConfig)
+    tree.update(cache=cache, out=out, **({} if epochs is None else dict(epochs=epochs)))
+    return make_config(TrainConfig, tree)
 
 
 @app.command()
@@ -901,7 +755,7 @@ def demo(
     clip_weights: Optional[str] = typer.Option(None, help="Run MaskCLIP ViT-B-16 with these CLIP weights (open_clip tag, "
                                                           "file, local-dir:DIR, or none = random ViT). Default: the "
                                                           "simulated teacher (no weights needed)."),
-    epochs: int = typer.Option(DEMO_EPOCHS, help="Training epochs."),
+    epochs: int = typer.Option(DEMO_EPOCHS, help="Training epochs (the demo preset's, clip2scene/configs/demo.toml)."),
 ) -> None:
     """Whole pipeline on a built-in synthetic sample: sample -> precompute -> train -> evaluate.
 
@@ -936,7 +790,10 @@ def demo(
         typer.echo(f"[2/4] precompute: {SIMULATED_NOTE}, on {6 * sample_cfg.scenes * sample_cfg.keyframes} images")
         typer.echo("  (no CLIP weights given; `clip2scene demo --clip-weights FILE` runs MaskCLIP ViT-B-16 instead)")
     else:
-        teacher = _teacher_config("ViT-B-16", clip_weights, DEMO_IMAGE_SIZE)
+        from clip2scene.options import parse_hw
+        from clip2scene.precompute.teacher.config import TeacherConfig
+
+        teacher = _run(TeacherConfig, model="ViT-B-16", weights=clip_weights, image_size=parse_hw("", DEMO_IMAGE_SIZE))
         typer.echo(f"[2/4] precompute: MaskCLIP ViT-B-16 (weights {clip_weights}) over "
                    f"{6 * sample_cfg.scenes * sample_cfg.keyframes} images")
     cfg = PrecomputeConfig(dataroot=root, out=workdir / "cache.zarr", version="v1.0-mini", sweeps=DEMO_SWEEPS,
@@ -948,12 +805,7 @@ def demo(
     typer.echo(f"  cache size {info['stored_bytes'] / 2**20:.2f} MiB ({info['bytes_per_visible_point']:.0f} B per "
                f"visible point); took {lap()}")
     typer.echo(f"[3/4] train: SPVCNN (spconv, narrow) from the cache, SCR + SSR + S3, {epochs} epochs, tau {DEMO_TAU}")
-    from clip2scene.train.nets import ModelConfig
-    from clip2scene.train.trainer import TrainConfig
-
-    tcfg = TrainConfig(cache=str(cfg.out), out=str(workdir / "run"), epochs=epochs, batch_size=DEMO_BATCH, lr=DEMO_LR,
-                       tau=DEMO_TAU, precise_bn_batches=4,
-                       model=ModelConfig(arch="spvcnn", channels=DEMO_CHANNELS, blocks_per_stage=1))
+    tcfg = _run(demo_train_config, str(cfg.out), str(workdir / "run"), epochs)
     _print_train(_run(run_train, tcfg))
     typer.echo(f"  took {lap()}")
     typer.echo("[4/4] evaluate: annotation-free mIoU on the val scene (devkit protocol)")

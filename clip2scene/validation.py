@@ -7,6 +7,7 @@ place where an option's valid range is written down. Pure Python: both stages im
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -81,6 +82,30 @@ def check_text(name: str, value, allow_none: bool = False) -> None:
         return
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{option(name)} {value!r}: expected a non-empty string")
+
+
+def opt(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING, flag: str | None = None,
+        cli: bool = True, parse: str | None = None, none: str | None = None):
+    """A config dataclass field that is also a command-line option (clip2scene.options builds the
+    typer options and reads --config files from these fields).
+
+    help: the option's --help text. flag: its CLI spelling when it differs from the field name
+    (``--clip-model`` for TeacherConfig.model). cli=False: settable from a --config file and the
+    library only, no flag. parse: name of the text parser of a tuple field (``"hw"`` 224x416,
+    ``"window"`` N or HxW, ``"widths"`` 9 comma-separated integers). none: the word that means
+    None on the command line (``"none"`` for --eval-split none)."""
+    metadata = {"help": help, "flag": flag, "cli": cli, "parse": parse, "none": none}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+# help texts shared by the fields of several configs (train and finetune guard rails, storage)
+STORAGE_HELP = "fsspec option for a cache URL, key=value (repeatable), e.g. client_kwargs.endpoint_url=http://host:9000."
+WARMUP_HELP = "Linear warm-up steps before the cosine (default: half the first epoch, at most 300; 0 = off)."
+CLIP_HELP = "Clip the total gradient L2 norm to this (default off; the norm is logged in metrics.jsonl every step)."
+SCALING_HELP = "How learning rates follow --batch-size / --reference-batch: linear, sqrt or none."
+DIV_FACTOR_HELP = "A step's loss above this x the running median is reported as a divergence."
+DIV_WINDOW_HELP = "Steps in the running median of the divergence check."
+STOP_HELP = "Stop (exit 2) at the first divergence, keeping the last good epoch's checkpoint."
 
 
 def check_installed(name: str, value, module: str) -> None:

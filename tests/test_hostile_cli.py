@@ -171,6 +171,40 @@ def test_hostile_cli(args, fragment, disk, sample, cache, tmp_path, request):
     assert time.perf_counter() - t0 < 120  # refused up front, never a hang
 
 
+# precompute --config FILE: (id, file name, file text, extra command line, fragment of the error line);
+# every row leaves --out absent
+CONFIG_CASES = [
+    ("config-missing", None, None, [], "--config {tmp}/none.toml: file not found"),
+    ("config-bad-toml", "p.toml", "sweeps = [", [], "{tmp}/p.toml: not valid TOML"),
+    ("config-unknown-key", "p.toml", "sweep = 2", [], "{tmp}/p.toml: unknown key 'sweep'"),
+    ("config-unknown-teacher-key", "p.toml", "[teacher]\nclip_model = 'x'", [],
+     "{tmp}/p.toml: unknown key 'teacher.clip_model'"),
+    ("config-wrong-type", "p.toml", "sweeps = '2'", [], "{tmp}/p.toml: sweeps = \"2\": expected an integer"),
+    ("config-teacher-not-a-table", "p.toml", "teacher = 'sclip'", [], "{tmp}/p.toml: teacher = 'sclip': expected a table"),
+    ("config-image-size-text", "p.toml", "[teacher]\nimage_size = '64by112'", [],
+     "{tmp}/p.toml: teacher.image_size '64by112': expected HxW"),
+    ("config-image-size-list", "p.toml", "[teacher]\nimage_size = [0, 64]", PRE[1:] + TINY[:4],
+     "--image-size 0x64: expected two positive integers HxW, e.g. 224x416 (set by teacher.image_size in {tmp}/p.toml)"),
+    ("config-sweeps-range", "p.toml", "sweeps = 11", [], "--sweeps 11: must be an integer between 1 and 10 "
+     "(set by sweeps in {tmp}/p.toml)"),
+    ("config-simulated-knob", "p.toml", "[simulated]\nmiss_far = 2.0", [], "miss_far must lie in [0, 1], got 2.0"),
+    ("config-without-dataroot", "p.toml", "sweeps = 1", ["--out", "{out}"],
+     "missing option --dataroot: give it or set dataroot in {tmp}/p.toml"),
+]
+
+
+@pytest.mark.parametrize("name,text,extra,fragment", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_hostile_precompute_config(name, text, extra, fragment, sample, tmp_path):
+    out = tmp_path / "out"
+    path = tmp_path / (name or "none.toml")
+    if text is not None:
+        path.write_text(text)
+    args = extra if extra else ["--dataroot", str(sample), "--version", "v1.0-mini", "--out", str(out), *TINY]
+    filled = [a.format(tmp=tmp_path, out=out, root=sample) for a in args]
+    assert_one_line_error(run("precompute", "--config", path, *filled), fragment.format(tmp=tmp_path))
+    assert not out.exists()
+
+
 def test_s3_without_credentials_is_one_line(s3_env):
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         s3_env.delenv(k, raising=False)

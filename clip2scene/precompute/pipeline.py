@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ from clip2scene.precompute.datasets import DATASETS, open_dataset
 from clip2scene.runtime import tune_malloc
 from clip2scene.storage import CacheWriter, Layout, Location, ScanRecord, open_cache, write_block
 from clip2scene.storage.store import Lock
-from clip2scene.validation import check_int
+from clip2scene.validation import STORAGE_HELP, check_int, opt
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +71,32 @@ def default_image_size(dataset: str, clip_model: str, windowed: bool = False) ->
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    dataroot: Path  # dataset root (nuScenes: holds samples/, sweeps/, <version>/; KITTI: sequences/; ScanNet: scans/)
-    out: Path | str  # cache to create: a folder or an fsspec URL (s3://bucket/c.zarr)
-    dataset: str = "nuscenes"  # dataset format: nuscenes, semantickitti or scannet
-    version: str | None = None  # dataset version (nuScenes: folder under dataroot, v1.0-mini / v1.0-trainval); None = the dataset's default
-    split: str | None = None  # cache only this split's scenes (train/val/...), None = all
-    sweeps: int = 3  # K lidar frames per scan: the keyframe + K-1 previous sweeps (paper: 3)
-    class_set: str = "nuscenes"  # prompt class names (clip2scene.classes)
-    teacher: TeacherConfig | None = field(default_factory=TeacherConfig)  # MaskCLIP model and weights; None = labels only
-    device: str = "cpu"  # torch device for the teacher
-    overwrite: bool = False  # replace an existing cache at `out`
-    limit: int | None = None  # only the first N scans (smoke runs)
-    view_batch: int = 6  # images per teacher forward pass
-    block_size: int = 16  # scans per block: the unit of work, of writing (whole shards) and of resuming
-    storage_options: dict = field(default_factory=dict)  # fsspec options for `out` (endpoint_url, key, ...)
-    workers: int = 0  # >0: run blocks on a local Dask cluster of this many worker processes
-    scheduler: str | None = None  # tcp://HOST:PORT of an existing Dask scheduler to run blocks on
-    on_error: str = "stop"  # a bad sample: "stop" (error naming the file) or "skip" (recorded in the manifest)
-    feature_dtype: str = "int8"  # teacher feature maps on disk: int8 x per-patch scale, or float16 (twice the bytes)
-    teacher_precision: str = "auto"  # teacher compute: auto (fp16 on CUDA, bf16 on AMX CPUs, else fp32), float32, bfloat16, float16
-    simulated: SimulatedConfig = field(default_factory=SimulatedConfig)  # knobs of teacher.teacher == "simulated"
+    dataroot: Path = opt(help="Dataset root folder (nuScenes: holds samples/, sweeps/, <version>/; KITTI: "
+                              "sequences/; ScanNet: scans/).")
+    out: Path | str = opt(help="Cache to create: folder or fsspec URL (s3://bucket/c.zarr).")
+    dataset: str = opt("nuscenes", "Dataset format: nuscenes, semantickitti, scannet.")
+    version: str | None = opt(None, "Dataset version: nuScenes v1.0-mini or v1.0-trainval (default), SemanticKITTI "
+                                    "semantickitti, ScanNet scannet-25k.")
+    split: str | None = opt(None, "Only this split (train/val); default all.")
+    sweeps: int = opt(3, "Lidar frames per scan: keyframe + K-1 previous sweeps (1..10).")
+    class_set: str | None = opt(None, "Prompt class set: nuscenes, semantickitti, cityscapes, scannet, all "
+                                      "(default: the dataset's).")
+    teacher: TeacherConfig | None = opt(default_factory=TeacherConfig, help="The teacher; None = labels only.")
+    device: str = opt("cpu", "Teacher device (cpu, cuda).")
+    overwrite: bool = opt(False, "Replace an existing cache.")
+    limit: int | None = opt(None, "Only the first N scans.")
+    view_batch: int = opt(6, "Images per teacher forward pass.", cli=False)
+    block_size: int = opt(16, "Scans per block (unit of work, writing and resuming).")
+    storage_options: dict = opt(default_factory=dict, help=STORAGE_HELP, flag="--storage-option")
+    workers: int = opt(0, "Run blocks on a local Dask cluster of N worker processes (0 = in this process).")
+    scheduler: str | None = opt(None, "Run blocks on an existing Dask scheduler, tcp://HOST:PORT.")
+    on_error: str = opt("stop", "A bad sample: stop (error naming the file) or skip (recorded in the manifest).")
+    feature_dtype: str = opt("int8", "Teacher feature maps on disk: int8 with a per-patch scale, or float16 (twice "
+                                     "the size).")
+    teacher_precision: str = opt("auto", "Teacher compute: auto (float16 on CUDA, bfloat16 on CPUs with AMX, else "
+                                         "float32), float32, bfloat16, float16 (CUDA only).")
+    simulated: SimulatedConfig = opt(default_factory=SimulatedConfig, help="Knobs of the simulated teacher.",
+                                     cli=False)
 
     def __post_init__(self) -> None:
         """Every option checked here, once: ConfigError with one line naming the option and value."""
@@ -98,6 +104,8 @@ class PrecomputeConfig:
             raise ConfigError(f"--dataset {self.dataset!r}: unknown dataset; expected one of {', '.join(DATASETS)}")
         if self.version is None:
             object.__setattr__(self, "version", DATASETS[self.dataset].version)
+        if self.class_set is None:  # the dataset's own class set (named as the dataset)
+            object.__setattr__(self, "class_set", self.dataset)
         if not str(self.dataroot):
             raise ConfigError("--dataroot: empty path")
         object.__setattr__(self, "dataroot", Path(self.dataroot))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,29 +25,27 @@ from tqdm.auto import tqdm
 
 from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import open_cache
-from clip2scene.validation import check_int, check_text, paths_to_text
-from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of
+from clip2scene.validation import STORAGE_HELP, check_int, check_text, opt, paths_to_text
+from clip2scene.train.checkpoint import check_compatible, load_checkpoint
 from clip2scene.train.data import ScanDataset, collate
-from clip2scene.train.loss import text_logits
 from clip2scene.train.metrics import ConfusionMatrix
-from clip2scene.train.nets import build_model
 from clip2scene.devices import resolve_device
-from clip2scene.train.trainer import forward_points
+from clip2scene.train.predict import eval_labels, forward_points, predict_labels
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    checkpoint: str  # checkpoint.pt written by `clip2scene train`
-    cache: str  # cache with ground-truth labels
-    split: str = "val"  # which cached scans to evaluate
-    out: str | None = None  # JSON result path; default <checkpoint folder>/eval_<split>.json
-    device: str = "cpu"  # torch device
-    batch_size: int = 1  # scans per forward pass
-    storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL
-    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N scans of the split, in cache "
-                                                              "order (a smoke run; None = all)."})
+    checkpoint: str = opt(help="checkpoint.pt from train, finetune or linear-probe.")
+    cache: str = opt(help="Cache with ground-truth labels (folder or URL).")
+    split: str = opt("val", "Cached split to evaluate.")
+    out: str | None = opt(None, "JSON result path (default <checkpoint folder>/eval_<split>.json).")
+    device: str = opt("cpu", "cpu or cuda[:i].")
+    batch_size: int = opt(1, "Scans per forward pass.", cli=False)
+    storage_options: dict = opt(default_factory=dict, help=STORAGE_HELP, flag="--storage-option")
+    limit: int | None = opt(None, "Evaluate only the first N scans of the split, in cache order (a smoke run; "
+                                  "None = all).")
 
     def __post_init__(self) -> None:
         """ConfigError naming the option and value, before any work."""
@@ -80,6 +78,32 @@ def _iou_dict(names: list[str], iou: np.ndarray) -> dict:
     return {name: _num(v) for name, v in zip(names, iou[1:])}
 
 
+@torch.no_grad()
+def score_split(model: torch.nn.Module, voxel_size: float, text: torch.Tensor | None, table: torch.Tensor,
+                cache, indices: np.ndarray, device: torch.device, batch_size: int = 1, teacher: bool = False,
+                desc: str = "evaluate", progress: bool = True):
+    """Confusion matrices of a model's predictions (`predict_labels` with `text` / `table`) on the
+    cached scans `indices` (no augmentation) against their ground-truth labels.
+
+    Returns (student ConfusionMatrix, teacher ConfusionMatrix or None, points scored); with
+    `teacher` the cached MaskCLIP pseudo-labels of the camera-visible points are scored too,
+    through the same `table` (the teacher's quality on the same points)."""
+    num = len(cache.eval_class_names) + 1  # label 0 = ignore
+    student, teacher_cm = ConfusionMatrix(num, 0), (ConfusionMatrix(num, 0) if teacher else None)
+    loader = DataLoader(ScanDataset(cache, indices, augment=False), batch_size=batch_size, shuffle=False,
+                        collate_fn=collate)
+    points = 0
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        # argmax over the classes that map to an evaluation class, then map
+        pred = predict_labels(forward_points(model, batch, voxel_size, device), text, table)
+        label = batch["label"].numpy()
+        student.update(label, pred.numpy())
+        if teacher_cm is not None:
+            teacher_cm.update(label[batch["pair_point"].numpy()], eval_labels(batch["pair_logits"], table).numpy())
+        points += len(label)
+    return student, teacher_cm, points
+
+
 @torch.inference_mode()
 def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     """Evaluate a checkpoint on a cache split; writes and returns the result dict."""
@@ -94,30 +118,15 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         raise ConfigError(f"cache {cache.path} has no scans in split {config.split!r}")
     split_scans = len(indices)
     indices = limit_scans(indices, config.limit)
-    model_config = model_config_of(ckpt)
-    model = build_model(model_config, device)
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    text = ckpt["text_embeddings"].to(device)
+    model = ckpt.load_model(device)
+    text = ckpt.text_on(device)
     names = cache.eval_class_names
-    to_eval = torch.tensor(cache.prompt_to_eval, dtype=torch.int64)  # prompt class -> eval label (0 = none)
-    unmapped = (to_eval == 0).to(device)
-    if bool(unmapped.all()):
+    table = ckpt.label_table(cache.prompt_to_eval)  # prompt class -> eval label (0 = none)
+    if not bool(table.any()):
         raise CacheError(f"cache {cache.path}: no prompt class maps to an evaluation class")
-    num = len(names) + 1  # label 0 = ignore
-    student, teacher = ConfusionMatrix(num, 0), ConfusionMatrix(num, 0)
-    loader = DataLoader(ScanDataset(cache, indices, augment=False), batch_size=config.batch_size,
-                        shuffle=False, collate_fn=collate)
-    points = 0
-    for batch in tqdm(loader, desc=f"evaluate {config.split}", unit="batch", disable=not progress):
-        feats = forward_points(model, batch, ckpt["train_config"]["voxel_size"], device)
-        # argmax over the prompt classes that map to an evaluation class, then map
-        pred = to_eval[text_logits(feats, text).masked_fill(unmapped, float("-inf")).argmax(dim=1).cpu()]
-        label = batch["label"].numpy()
-        student.update(label, pred.numpy())
-        pair_logits = batch["pair_logits"].float().masked_fill(unmapped.cpu(), float("-inf"))
-        teacher.update(label[batch["pair_point"].numpy()], to_eval[pair_logits.argmax(dim=1)].numpy())
-        points += len(label)
+    student, teacher, points = score_split(model, ckpt.voxel_size, text, table, cache, indices, device,
+                                           batch_size=config.batch_size, teacher=True,
+                                           desc=f"evaluate {config.split}", progress=progress)
     s_iou, t_iou = student.per_class_iou(), teacher.per_class_iou()
     result = dict(
         checkpoint=str(config.checkpoint),

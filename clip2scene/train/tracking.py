@@ -38,9 +38,10 @@ from torch.utils.data import DataLoader
 from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import Cache
 from clip2scene.train.data import ScanDataset, collate
+from clip2scene.train.evaluate import _num, score_split
 from clip2scene.train.loss import text_logits
 from clip2scene.train.metrics import ConfusionMatrix
-from clip2scene.train.voxelize import voxelize
+from clip2scene.train.predict import eval_labels, forward_points
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +111,6 @@ class RunLogger:
 
 
 # ------------------------------------------------------------------------------ validation
-def _forward(model: torch.nn.Module, batch: dict, voxel_size: float, device: torch.device) -> torch.Tensor:
-    """(N, D) per-point outputs of `model.forward_points` on a collated batch."""
-    xyz = batch["xyz"].to(device)
-    vox = voxelize(xyz, batch["batch"].to(device), voxel_size)
-    return model.forward_points(vox, batch["feat"].to(device))
-
-
-def _num(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
-
 @torch.no_grad()
 def distill_scores(model: torch.nn.Module, loader, text: torch.Tensor, prompt_to_eval: np.ndarray | None,
                    voxel_size: float, device: torch.device) -> dict:
@@ -137,19 +127,17 @@ def distill_scores(model: torch.nn.Module, loader, text: torch.Tensor, prompt_to
     gt = None
     if prompt_to_eval is not None:
         to_eval = torch.as_tensor(np.asarray(prompt_to_eval), dtype=torch.int64)
-        unmapped = (to_eval == 0).to(device)
         gt = ConfusionMatrix(int(to_eval.max()) + 1, 0)
     points = visible = 0
     for batch in loader:
-        logits = text_logits(_forward(model, batch, voxel_size, device).float(), text)
+        logits = text_logits(forward_points(model, batch, voxel_size, device).float(), text)
         student = logits.argmax(dim=1).cpu()
         pp = batch["pair_point"]
         if len(pp) and "pair_logits" in batch:
             agree.update(batch["pair_logits"].float().argmax(dim=1).numpy(), student[pp].numpy())
             visible += len(pp)
         if gt is not None:
-            pred = to_eval[logits.masked_fill(unmapped, float("-inf")).argmax(dim=1).cpu()]
-            gt.update(batch["label"].numpy(), pred.numpy())
+            gt.update(batch["label"].numpy(), eval_labels(logits, to_eval).numpy())
         points += len(student)
     m = agree.matrix
     scores = dict(teacher_miou=_num(agree.miou()),
@@ -160,24 +148,12 @@ def distill_scores(model: torch.nn.Module, loader, text: torch.Tensor, prompt_to
     return scores
 
 
-@torch.no_grad()
-def segmenter_scores(model: torch.nn.Module, loader, num_classes: int, voxel_size: float,
-                     device: torch.device) -> dict:
-    """Ground-truth mIoU of a fine-tuned model (`forward_points` -> (N, K) logits, label = argmax + 1)."""
-    cm = ConfusionMatrix(num_classes + 1, 0)
-    points = 0
-    for batch in loader:
-        pred = _forward(model, batch, voxel_size, device).argmax(dim=1).cpu().numpy() + 1
-        cm.update(batch["label"].numpy(), pred)
-        points += len(pred)
-    return dict(miou=_num(cm.miou()), points=points)
-
-
 class Validator:
     """Validation of a run on `split` of `cache` every `every` epochs (and after the last one).
 
-    kind "distill": `distill_scores` (needs `text`, (C, D) float32); "segmenter":
-    `segmenter_scores`. `metric` is the score `best.pt` is kept by. ConfigError (before any
+    kind "distill": `distill_scores` (needs `text`, (C, D) float32); "segmenter": the
+    ground-truth mIoU of the classifier's argmax (`evaluate.score_split`, as
+    `evaluate_segmenter`). `metric` is the score `best.pt` is kept by. ConfigError (before any
     work) when the split has no scans."""
 
     def __init__(self, cache: Cache, split: str, every: int, kind: str, voxel_size: float, device: torch.device,
@@ -189,6 +165,7 @@ class Validator:
         self.split, self.every, self.kind = split, every, kind
         self.voxel_size, self.device, self.text = voxel_size, device, text
         self.scans = len(indices)
+        self.cache, self.indices = cache, indices
         self.loader = DataLoader(ScanDataset(cache, indices, augment=False, views=views), batch_size=1,
                                  shuffle=False, collate_fn=collate)
         if kind == "distill":
@@ -215,7 +192,9 @@ class Validator:
             if self.kind == "distill":
                 scores = distill_scores(model, self.loader, self.text, self.prompt_to_eval, self.voxel_size, self.device)
             else:
-                scores = segmenter_scores(model, self.loader, self.num_classes, self.voxel_size, self.device)
+                cm, _, points = score_split(model, self.voxel_size, None, torch.arange(1, self.num_classes + 1),
+                                            self.cache, self.indices, self.device, progress=False)
+                scores = dict(miou=_num(cm.miou()), points=points)
         finally:
             model.train(was)
         return dict(scores, split=self.split, scans=self.scans, metric=self.metric, score=scores.get(self.metric))

@@ -5,7 +5,8 @@ MaskCLIP pseudo-labels on camera-visible points), SSR (Eqs. 3-4, spatial-tempora
 0.1 m cells of the merged keyframe + sweeps, fusing cached pixel features and point features),
 S3 (switchable self-training: from `switch_epoch` on, each labelled point's target is, with
 probability 0.5, the network's own prediction), and the KL ablation. SGD with momentum, cosine
-schedule over all steps.
+schedule over all steps. The loop itself (schedule, loader, step, metrics, checkpoints) is
+`clip2scene.train.loop.run_loop`; this module supplies the `Distillation` task and the resume rules.
 Each epoch writes `checkpoint.pt` (model + optimiser + scheduler + config + teacher fingerprint;
 also `checkpoint_epoch{K}.pt` with `keep_checkpoints`) and appends per-step metrics to
 `metrics.jsonl` in the run folder, and the same scalars to TensorBoard event files there (and wandb
@@ -36,34 +37,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Collection
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from clip2scene.devices import resolve_device
-from clip2scene.errors import ConfigError, Interrupted
-from clip2scene.runtime import worker_init
+from clip2scene.errors import ConfigError
 from clip2scene.storage import Cache, open_cache
 from clip2scene.storage.sampling import VIEW_RULES
-from clip2scene.train.checks import check_finite_loss, check_finite_model, refuse_existing_run, remove_run
-from clip2scene.validation import (check_bool, check_choice, check_float, check_installed, check_int, check_text, option,
-                                   paths_to_text)
+from clip2scene.train.checks import refuse_existing_run, remove_run
+from clip2scene.validation import (CLIP_HELP, DIV_FACTOR_HELP, DIV_WINDOW_HELP, SCALING_HELP, STOP_HELP, STORAGE_HELP,
+                                   WARMUP_HELP, check_bool, check_choice, check_float, check_installed, check_int,
+                                   check_text, opt, option, paths_to_text)
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of, save_checkpoint
-from clip2scene.train.data import EpochSampler, ScanDataset, collate
-from clip2scene.train.distributed import (DistEnv, all_reduce_sum, broadcast_buffers, broadcast_object,
-                                          detect_env, process_group)
+from clip2scene.train.data import ScanDataset
+from clip2scene.train.distributed import DistEnv, broadcast_object, detect_env, process_group
+from clip2scene.train.loop import LoopConfig, StepForward, build_optimizer, run_loop, schedule_info
 from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, text_logits
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
-from clip2scene.train.stability import (DivergenceMonitor, TrainingDiverged, clip_gradients, lr_scale,
-                                        resolve_warmup, validate as validate_guard_rails, warmup_cosine)
-from clip2scene.train.tracking import VAL_FILE, RunWatch, Validator, copy_checkpoint
+from clip2scene.train.stability import validate as validate_guard_rails
+from clip2scene.train.tracking import VAL_FILE, RunWatch, Validator
 from clip2scene.train.voxelize import voxelize
 
 log = logging.getLogger(__name__)
@@ -73,54 +69,57 @@ SELF_TRAINING = ("point", "batch", "off")  # S3 switch modes (see `_switch`)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    cache: str  # cache folder written by `clip2scene precompute`
-    out: str  # run folder: checkpoint.pt, metrics.jsonl, config.json
-    split: str = "train"  # which cached scans to train on
-    epochs: int = 20  # passes over the training scans
-    batch_size: int = 4  # scans per step (global: split evenly over the ranks under torchrun)
-    lr: float = 0.1  # SGD learning rate (cosine-annealed to 0 over all steps)
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-4  # SGD weight decay
-    tau: float = 0.5  # SCR temperature
-    voxel_size: float | None = None  # metres; None = the cache's dataset default (0.1 outdoor, 0.05 ScanNet)
-    augment: bool = True  # random z-rotation and x/y flips
-    device: str = "cpu"  # "cpu" or "cuda[:i]"
-    workers: int = 0  # DataLoader worker processes
-    seed: int = 0  # model init, shuffling and augmentation
-    resume: str | None = None  # checkpoint to continue from (must match the cache's teacher)
-    precise_bn_batches: int = 16  # after the last epoch, re-estimate BatchNorm statistics on this many batches (0 = off)
-    keep_checkpoints: bool = False  # also keep checkpoint_epoch{K}.pt of every epoch (resume points)
-    storage_options: dict = field(default_factory=dict)  # fsspec options when `cache` is a URL (s3://...)
-    amp: bool = True  # mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU
-    sweeps: int | None = None  # use the first K cached lidar frames per scan (None = all cached)
-    scr_weight: float = 1.0  # weight of SCR (0 = off)
-    ssr_weight: float = 1.0  # weight of SSR (0 = off)
-    kl_weight: float = 0.0  # weight of the KL ablation loss (0 = off)
-    ssr_lambda: float = 1.0  # SSR attention temperature lambda
-    ssr_grid: float = 0.1  # SSR cell size in metres
-    self_training: str = "point"  # S3 switch: "point" (paper), "batch" (released code) or "off"
-    switch_epoch: int | None = None  # first epoch (0-based) with S3 switching; None = epochs // 2
-    switch_prob: float = 0.5  # probability of using the network's own prediction
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="spvcnn"))  # student architecture
-    views: str = "border"  # teacher view per point: "border" (farthest from the image border) or "mean" (all views)
-    overwrite: bool = False  # replace a previous run in `out` (its run files are removed first)
+    cache: str = opt(help="Cache written by precompute (folder or URL).")
+    out: str = opt(help="Run folder (checkpoint.pt, metrics.jsonl, config.json).")
+    split: str = opt("train", "Cached split to train on.")
+    epochs: int = opt(20, "Epochs (passes over the training scans).")
+    batch_size: int = opt(4, "Scans per step (global: split evenly over the ranks under torchrun).")
+    lr: float = opt(0.1, "SGD learning rate at --reference-batch (momentum 0.9, weight decay 1e-4, cosine schedule).")
+    momentum: float = opt(0.9, "SGD momentum.", cli=False)
+    weight_decay: float = opt(1e-4, "SGD weight decay.", cli=False)
+    tau: float = opt(0.5, "SCR temperature.")
+    voxel_size: float | None = opt(None, "Voxel size in metres (default: the dataset's, 0.1 outdoor, 0.05 ScanNet).")
+    augment: bool = opt(True, "Random z-rotation and flips.")
+    device: str = opt("cpu", "cpu or cuda[:i].")
+    workers: int = opt(0, "DataLoader workers (spawned processes).")
+    seed: int = opt(0, "Random seed (model init, shuffling, augmentation).")
+    resume: str | None = opt(None, "Checkpoint to continue from: options not given are the run's own (model, lr, ...); "
+                                   "a larger --epochs extends the run.")
+    precise_bn_batches: int = opt(16, "Re-estimate BatchNorm statistics on N batches at the end (0 = off).")
+    keep_checkpoints: bool = opt(False, "Also keep checkpoint_epochK.pt of every epoch (resume points).")
+    storage_options: dict = opt(default_factory=dict, help=STORAGE_HELP, flag="--storage-option")
+    amp: bool = opt(True, "Mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU.", cli=False)
+    sweeps: int | None = opt(None, "Use the first K cached lidar frames per scan (default all).")
+    scr_weight: float = opt(1.0, "SCR loss weight (0 = off).")
+    ssr_weight: float = opt(1.0, "SSR loss weight (0 = off).")
+    kl_weight: float = opt(0.0, "KL loss weight (the paper's failing ablation).")
+    ssr_lambda: float = opt(1.0, "SSR attention temperature lambda.")
+    ssr_grid: float = opt(0.1, "SSR grid cell in metres.")
+    self_training: str = opt("point", "S3 switch: point (paper), batch (released code) or off.")
+    switch_epoch: int | None = opt(None, "First epoch (0-based) of S3 switching (default epochs // 2).")
+    switch_prob: float = opt(0.5, "S3 probability of the network's own prediction.")
+    model: ModelConfig = opt(default_factory=lambda: ModelConfig(arch="spvcnn"), help="Student architecture.")
+    views: str = opt("border", "Teacher view of a point seen by several cameras: border (farthest from the image "
+                               "border) or mean (average over all, OpenScene-style).")
+    overwrite: bool = opt(False, "Replace a previous run in --out (its run files are removed).")
     # guard rails (train/stability.py); `lr` is the rate at `reference_batch`, scaled by `lr_scaling`
-    warmup_steps: int | None = None  # linear warm-up steps (None = auto: half the first epoch, <= 300; 0 = off)
-    clip_grad_norm: float | None = None  # clip the total gradient L2 norm to this (None = off; the norm is logged anyway)
-    lr_scaling: str = "linear"  # lr x batch_size / reference_batch: linear, sqrt or none
-    reference_batch: int = 4  # the recipe's global batch (method.md section 5: pre-training batch 4)
-    divergence_factor: float = 10.0  # a step's loss above this x the running median is a divergence
-    divergence_window: int = 50  # steps in the running median
-    stop_on_divergence: bool = False  # stop at the first divergence, keeping the last epoch's checkpoint
+    warmup_steps: int | None = opt(None, WARMUP_HELP)
+    clip_grad_norm: float | None = opt(None, CLIP_HELP)
+    lr_scaling: str = opt("linear", SCALING_HELP)
+    reference_batch: int = opt(4, "The recipe's global batch that --lr is given for (method.md section 5: "
+                                  "pre-training batch 4).")
+    divergence_factor: float = opt(10.0, DIV_FACTOR_HELP)
+    divergence_window: int = opt(50, DIV_WINDOW_HELP)
+    stop_on_divergence: bool = opt(False, STOP_HELP)
     # watching a run (train/tracking.py); TensorBoard event files are always written to `out`
-    val_every: int = field(default=0, metadata={"help": "Validate every N epochs and after the last one, keeping "
-                                                        "best.pt by the score (0 = off)."})
-    val_split: str = field(default="val", metadata={"help": "Cached split to validate on: ground-truth mIoU where "
-                                                            "the cache has labels, else agreement with the teacher."})
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimiser steps of the run "
-                                                                  "(a smoke run; the schedule stays the full run's)."})
-    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (the wandb package must be "
-                                                         "installed; project from WANDB_PROJECT, default clip2scene)."})
+    val_every: int = opt(0, "Validate every N epochs and after the last one, keeping best.pt by the score (0 = off).")
+    val_split: str = opt("val", "Cached split to validate on: ground-truth mIoU where the cache has labels, else "
+                                "agreement with the teacher.")
+    max_steps: int | None = opt(None, "Stop after this many optimiser steps of the run (a smoke run; the schedule "
+                                      "stays the full run's).")
+    wandb: bool = opt(False, "Also log to Weights & Biases (the wandb package must be installed; project from "
+                             "WANDB_PROJECT, default clip2scene).")
+
 
     def __post_init__(self) -> None:
         """Every option's valid range, checked before any work: ConfigError naming the option
@@ -176,16 +175,6 @@ def _validate_guard_rails(config) -> None:
     validate_guard_rails(warmup_steps=config.warmup_steps, clip_grad_norm=config.clip_grad_norm,
                          lr_scaling=config.lr_scaling, reference_batch=config.reference_batch,
                          divergence_factor=config.divergence_factor, divergence_window=config.divergence_window)
-
-
-def forward_points(model: torch.nn.Module, batch: dict, voxel_size: float, device: torch.device,
-                   return_voxels: bool = False):
-    """Run the student on a collated batch; returns per-point features (N, D) on `device`
-    (and the Voxels when `return_voxels`)."""
-    xyz = batch["xyz"].to(device)
-    vox = voxelize(xyz, batch["batch"].to(device), voxel_size)
-    out = model.forward_points(vox, batch["feat"].to(device))
-    return (out, vox) if return_voxels else out
 
 
 def _scan_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -249,76 +238,10 @@ def compute_loss(config: TrainConfig, feats: torch.Tensor, vox, batch: dict, tex
     return loss, terms
 
 
-@torch.no_grad()
-def precise_batchnorm(model: torch.nn.Module, loader, num_batches: int, voxel_size: float, device: torch.device) -> int:
-    """Recompute every BatchNorm's running mean/var as an exact average over `num_batches` batches
-    with the final weights (the EMA of a short or fast-moving run lags behind them). Returns the
-    number of batches used."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns or num_batches <= 0:
-        return 0
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average = exact mean over the batches seen
-    model.train()
-    used = 0
-    for batch in loader:
-        if used >= num_batches:
-            break
-        forward_points(model, batch, voxel_size, device)
-        used += 1
-    for bn, mom in zip(bns, momenta):
-        bn.momentum = mom
-    return used
-
-
 def _train_config_dict(config: TrainConfig) -> dict:
     d = asdict(config)
     d["model"]["channels"] = list(d["model"]["channels"])
     return d
-
-
-class _VoxelForward(torch.nn.Module):
-    """`forward(vox, feat)` = `net.forward_voxels(vox, feat)`: DDP only hooks `forward`."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, vox, feat: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_voxels(vox, feat)
-
-
-def schedule_info(config, steps_per_epoch: int, total_steps: int) -> dict:
-    """The learning-rate schedule a TrainConfig / FinetuneConfig resolves to (config.json, logs)."""
-    scale = lr_scale(config.batch_size, config.reference_batch, config.lr_scaling)
-    return dict(lr=config.lr, lr_scale=scale, effective_lr=config.lr * scale, batch_size=config.batch_size,
-                reference_batch=config.reference_batch, lr_scaling=config.lr_scaling,
-                warmup_steps=resolve_warmup(config.warmup_steps, steps_per_epoch), total_steps=total_steps,
-                steps_per_epoch=steps_per_epoch, clip_grad_norm=config.clip_grad_norm)
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int, steps_per_epoch: int):
-    """SGD with momentum and weight decay at the batch-scaled learning rate (`schedule_info`),
-    linear warm-up then the cosine schedule to 0 over `total_steps` optimiser steps; returns
-    (optimizer, scheduler)."""
-    info = schedule_info(config, steps_per_epoch, total_steps)  # the automatic warm-up is a fraction of one epoch
-    optimizer = torch.optim.SGD(model.parameters(), lr=info["effective_lr"], momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, info["warmup_steps"]))
-    return optimizer, scheduler
-
-
-def _loader(dataset: ScanDataset, sampler: EpochSampler, batch_size: int, config: TrainConfig,
-            device: torch.device) -> DataLoader:
-    """Workers (spawned) persist across epochs and prefetch 4 batches each; the sampler tags every
-    item with its epoch so their dataset copies augment by the right one."""
-    workers = config.workers > 0
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      num_workers=config.workers, multiprocessing_context="spawn" if workers else None,
-                      persistent_workers=workers, prefetch_factor=4 if workers else None,
-                      pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers else None)
 
 
 # Options that may differ between a run and its resume: where and how it runs, not what it
@@ -508,16 +431,6 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                            views=config.views) if config.val_every else None)  # refuses an empty split here
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed,
                           features=bool(config.ssr_weight), sweeps=config.sweeps, views=config.views)
-    sampler = EpochSampler(len(dataset), seed=config.seed, rank=env.rank, world_size=env.world_size,
-                           tag_epoch=config.workers > 0)
-    loader = _loader(dataset, sampler, config.batch_size // env.world_size, config, device)
-    step_model: torch.nn.Module = _VoxelForward(model)
-    if env.distributed:
-        # Every parameter reaches the loss (each term keeps a `feats.sum() * 0.0` graph), so DDP
-        # needs no unused-parameter search. DDP's default buffer sync broadcasts rank 0's
-        # BatchNorm statistics before every forward. device_ids=None: inputs are already on the
-        # rank's device (DDP's input mover does not know Voxels).
-        step_model = DistributedDataParallel(step_model, device_ids=None, find_unused_parameters=False)
     metrics_path = out / "metrics.jsonl"
     params = count_parameters(model)
     step = start_epoch * steps_per_epoch
@@ -529,7 +442,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
             if removed:
                 log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out)
         elif config.resume and Path(config.resume).resolve().parent == out.resolve():
-            dropped = _truncate_metrics(metrics_path, step)
+            dropped = _truncate_metrics(metrics_path, start_epoch * steps_per_epoch)
             if dropped:
                 log.info("dropped %d metrics lines after step %d (the interrupted part of the run)", dropped, step)
             _truncate_metrics(out / VAL_FILE, step)
@@ -542,110 +455,10 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
                  schedule["effective_lr"], schedule["warmup_steps"], config.clip_grad_norm or "off")
         watch = RunWatch(out, _train_config_dict(config), wandb=config.wandb, validator=validator,
                          total_steps=run_steps, start_step=step, best_state=best_state)
-    eta = "?"
-    stopped = False  # at --max-steps
 
-    def kept() -> str:
-        return (f"the last good checkpoint {last_good[0]} (epoch {last_good[1]}) is kept" if last_good
-                else "no checkpoint was written")
-
-    t0 = time.perf_counter()
-    losses: list[float] = []
-    scans_done = 0
-    epoch = start_epoch
-    mf = metrics_path.open("a") if main else None
-    monitor = DivergenceMonitor(config.divergence_window, config.divergence_factor)
-    try:
-        amp = config.amp and device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=amp)  # a no-op pass-through when disabled
-        for epoch in range(start_epoch, config.epochs):
-            dataset.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            generator = torch.Generator().manual_seed(config.seed * 1000 + epoch + 7919)  # S3 "batch" coins
-            model.train()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not (progress and main))
-            epoch_losses = []
-            for batch in bar:
-                ts = time.perf_counter()
-                vox = voxelize(batch["xyz"].to(device), batch["batch"].to(device), config.voxel_size)
-                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-                    feats = step_model(vox, batch["feat"].to(device))
-                loss, terms = compute_loss(config, feats.float(), vox, batch, text, epoch, generator, per_voxel=True)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()  # DDP: gradients averaged over the ranks here
-                scaler.unscale_(optimizer)  # true gradients for the norm (a no-op without AMP)
-                grad_norm = clip_gradients(model.parameters(), config.clip_grad_norm)  # the same on every rank
-                grad_norm = grad_norm if math.isfinite(grad_norm) else None  # strict JSON (AMP overflow: step skipped)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                keys = list(terms)  # the same keys on every rank
-                sums = all_reduce_sum([float(loss.detach()), *(terms[k] for k in keys), len(batch["index"]),
-                                       int(batch["xyz"].shape[0])], env, device)
-                value = sums[0] / env.world_size
-                terms = {k: v / env.world_size for k, v in zip(keys, sums[1:-2])}
-                check_finite_loss(step, epoch + 1, value, terms, kept())  # the same values on every rank
-                n_scans, n_points = int(sums[-2]), int(sums[-1])
-                scans_done += n_scans
-                dt = time.perf_counter() - ts
-                epoch_losses.append(value)
-                level = monitor.median
-                diverged = monitor.update(value)  # the all-reduced loss: every rank decides alike
-                row = dict(step=step, epoch=epoch + 1, loss=value, **terms, lr=optimizer.param_groups[0]["lr"],
-                           grad_norm=grad_norm, points=n_points, seconds=dt, scans_per_s=n_scans / max(dt, 1e-9))
-                if diverged:
-                    row.update(diverged=True, loss_median=level)
-                    if main:
-                        log.warning("step %d: loss %.4g is above %g x the median %.4g of the last %d steps (divergence)",
-                                    step, value, config.divergence_factor, level, len(monitor.window))
-                if mf is not None:
-                    mf.write(json.dumps(row, allow_nan=False) + "\n")
-                if watch is not None:
-                    eta = watch.step(step, row)
-                if diverged and config.stop_on_divergence:
-                    if mf is not None:
-                        mf.flush()
-                    raise TrainingDiverged(f"{out}: loss {value:.4g} at step {step} is above {config.divergence_factor:g} x "
-                                           f"the running median {level:.4g} (--stop-on-divergence): stopped; {kept()}")
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}", eta=eta)
-                if step >= run_steps and step < total_steps:  # --max-steps
-                    stopped = True
-                    break
-            if mf is not None:
-                mf.flush()
-            losses.append(float(np.mean(epoch_losses)))
-            last = epoch + 1 == config.epochs or stopped
-            if last:
-                _final_batchnorm(model, dataset, config, env, device, epoch)
-            check_finite_model(model, step, epoch + 1, kept())  # identical weights on every rank
-            if main:
-                improved = watch.epoch_end(model, step, epoch + 1, last, losses[-1])
-                partial = step if stopped and step % steps_per_epoch else None  # a mid-epoch --max-steps stop
-                extra = dict(best=watch.best_state(), partial_epoch=partial)
-                paths = [out / "checkpoint.pt"] + ([out / f"checkpoint_epoch{epoch + 1}.pt"] if config.keep_checkpoints else [])
-                for path in paths:
-                    save_checkpoint(path, model=model, model_config=model_config,
-                                    train_config=_train_config_dict(config), cache=cache, epoch=epoch + 1,
-                                    optimizer=optimizer, scheduler=scheduler, extra=extra)
-                if improved:
-                    copy_checkpoint(out / "checkpoint.pt", watch.best_path)
-            last_good = (str(out / "checkpoint.pt"), epoch + 1)
-            if stopped:
-                log.info("stopped at --max-steps %d (step %d of %d)", config.max_steps, step, total_steps)
-                break
-    except KeyboardInterrupt:
-        if last_good:
-            hint = f"`--resume {last_good[0]}` continues from epoch {last_good[1]}"
-        else:
-            hint = "no checkpoint was written yet: start again (with --overwrite)"
-        raise Interrupted(f"interrupted in epoch {epoch + 1} of {config.epochs}; {hint}") from None
-    finally:
-        if mf is not None:
-            mf.close()
-        if watch is not None:
-            watch.close()
-    seconds = time.perf_counter() - t0
+    task = Distillation(config, model, model_config, text, cache)
+    run = run_loop(task, LoopConfig.of(config), dataset, optimizer, scheduler, device=device, env=env,
+                   progress=progress, start_epoch=start_epoch, last_good=last_good, watch=watch)
     summary = dict(
         run=str(out),
         checkpoint=str(out / "checkpoint.pt"),
@@ -654,31 +467,52 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
         train_scans=int(len(indices)),
         epochs=config.epochs,
         start_epoch=start_epoch,
-        steps=step,
-        epoch_losses=losses,
-        seconds=seconds,
-        scans_per_second=scans_done / max(seconds, 1e-9),
+        steps=run.steps,
+        epoch_losses=run.epoch_losses,
+        seconds=run.seconds,
+        scans_per_second=run.scans / max(run.seconds, 1e-9),
         device=str(device),
         processes=env.world_size,
         schedule=schedule,
-        divergences=monitor.events,
+        divergences=run.divergences,
         teacher_weights_sha256=cache.fingerprint.get("weights_sha256"),
         schedule_note=schedule_note,
-        stopped_at_max_steps=stopped,
+        stopped_at_max_steps=run.stopped,
         val=watch.last_val if watch else None,
         best=watch.best_state() if watch else None,
     )
     return broadcast_object(summary, env)
 
 
-def _final_batchnorm(model: torch.nn.Module, dataset: ScanDataset, config: TrainConfig, env: DistEnv,
-                     device: torch.device, epoch: int) -> None:
-    """After the last epoch: precise BatchNorm on rank 0 over the first global batches of the
-    epoch's order (exactly what one process does), then every rank takes rank 0's buffers."""
-    if config.precise_bn_batches > 0 and env.is_main:
-        sampler = EpochSampler(len(dataset), seed=config.seed)
-        sampler.set_epoch(epoch)
-        loader = _loader(dataset, sampler, config.batch_size, config, device)
-        used = precise_batchnorm(model, loader, config.precise_bn_batches, config.voxel_size, device)
-        log.info("BatchNorm statistics re-estimated on %d batches", used)
-    broadcast_buffers(model, env)
+class Distillation:
+    """The training task of `train` (a `clip2scene.train.loop.Task`): the student's per-voxel
+    text-space features and `compute_loss` (SCR / SSR / KL, S3 switching); checkpoints with the
+    teacher fingerprint, optimiser and scheduler (resumable)."""
+
+    name = "epoch"
+    nothing_kept = "no checkpoint was written"
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, model_config: ModelConfig,
+                 text: torch.Tensor, cache: Cache | None = None):
+        self.config = config  # voxel_size and switch_epoch resolved
+        self.model = model
+        self.net = StepForward(model, "forward_voxels")  # per-voxel features: the losses gather nothing
+        self.model_config = model_config
+        self.text = text  # (C, D) float32 on the model's device
+        self.cache = cache  # for the checkpoint's teacher fingerprint and classes
+        self.generator = torch.Generator()
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.model.train()
+        self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch + 7919)  # S3 "batch" coins
+
+    def loss(self, out: torch.Tensor, vox, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+        return compute_loss(self.config, out, vox, batch, self.text, epoch, self.generator, per_voxel=True)
+
+    def save(self, path: Path, epoch: int, optimizer, scheduler, extra: dict) -> None:
+        save_checkpoint(path, model=self.model, model_config=self.model_config,
+                        train_config=_train_config_dict(self.config), cache=self.cache, epoch=epoch,
+                        optimizer=optimizer, scheduler=scheduler, extra=extra)
+
+    def row(self, optimizer) -> dict:
+        return {}

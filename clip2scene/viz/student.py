@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,15 +28,11 @@ import torch
 from clip2scene.devices import resolve_device
 from clip2scene.errors import CacheError, ConfigError
 from clip2scene.storage import Cache
-from clip2scene.train.checkpoint import load_checkpoint, model_config_of
-from clip2scene.train.finetune import SEGMENTER_KIND, Segmenter
-from clip2scene.train.loss import text_logits
-from clip2scene.train.nets import ModelConfig, build_model
-from clip2scene.train.trainer import forward_points
+from clip2scene.train.checkpoint import DISTILL_KIND, Checkpoint, load_checkpoint
+from clip2scene.train.predict import eval_labels, forward_points, predict_labels
+from clip2scene.train.nets.segmenter import SEGMENTER_KIND
 
 log = logging.getLogger(__name__)
-
-DISTILL_KIND = "distill"
 
 
 @dataclass
@@ -56,7 +51,7 @@ class Student:
         eval_class_names: the K evaluation class names of a segmenter (None for distill).
         teacher: the teacher fingerprint the student was distilled from ({} for a segmenter).
         epoch: epochs trained.
-        ckpt: the whole checkpoint dict (CPU tensors).
+        ckpt: the loaded checkpoint (CPU tensors).
     """
 
     path: Path
@@ -70,7 +65,7 @@ class Student:
     eval_class_names: list[str] | None
     teacher: dict
     epoch: int
-    ckpt: dict[str, Any]
+    ckpt: Checkpoint
 
     @torch.inference_mode()
     def _forward(self, xyz: np.ndarray, feat: np.ndarray) -> torch.Tensor:
@@ -106,17 +101,8 @@ class Student:
         `prompt_to_eval` (C,) maps prompt class -> evaluation label (required for a distillation
         student, see `clip2scene.classes.prompt_to_eval`; ignored for a segmenter).
         """
-        out = self._forward(xyz, feat)
-        if self.kind == SEGMENTER_KIND:
-            return out.argmax(dim=1).cpu().numpy().astype(np.int64) + 1
-        if prompt_to_eval is None:
-            raise ConfigError("a distillation student needs the prompt -> evaluation class mapping")
-        to_eval = torch.as_tensor(prompt_to_eval, dtype=torch.int64)
-        unmapped = (to_eval == 0).to(out.device)
-        if bool(unmapped.all()):
-            return np.zeros(len(out), dtype=np.int64)
-        logits = text_logits(out, self.text).masked_fill(unmapped, float("-inf"))
-        return to_eval[logits.argmax(dim=1).cpu()].numpy()
+        table = self.ckpt.label_table(prompt_to_eval)
+        return predict_labels(self._forward(xyz, feat), self.text, table).numpy()
 
     def describe(self) -> str:
         """One line for figure titles: kind, architecture, epoch."""
@@ -136,24 +122,13 @@ def load_student(checkpoint: str | Path, device: str = "cpu") -> Student:
     path = Path(checkpoint)
     dev = resolve_device(device)
     ckpt = load_checkpoint(path)
-    if ckpt.get("kind") == SEGMENTER_KIND:
-        cfg = dict(ckpt["model_config"])
-        cfg["channels"] = tuple(cfg["channels"])
-        model_config = ModelConfig(**cfg)
-        model = Segmenter(build_model(model_config, dev), int(ckpt["num_classes"]), ckpt.get("head_input", "raw")).to(dev)
-        kind, voxel_size, text = SEGMENTER_KIND, float(ckpt["voxel_size"]), None
-        names = list(ckpt["eval_class_names"])
-        eval_names = names
+    text = ckpt.text_on(dev)  # ConfigError for a distillation checkpoint without text embeddings
+    model = ckpt.load_model(dev)
+    kind, voxel_size, model_config = ckpt.kind, ckpt.voxel_size, ckpt.model_config
+    if kind == SEGMENTER_KIND:
+        names = eval_names = list(ckpt["eval_class_names"])
     else:
-        model_config = model_config_of(ckpt)
-        model = build_model(model_config, dev)
-        if ckpt.get("text_embeddings") is None:
-            raise ConfigError(f"{path}: distillation checkpoint without text embeddings")
-        kind, voxel_size = DISTILL_KIND, float(ckpt["train_config"]["voxel_size"])
-        text = ckpt["text_embeddings"].float().to(dev)
         names, eval_names = list(ckpt["class_names"]), None
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
     log.info("loaded %s checkpoint %s (epoch %s, voxel %.3g m)", kind, path, ckpt.get("epoch"), voxel_size)
     return Student(path=path, kind=kind, model=model, device=dev, voxel_size=voxel_size,
                    in_channels=int(model_config.in_channels), text=text, class_names=names,
@@ -186,9 +161,4 @@ def teacher_labels(pair_logits: np.ndarray, prompt_to_eval: list[int]) -> np.nda
         (m,) int64 in 0..K: argmax over the prompt classes that map to an evaluation class, mapped
         (all 0 when no prompt class maps), as `clip2scene.train.evaluate` scores the teacher.
     """
-    to_eval = np.asarray(prompt_to_eval, dtype=np.int64)
-    if len(pair_logits) == 0 or not to_eval.any():
-        return np.zeros(len(pair_logits), dtype=np.int64)
-    scores = np.asarray(pair_logits, dtype=np.float32).copy()
-    scores[:, to_eval == 0] = -np.inf
-    return to_eval[scores.argmax(axis=1)]
+    return eval_labels(pair_logits, prompt_to_eval).numpy()

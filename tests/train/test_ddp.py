@@ -19,11 +19,10 @@ from clip2scene.storage import open_cache
 from clip2scene.train.checkpoint import load_checkpoint
 from clip2scene.train.data import EpochSampler, ScanDataset, collate
 from clip2scene.train.distributed import DistEnv, detect_env
+from clip2scene.train.loop import LoopConfig, Stepper, build_optimizer, final_batchnorm
 from clip2scene.train.nets import build_model
-from clip2scene.train.voxelize import voxelize
-from clip2scene.train.trainer import (TrainConfig, _switch, build_optimizer, compute_loss,
-                                      precise_batchnorm, train)
-from tests.train.test_trainer import TINY, write_cache
+from clip2scene.train.trainer import Distillation, TrainConfig, _switch, train
+from tests.helpers import TINY, write_cache
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).absolute().parents[2]  # so the ranks import this checkout
@@ -69,14 +68,16 @@ def max_diff(a: dict, b: dict) -> float:
 def emulate_ddp(config: TrainConfig, world_size: int) -> dict:
     """One process doing what `world_size` DDP ranks of `train` do; returns the final state_dict.
 
-    Each step runs the ranks' sub-batches (EpochSampler shards) one after the other, each
-    voxelised and BatchNorm-normalised on its own as on its rank, backpropagates loss_r / N (DDP's
-    gradient average), keeps rank 0's BatchNorm running statistics (DDP broadcasts rank 0's
-    buffers before every forward), then takes one SGD step. Precise BN as rank 0 does it: over
-    the global batches of the last epoch.
+    Each step runs the ranks' sub-batches (EpochSampler shards) one after the other through the
+    trainer's own step (`Stepper` with the `Distillation` task), each voxelised and
+    BatchNorm-normalised on its own as on its rank, backpropagates loss_r / N (DDP's gradient
+    average), keeps rank 0's BatchNorm running statistics (DDP broadcasts rank 0's buffers before
+    every forward), then takes the one optimiser update. Precise BN as rank 0 does it: over the
+    global batches of the last epoch (the loop's `final_batchnorm`).
     """
     cache = open_cache(config.cache)
-    config = replace(config, voxel_size=cache.voxel_size)
+    config = replace(config, voxel_size=cache.voxel_size,
+                     switch_epoch=config.epochs // 2 if config.switch_epoch is None else config.switch_epoch)
     indices = cache.indices(config.split)
     model_config = replace(config.model, out_channels=cache.text_embeddings.shape[1],
                            in_channels=len(cache.point_features))
@@ -84,39 +85,30 @@ def emulate_ddp(config: TrainConfig, world_size: int) -> dict:
     model = build_model(model_config, CPU)
     steps = math.ceil(len(indices) / config.batch_size)
     optimizer, scheduler = build_optimizer(model, config, steps * config.epochs, steps_per_epoch=steps)
-    text = torch.from_numpy(cache.text_embeddings)
+    task = Distillation(config, model, model_config, torch.from_numpy(cache.text_embeddings))
+    step = Stepper(task, optimizer, scheduler, CPU, config.voxel_size, clip_grad_norm=config.clip_grad_norm)
     dataset = ScanDataset(cache, indices, augment=config.augment, seed=config.seed, features=True)
     local = config.batch_size // world_size
-    model.train()
     for epoch in range(config.epochs):
         dataset.set_epoch(epoch)
+        task.begin_epoch(epoch)
         shards = []
         for r in range(world_size):
             sampler = EpochSampler(len(dataset), seed=config.seed, rank=r, world_size=world_size)
             sampler.set_epoch(epoch)
             shards.append(list(sampler))
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch + 7919)
         for s in range(steps):
             optimizer.zero_grad(set_to_none=True)
             for r in range(world_size):
-                batch = collate([dataset[i] for i in shards[r][s * local:(s + 1) * local]])
-                vox = voxelize(batch["xyz"], batch["batch"], config.voxel_size)
-                feats = model.forward_voxels(vox, batch["feat"])  # as the trainer's step
-                loss, _ = compute_loss(config, feats, vox, batch, text, epoch, generator, per_voxel=True)
-                (loss / world_size).backward()
+                loss, _ = step.forward_loss(collate([dataset[i] for i in shards[r][s * local:(s + 1) * local]]), epoch)
+                step.backward(loss / world_size)
                 if r == 0:
                     rank0_buffers = [b.clone() for b in model.buffers()]
             with torch.no_grad():
                 for b, kept in zip(model.buffers(), rank0_buffers):
                     b.copy_(kept)
-            optimizer.step()
-            scheduler.step()
-    if config.precise_bn_batches:
-        sampler = EpochSampler(len(dataset), seed=config.seed)
-        sampler.set_epoch(config.epochs - 1)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                                             collate_fn=collate)
-        precise_batchnorm(model, loader, config.precise_bn_batches, config.voxel_size, CPU)
+            step.update()
+    final_batchnorm(model, dataset, LoopConfig.of(config), DistEnv(), CPU, config.epochs - 1)
     return model.state_dict()
 
 

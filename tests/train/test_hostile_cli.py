@@ -130,6 +130,21 @@ def patch_loss(ctx, at_call: int, what: str, module=trainer_module, name="comput
     ctx.monkeypatch.setattr(module, name, patched)
 
 
+def config_file(text: str, name: str = "cfg.toml"):
+    """Row setup: write `text` to {cfg} (tmp_path/cfg.toml) or tmp_path/`name`."""
+    def setup(ctx):
+        path = ctx.out.parent / name
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text.format(cache=ctx.world.cache))
+    return setup
+
+
+def trained_as_in_config(ctx, r):
+    """`train --config base/config.json --out OUT`: the same options as the base run."""
+    saved = json.loads((ctx.world.base / "config.json").read_text())
+    now = json.loads((ctx.out / "config.json").read_text())
+    assert {k: v for k, v in now.items() if k != "out"} == {k: v for k, v in saved.items() if k != "out"}
+
+
 def nothing_written(ctx, r):
     assert not (ctx.out / "checkpoint.pt").exists() and not (ctx.out / "metrics.jsonl").exists()
 
@@ -253,6 +268,48 @@ ROWS = [
     Row("probe-random", ["linear-probe", "--checkpoint", "none", "--cache", "{cache}", "--out", "{out}"], 2,
         "linear probe of a random backbone", after=nothing_written),
     Row("probe-lr-nan", PROBE + ["--lr", "nan"], 2, "--lr nan", after=nothing_written),
+    # --config FILE (TOML, or a run's config.json): one line naming the file (and the key)
+    Row("config-missing", TRAIN + ["--config", "{tmp}/nope.toml"], 2, "--config {tmp}/nope.toml: file not found",
+        after=nothing_written),
+    Row("config-a-folder", TRAIN + ["--config", "{tmp}"], 2, "--config {tmp}: cannot read it", after=nothing_written),
+    Row("config-bad-toml", TRAIN + ["--config", "{cfg}"], 2, "{cfg}: not valid TOML", setup=config_file("lr = = 1"),
+        after=nothing_written),
+    Row("config-not-text", TRAIN + ["--config", "{cfg}"], 2, "{cfg}: not a text file",
+        setup=config_file(b"\xff\xfe\x00lr"), after=nothing_written),
+    Row("config-bad-json", TRAIN + ["--config", "{tmp}/c.json"], 2, "{tmp}/c.json: not valid JSON (line 1",
+        setup=config_file('{{"lr": 0.1', "c.json"), after=nothing_written),
+    Row("config-json-list", TRAIN + ["--config", "{tmp}/c.json"], 2, "{tmp}/c.json: expected a table of options",
+        setup=config_file("[1, 2]", "c.json"), after=nothing_written),
+    Row("config-unknown-key", TRAIN + ["--config", "{cfg}"], 2, "{cfg}: unknown key 'lrr'", setup=config_file("lrr = 1"),
+        after=nothing_written),
+    Row("config-unknown-model-key", TRAIN + ["--config", "{cfg}"], 2, "{cfg}: unknown key 'model.width'",
+        setup=config_file("[model]\nwidth = 3"), after=nothing_written),
+    Row("config-wrong-type", TRAIN + ["--config", "{cfg}"], 2, '{cfg}: epochs = "ten": expected an integer',
+        setup=config_file('epochs = "ten"'), after=nothing_written),
+    Row("config-bool-type", TRAIN + ["--config", "{cfg}"], 2, "{cfg}: augment = 1: expected true or false",
+        setup=config_file("augment = 1"), after=nothing_written),
+    Row("config-bad-channels", TRAIN + ["--config", "{cfg}"], 2, "{cfg}: model.channels 'a,b'",
+        setup=config_file('[model]\nchannels = "a,b"'), after=nothing_written),
+    Row("config-value-out-of-range", ["train", "--config", "{cfg}", "--out", "{out}"], 2,
+        "--lr -1.0: must be a finite number > 0 (set by lr in {cfg})",
+        setup=config_file('cache = "{cache}"\nlr = -1.0'), after=nothing_written),
+    Row("config-model-out-of-range", ["train", "--config", "{cfg}", "--out", "{out}", "--cache", "{cache}"], 2,
+        "--arch 'pointnet': unknown model arch; known: minkunet, spvcnn (set by model.arch in {cfg})",
+        setup=config_file('[model]\narch = "pointnet"'), after=nothing_written),
+    Row("config-without-cache", ["train", "--config", "{cfg}", "--out", "{out}"], 2,
+        "missing option --cache: give it or set cache in {cfg}", setup=config_file("epochs = 1"), after=nothing_written),
+    Row("config-command-line-wins", TRAIN + ["--config", "{cfg}", "--lr", "-2"], 2, "--lr -2.0: must be",
+        setup=config_file("lr = 0.5"), after=nothing_written),
+    Row("config-probe-given-finetune-preset", PROBE + ["--config", "finetune-1pct"], 2,
+        "finetune-1pct.toml: mode = 'finetune' does not fit `clip2scene linear-probe` (mode 'linear')",
+        after=nothing_written),
+    Row("config-finetune-wrong-type", FT + ["--config", "{cfg}"], 2, '{cfg}: label_fraction = "1%": expected a number',
+        setup=config_file('label_fraction = "1%"'), after=nothing_written),
+    Row("config-finetune-range", FT + ["--config", "{cfg}"], 2,
+        "--label-fraction 2.0: must be a finite number in (0, 1] (set by label_fraction in {cfg})",
+        setup=config_file("label_fraction = 2"), after=nothing_written),
+    Row("config-json-of-a-run", ["train", "--config", "{base}/config.json", "--out", "{out}"], 0, "checkpoint:",
+        after=trained_as_in_config),
     # watching a run: validation, smoke-run limits, wandb (train/tracking.py)
     Row("val-every-negative", TRAIN + ["--val-every", "-1"], 2, "--val-every -1: must be an integer >= 0 (0 = off)",
         after=nothing_written),
@@ -348,7 +405,8 @@ def test_hostile_cli(world, tmp_path, monkeypatch, row):
     ctx = SimpleNamespace(world=world, out=out, bad=bad, monkeypatch=monkeypatch)
     if row.setup:
         row.setup(ctx)
-    names = dict(cache=world.cache, out=out, ckpt=world.ckpt, bad=bad)
+    names = dict(cache=world.cache, out=out, ckpt=world.ckpt, bad=bad, tmp=tmp_path, cfg=tmp_path / "cfg.toml",
+                 base=world.base)
     before = digest(out)
     r = invoke([a.format(**names) for a in row.args])
     text = r.output + r.stderr

@@ -126,10 +126,9 @@ class _FlagAtStep:
 def test_stop_on_divergence_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch, command):
     """3 training scans, batch 1: a divergence at step 5 (epoch 2) stops the run with exit 2 and
     leaves the checkpoint of epoch 1; the metrics row says why."""
-    import clip2scene.train.finetune as ft_mod
-    import clip2scene.train.trainer as tr_mod
+    import clip2scene.train.loop as loop_mod
 
-    monkeypatch.setattr(tr_mod if command == "train" else ft_mod, "DivergenceMonitor", _FlagAtStep(5))
+    monkeypatch.setattr(loop_mod, "DivergenceMonitor", _FlagAtStep(5))
     out = tmp_path / command
     common = ["--cache", str(cache), "--out", str(out), "--epochs", "3", "--batch-size", "1", "--stop-on-divergence"]
     if command == "train":
@@ -147,9 +146,9 @@ def test_stop_on_divergence_keeps_last_good_checkpoint(cache, tmp_path, monkeypa
 
 
 def test_divergence_without_stop_is_reported(cache, tmp_path, monkeypatch):
-    import clip2scene.train.finetune as ft_mod
+    import clip2scene.train.loop as loop_mod
 
-    monkeypatch.setattr(ft_mod, "DivergenceMonitor", _FlagAtStep(2))
+    monkeypatch.setattr(loop_mod, "DivergenceMonitor", _FlagAtStep(2))
     r = finetune(FinetuneConfig(cache=str(cache), out=str(tmp_path / "ft"), epochs=1, batch_size=1, model=TINY,
                                 eval_split=None), progress=False)
     assert r["divergences"] == 1

@@ -9,8 +9,7 @@ from clip2scene.errors import CacheError, ConfigError
 from clip2scene.train.checkpoint import load_checkpoint
 from clip2scene.train.evaluate import EvalConfig, evaluate
 from clip2scene.train.trainer import TrainConfig, train
-# make_scan and teacher_meta: still importable from here by modules not yet moved to tests.helpers
-from tests.helpers import C, D, TINY, make_scan, teacher_meta, write_cache  # noqa: F401
+from tests.helpers import C, D, TINY, write_cache
 
 
 @pytest.fixture(scope="module")

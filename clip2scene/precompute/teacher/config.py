@@ -7,6 +7,8 @@ import logging
 import numbers
 from dataclasses import dataclass
 
+from clip2scene.validation import opt
+
 
 logger = logging.getLogger(__name__)
 
@@ -96,18 +98,31 @@ class TeacherConfig:
     teacher or a malformed window/stride.
     """
 
-    model: str = "ViT-B-16"
-    weights: str = "openai"
-    image_size: tuple[int, int] = (224, 416)
-    seed: int = 0
-    key_smoothing: bool = False
-    prompt_denoising: bool = False
-    denoise_threshold: float = 0.5
-    smoothing_threshold: float = 1.0
-    teacher: str = "maskclip"  # a TEACHERS variant, or "simulated" (synthetic samples only; see precompute.teacher.simulated)
-    window: tuple[int, int] | None = None
-    stride: tuple[int, int] | None = None
-    pamr: bool = False
+    model: str = opt("ViT-B-16", "open_clip ViT backbone (ViT-B-16, ViT-L-14, ViT-B-16-quickgelu, ...), or none: "
+                                 "cache points and labels only (no teacher).", flag="--clip-model")
+    weights: str = opt("openai", "open_clip tag, checkpoint file, local-dir:DIR, or none (random).",
+                       flag="--clip-weights")
+    image_size: tuple[int, int] = opt((224, 416), "Teacher input size HxW (default per dataset: nuscenes 224x416, "
+                                      "semantickitti 128x416, scannet 240x320; with --window the full camera "
+                                      "resolution, nuscenes 896x1600, semantickitti 384x1248, scannet 480x640; "
+                                      "rounded to the patch size).", parse="hw")
+    seed: int = opt(0, "Torch seed of a random teacher (--clip-weights none).", cli=False)
+    key_smoothing: bool = opt(False, "MaskCLIP key smoothing of the class scores.")
+    prompt_denoising: bool = opt(False, "MaskCLIP prompt denoising (drop classes absent from an image).")
+    denoise_threshold: float = opt(0.5, "Prompt-denoising threshold on a class's max probability.")
+    smoothing_threshold: float = opt(1.0, "Key smoothing only where a patch's top class probability is below this.",
+                                     cli=False)
+    teacher: str = opt("maskclip", "Dense-CLIP method: maskclip (the paper's), sclip, clearclip, naclip (docs: "
+                                   "Choosing a teacher); or simulated: make-sample data only, MaskCLIP-shaped outputs "
+                                   "with CLIP-like errors from the sample's class maps, no weights "
+                                   "(--clip-model/--clip-weights ignored; docs/simulated-teacher.md).")
+    window: tuple[int, int] | None = opt(None, "Sliding-window inference: window N or HxW pixels of the teacher input "
+                                               "(e.g. 448), logits averaged on overlaps; default: the whole image at "
+                                               "once.", parse="window")
+    stride: tuple[int, int] | None = opt(None, "Sliding-window stride N or HxW pixels (default half the window, in "
+                                               "whole patches).", parse="window")
+    pamr: bool = opt(False, "PAMR refinement of the class scores on the teacher-input pixels (NACLIP's "
+                            "post-processing).")
 
     def __post_init__(self) -> None:
         """ConfigError naming the option and value for anything out of range (image_size is

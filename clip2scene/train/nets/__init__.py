@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from clip2scene.errors import ConfigError
+from clip2scene.validation import opt
 from clip2scene.train.nets.blocks import (ResidualBlock, SparseUNet, count_parameters, default_algo, resolve_algo,
                                           set_conv_algo)
 from clip2scene.train.nets.minkunet import MinkUNet
@@ -85,11 +86,12 @@ class ModelConfig:
         blocks_per_stage: residual blocks per encoder / decoder stage (>= 1).
     """
 
-    arch: str = "minkunet"
-    in_channels: int = 1
-    out_channels: int = 512
-    channels: tuple[int, ...] = (32, 32, 64, 128, 256, 256, 128, 96, 96)
-    blocks_per_stage: int = 2
+    arch: str = opt("minkunet", "Student: spvcnn (paper) or minkunet.")
+    in_channels: int = opt(1, "Input features per point (1 = intensity).", cli=False)
+    out_channels: int = opt(512, "Head output width = the teacher's text-embedding dimension.", cli=False)
+    channels: tuple[int, ...] = opt((32, 32, 64, 128, 256, 256, 128, 96, 96),
+                                    "9 comma-separated widths: stem, 4 encoder, 4 decoder stages.", parse="widths")
+    blocks_per_stage: int = opt(2, "Residual blocks per encoder / decoder stage.", cli=False)
 
     def __post_init__(self) -> None:
         """ConfigError (a ValueError) naming the field and value when one is unusable."""
