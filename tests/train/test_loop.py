@@ -17,7 +17,7 @@ from clip2scene.train.predict import eval_labels, forward_points, predict_labels
 from clip2scene.train.nets.segmenter import SEGMENTER_KIND
 from clip2scene.train.trainer import TrainConfig, train
 from clip2scene.viz.student import load_student, teacher_labels
-from tests.helpers import TINY, write_cache
+from tests.helpers import TINY
 
 CPU = torch.device("cpu")
 
@@ -32,10 +32,10 @@ BEFORE = [(1.214961051940918, None, 1.590428113937378),
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(value_cache, tmp_path_factory):
     """A tiny cache, a 3-epoch distillation run on it and a 1-epoch fine-tuning of that run."""
     root = tmp_path_factory.mktemp("loop")
-    cache = write_cache(root / "c.zarr")
+    cache = value_cache
     summary = train(TrainConfig(cache=str(cache), out=str(root / "run"), epochs=3, batch_size=2, lr=0.05, model=TINY,
                                 seed=2, switch_epoch=1), progress=False)
     ft = finetune(FinetuneConfig(cache=str(cache), out=str(root / "ft"), checkpoint=str(root / "run" / "checkpoint.pt"),

@@ -181,7 +181,8 @@ def test_point_order_is_preserved(arch, use_xyz):
     torch.testing.assert_close(out_p, out[perm], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch,use_xyz", VARIANTS)
+@pytest.mark.parametrize("arch,use_xyz", [v if v == ("spvcnn", True) else pytest.param(*v, marks=pytest.mark.slow)
+                                          for v in VARIANTS])
 def test_eval_is_deterministic_and_thread_independent(arch, use_xyz):
     model = _model(arch, 4).eval()
     _randomise_bn_stats(model, 4)
