@@ -17,7 +17,7 @@ import numpy as np
 from clip2scene.errors import CacheError
 from clip2scene.storage import schema
 from clip2scene.storage.reader import Cache, open_cache
-from clip2scene.storage.store import Location, first_difference
+from clip2scene.storage.store import Location
 from clip2scene.storage.writer import CacheWriter
 
 log = logging.getLogger(__name__)

@@ -302,11 +302,6 @@ def resumed_config(config: TrainConfig, ckpt: dict, given: Collection[str] | Non
     return replace(config, **changes)
 
 
-def resume_from(config: TrainConfig, given: Collection[str]) -> TrainConfig:
-    """`resumed_config` with the checkpoint `config.resume` (the CLI: `given` = options typed)."""
-    return resumed_config(config, load_checkpoint(config.resume), given, config.resume)
-
-
 def _continue_schedule(optimizer, scheduler, saved_epochs: int, epochs: int) -> str | None:
     """After loading the optimiser and scheduler of a resumed run: set the learning rate of the
     next step from the schedule of *this* run. Unchanged `epochs`: exactly the saved rate (the

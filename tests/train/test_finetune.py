@@ -1,6 +1,5 @@
 """Fine-tuning, linear probing, the label-fraction split, Lovasz-softmax and the report table."""
 
-import json
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from typer.testing import CliRunner
 
 from clip2scene.cli import app
 from clip2scene.errors import ConfigError
-from clip2scene.storage import CacheWriter, ScanRecord
+from clip2scene.storage import CacheWriter
 from clip2scene.train.finetune import FinetuneConfig, evaluate_segmenter, finetune, label_subset
 from clip2scene.train.lovasz import lovasz_softmax
 from clip2scene.train.metrics import ConfusionMatrix
