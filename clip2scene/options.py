@@ -240,9 +240,10 @@ class LazyGroup(TyperGroup):
 
 # ------------------------------------------------------------------------ config files
 def resolve_config_path(name: str) -> Path:
-    """A --config value -> the file: a path, or a bare preset name (``demo``) of clip2scene/configs/."""
+    """A --config value -> the file: a path, or a bare preset name (``demo``) of clip2scene/configs/
+    (a folder of that name, e.g. the ``demo/`` that `make demo` writes, does not hide the preset)."""
     path = Path(name)
-    if not path.exists() and path.suffix == "" and os.sep not in name and (PRESETS / f"{name}.toml").is_file():
+    if not path.is_file() and path.suffix == "" and os.sep not in name and (PRESETS / f"{name}.toml").is_file():
         return PRESETS / f"{name}.toml"
     return path
 
