@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer 0.29 vendors click: its own classes
 from typer.core import TyperGroup
 
 from clip2scene.errors import ConfigError
@@ -212,9 +213,26 @@ def lazy_options(make: Callable[[], list[Opt]], required: tuple[str, ...] = ()):
     return deco
 
 
+class _OneLineUsageError(UsageError):
+    """A command-line value click cannot parse (``--epochs x``), shown as the one ``error:`` line
+    every other failure prints (click's own shows usage + hint + error), exit code 2."""
+
+    def show(self, file=None) -> None:
+        typer.echo(f"error: {self.format_message()}", err=True)
+
+
 class LazyGroup(TyperGroup):
     """A typer group whose commands made with :func:`lazy_options` get their generated options
-    when they are looked up to run (or to show their own --help)."""
+    when they are looked up to run (or to show their own --help). Usage errors of its commands
+    (a bad value, an unknown option or command) are one line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (NoArgsIsHelpError, _OneLineUsageError):
+            raise
+        except UsageError as e:
+            raise _OneLineUsageError(e.format_message(), ctx=e.ctx) from None
 
     def get_command(self, ctx, name):
         cmd = super().get_command(ctx, name)

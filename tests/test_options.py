@@ -33,12 +33,12 @@ TRAIN_FLAGS = ("--cache --out --split --epochs --batch-size --lr --tau --voxel-s
                "--kl-weight --ssr-lambda --ssr-grid --self-training --switch-epoch --switch-prob --arch --channels "
                "--views --overwrite --warmup-steps --clip-grad-norm --lr-scaling --reference-batch "
                "--divergence-factor --divergence-window --stop-on-divergence --val-every --val-split --max-steps "
-               "--wandb").split()
+               "--wandb --limit").split()
 FINETUNE_FLAGS = ("--cache --out --checkpoint --label-fraction --eval-split --epochs --batch-size --lr --head-lr-mult "
                   "--lovasz-weight --voxel-size --augment --device --workers --seed --arch --channels --storage-option "
                   "--overwrite --head-input --warmup-steps --clip-grad-norm --lr-scaling --reference-batch "
                   "--divergence-factor --divergence-window --stop-on-divergence --val-every --val-split --max-steps "
-                  "--wandb").split()
+                  "--wandb --limit").split()
 PRECOMPUTE_FLAGS = ("--dataroot --out --dataset --version --split --sweeps --class-set --clip-model --clip-weights "
                     "--image-size --key-smoothing --prompt-denoising --denoise-threshold --teacher --window --stride "
                     "--pamr --device --overwrite --limit --block-size --storage-option --workers --scheduler "

@@ -64,7 +64,7 @@ class EvalConfig:
 def limit_scans(indices: np.ndarray, limit: int | None) -> np.ndarray:
     """The first `limit` of a split's scan indices (cache order: scene, then time); all when None."""
     if limit is not None and limit < len(indices):
-        log.info("--limit %d: evaluating %d of the split's %d scans", limit, limit, len(indices))
+        log.info("--limit %d: %d of the split's %d scans", limit, limit, len(indices))
         return indices[:limit]
     return indices
 

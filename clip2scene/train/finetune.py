@@ -107,6 +107,8 @@ class FinetuneConfig:
                                       "run's).")
     wandb: bool = opt(False, "Also log to Weights & Biases (the wandb package must be installed; project from "
                              "WANDB_PROJECT, default clip2scene).")
+    limit: int | None = opt(None, "Train on only the first N labelled scans, in cache order (a smoke run; the "
+                                  "evaluation is not limited).")
 
 
     def __post_init__(self) -> None:
@@ -145,6 +147,7 @@ class FinetuneConfig:
         check_int("val_every", self.val_every, 0, note=" (0 = off)")
         check_text("val_split", self.val_split)
         check_int("max_steps", self.max_steps, 1, allow_none=True)
+        check_int("limit", self.limit, 1, allow_none=True)
         check_installed("wandb", self.wandb, "wandb")
 
 
@@ -213,7 +216,7 @@ def _finetune(config: FinetuneConfig, progress: bool) -> dict:
     all_train = cache.indices(config.split)
     if len(all_train) == 0:
         raise ConfigError(f"cache {cache.path} has no scans in split {config.split!r}")
-    indices = label_subset(all_train, config.label_fraction)
+    indices = limit_scans(label_subset(all_train, config.label_fraction), config.limit)
     model, init = _segmenter_from(config, cache, device)
     voxel_size = config.voxel_size or init.get("voxel_size") or cache.voxel_size
     config = replace(config, voxel_size=voxel_size)

@@ -55,6 +55,7 @@ from clip2scene.validation import (CLIP_HELP, DIV_FACTOR_HELP, DIV_WINDOW_HELP, 
 from clip2scene.train.checkpoint import check_compatible, load_checkpoint, model_config_of, save_checkpoint
 from clip2scene.train.data import ScanDataset
 from clip2scene.train.distributed import DistEnv, broadcast_object, detect_env, process_group
+from clip2scene.train.evaluate import limit_scans
 from clip2scene.train.loop import LoopConfig, StepForward, build_optimizer, run_loop, schedule_info
 from clip2scene.train.loss import kl_loss, scr_loss, ssr_loss, switch_targets, text_logits
 from clip2scene.train.nets import ModelConfig, build_model, count_parameters
@@ -119,6 +120,7 @@ class TrainConfig:
                                       "stays the full run's).")
     wandb: bool = opt(False, "Also log to Weights & Biases (the wandb package must be installed; project from "
                              "WANDB_PROJECT, default clip2scene).")
+    limit: int | None = opt(None, "Train on only the first N scans of the split, in cache order (a smoke run).")
 
 
     def __post_init__(self) -> None:
@@ -167,6 +169,7 @@ class TrainConfig:
         check_int("val_every", self.val_every, 0, note=" (0 = off)")
         check_text("val_split", self.val_split)
         check_int("max_steps", self.max_steps, 1, allow_none=True)
+        check_int("limit", self.limit, 1, allow_none=True)
         check_installed("wandb", self.wandb, "wandb")
 
 
@@ -392,6 +395,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device, progress: bo
     if len(indices) == 0:
         counts = ", ".join(f"{k}={int((cache.split == k).sum())}" for k in sorted(set(cache.split.tolist())))
         raise ConfigError(f"cache {cache.path} has no scans in split {config.split!r} (it has {counts})")
+    indices = limit_scans(indices, config.limit)
     model_config = replace(config.model, out_channels=cache.text_embeddings.shape[1],
                            in_channels=len(cache.point_features))
 
