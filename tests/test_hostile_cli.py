@@ -95,6 +95,8 @@ CASES = [
     ("scheduler-dead", PRE + TINY + ["--scheduler", "tcp://127.0.0.1:1"],
      "--scheduler tcp://127.0.0.1:1: cannot connect", "absent"),
     ("scheduler-malformed", PRE + TINY + ["--scheduler", "tcp://nohost"], "expected tcp://HOST:PORT", "absent"),
+    ("version-of-another-dataset", PRE + TINY + ["--dataset", "scannet"], "unknown ScanNet version 'v1.0-mini'",
+     "absent"),
     ("version-missing", ["precompute", "--dataroot", "{root}", "--out", "{out}"] + TINY,
      "this dataroot has v1.0-mini: pass --version v1.0-mini", "absent"),
     ("dataroot-missing", ["precompute", "--dataroot", "{tmp}/nope", "--out", "{out}"] + TINY, "dataroot not found",
